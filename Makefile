@@ -1,0 +1,37 @@
+# Two commands for a fresh machine (see README):  make run   |   make test
+# Each creates .venv unless a virtual environment is already active.
+SHELL := /bin/bash
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+BIN := $(VIRTUAL_ENV)/bin
+else
+BIN := $(VENV)/bin
+endif
+PY := $(BIN)/python
+STAMP := $(BIN)/.anomaly-assistant-installed
+
+.PHONY: install run test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/anomaly-assistant demo
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: install
+	$(BIN)/anomaly-assistant bench --out runs/bench.json
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,60 @@
+"""`anomaly-assistant` entry point.
+
+The one place that imports the packages around the library (data_builders, train, serve, eval),
+and only lazily inside each sub-command so `anomaly-assistant --help` stays fast. Each sub-command
+module exposes `main(argv: list[str] | None) -> int` and owns its own argument parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("anomaly_assistant.commands.inspect", "inspect images: verdict, score, boxes, rationale (Finding per image)"),
+    "chat": ("anomaly_assistant.commands.chat", "interactive multi-turn chat about one image"),
+    "demo": ("anomaly_assistant.serve.cli", "start the inspector UI on bundled samples"),
+    "serve": ("anomaly_assistant.serve.cli", "start the inspector UI and HTTP API"),
+    "data": ("anomaly_assistant.data_builders.cli", "build and inspect training/evaluation data"),
+    "train": ("anomaly_assistant.train.cli", "train the expert (stage 1), SFT (stage 2), GRPO (stage 3)"),
+    "eval": ("anomaly_assistant.eval.cli", "evaluate: AD metrics, detection, reasoning, MMAD"),
+    "bench": ("anomaly_assistant.eval.bench", "speed and memory benchmark"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomaly-assistant",
+        description="Visual inspection with a multimodal LLM and an anomaly expert.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"anomaly-assistant {name}: not available yet in this version.", file=sys.stderr)
+            return 2
+        raise
+    # serve/demo and eval/bench share modules: the sub-command name tells them which.
+    return int(module.main(rest, command=name) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
