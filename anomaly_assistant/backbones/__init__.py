@@ -1,0 +1,172 @@
+"""Backbone families: one module per family, one shared vocabulary of hooks.
+
+Each family module (`qwen2_5_vl`, `llava_onevision`, `llava`) exposes the same functions:
+
+- `load(path_or_id, **kw) -> (model, processor)`: a real checkpoint (hub id or local dir) or a saved tiny one.
+- `build_processor(image_processor, tokenizer, chat_template) -> processor`: the image-only processor subclass
+  (no torchvision), registered with `AutoProcessor` so `AutoProcessor.from_pretrained(dir)` returns it.
+- `vision_features(model, inputs, levels=None) -> VisionFeatures`: multi-level vision-tower features in raster
+  order + the visual tokens v° the LLM sees, per image.
+- `input_frame(processor, original_size) -> Frame`: original pixels -> the model-input pixel frame of boxes.
+- `default_levels(config) -> tuple[int, ...]`: which `hidden_states` indices the expert reads by default.
+- `CHAT_TEMPLATE`: the family's chat template with `{% generation %}` markers (TRL assistant-only loss).
+
+Level indices always index the vision tower's `hidden_states` tuple: 0 is the patch embedding (input of the first
+block), k is the output of block k-1. The helpers below (`embed_inputs`, `image_token_id`, `text_embeddings`)
+are family-independent: every family marks image positions in `input_ids` with one placeholder id and scatters
+the per-image embeddings into them in order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+
+FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "llava_onevision", "llava")
+
+# The anomaly block the expert fills: <|anomaly_start|> <level word> <|anomaly_pad|>xK <|anomaly_end|>.
+# The level word is plain text, so only the three markers are special tokens.
+ANOMALY_START, ANOMALY_PAD, ANOMALY_END = "<|anomaly_start|>", "<|anomaly_pad|>", "<|anomaly_end|>"
+ANOMALY_TOKENS: tuple[str, str, str] = (ANOMALY_START, ANOMALY_PAD, ANOMALY_END)
+LEVEL_WORDS: tuple[str, str, str] = ("slightly suspicious", "moderately suspicious", "highly suspicious")
+
+# model_type -> family. Anomaly* subclasses may prefix their model_type with "anomaly_".
+_MODEL_TYPES: dict[str, str] = {
+    "qwen2_5_vl": "qwen2_5_vl",
+    "llava_onevision": "llava_onevision",
+    "llava": "llava",
+}
+
+
+@dataclass
+class VisionFeatures:
+    """Per-image vision features of one processor batch, all in raster order (row-major, y then x).
+
+    `level_grids[i][j]` is image i's `hidden_states[levels[j]]` as an (H, W, C) grid on the vision tower's patch
+    grid (Qwen2.5-VL: the 14-px patch grid, 2x the token grid; LLaVA-OV: the base view; LLaVA: CLS dropped).
+    `v0[i]` is the (h, w, D) grid of visual tokens the LLM sees for the whole image (D = LLM hidden size).
+    `image_embeds[i]` is the full (num_image_tokens[i], D) sequence the model scatters into image i's
+    placeholder tokens; v° occupies `image_embeds[i][v0_offset[i] : v0_offset[i] + h * w]`, row-major.
+    """
+
+    family: str
+    levels: tuple[int, ...]
+    level_grids: list[list[torch.Tensor]]  # [image][level] -> (H, W, C)
+    v0: list[torch.Tensor]  # [image] -> (h, w, D)
+    image_embeds: list[torch.Tensor]  # [image] -> (num_image_tokens, D)
+    num_image_tokens: list[int]  # placeholder tokens per image in input_ids
+    v0_offset: list[int]  # where v° starts inside that image's placeholder run
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.v0)
+
+    @property
+    def v0_slices(self) -> list[slice]:
+        """Where v° sits within each image's placeholder run."""
+        return [slice(o, o + v.shape[0] * v.shape[1]) for o, v in zip(self.v0_offset, self.v0)]
+
+
+def get(family: str) -> ModuleType:
+    """The backbone module of a family name (`qwen2_5_vl`, `llava_onevision`, `llava`)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown backbone family {family!r}; expected one of {FAMILIES}")
+    return importlib.import_module(f"{__name__}.{family}")
+
+
+def family_of(config: Any) -> str:
+    """Infer the family from a config (or a model, or a plain config dict) by its model_type."""
+    config = getattr(config, "config", config)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type is None:
+        raise ValueError("config has no model_type")
+    name = model_type.removeprefix("anomaly_")
+    if name in _MODEL_TYPES:
+        return _MODEL_TYPES[name]
+    raise ValueError(f"model_type {model_type!r} is not a supported backbone; supported: {sorted(_MODEL_TYPES)}")
+
+
+def image_token_id(model_or_config: Any) -> int:
+    """The placeholder id the processor repeats for every visual token of an image."""
+    config = getattr(model_or_config, "config", model_or_config)
+    token_id = getattr(config, "image_token_id", None)
+    if token_id is None:  # older LLaVA configs spell it image_token_index
+        token_id = config.image_token_index
+    return int(token_id)
+
+
+def anomaly_token_ids(tokenizer: Any) -> dict[str, int]:
+    """Ids of the anomaly markers; raises when the tokenizer lacks them (see `add_anomaly_tokens`)."""
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in ANOMALY_TOKENS}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise KeyError(f"tokenizer lacks anomaly tokens {missing}; call add_anomaly_tokens first")
+    return ids
+
+
+def add_anomaly_tokens(tokenizer: Any) -> int:
+    """Add the anomaly markers as special tokens (idempotent); returns how many were new.
+
+    A real checkpoint needs `model.resize_token_embeddings(len(tokenizer))` afterwards when this is > 0.
+    """
+    have = set(tokenizer.get_vocab())
+    new = [t for t in ANOMALY_TOKENS if t not in have]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    return len(new)
+
+
+def text_embeddings(model: Any) -> torch.nn.Embedding:
+    """The LLM's input token embedding table (shared by all families)."""
+    return model.get_input_embeddings()
+
+
+def embed_inputs(model: Any, input_ids: torch.Tensor, image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`inputs_embeds` with each image's embeddings scattered into its placeholder tokens, in order.
+
+    This is what every family's forward does internally; doing it here lets a caller compute the image
+    embeddings once (e.g. via `vision_features`) and overwrite further positions (anomaly pads) before
+    calling the model with `inputs_embeds`.
+    """
+    embeds = text_embeddings(model)(input_ids)  # [B, T, D]
+    mask = input_ids == image_token_id(model)  # [B, T]
+    if image_embeds:
+        flat = torch.cat(list(image_embeds), dim=0).to(embeds.dtype)  # [sum N_i, D]
+        if int(mask.sum()) != flat.shape[0]:
+            raise ValueError(f"{int(mask.sum())} image placeholder tokens but {flat.shape[0]} image embeddings")
+        embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), flat)
+    return embeds
+
+
+def count_placeholders(input_ids: torch.Tensor, token_id: int) -> list[int]:
+    """Lengths of the runs of `token_id` in `input_ids`, in reading order (one run per image)."""
+    runs: list[int] = []
+    for row in input_ids.tolist():
+        run = 0
+        for t in row + [None]:
+            if t == token_id:
+                run += 1
+            elif run:
+                runs.append(run)
+                run = 0
+    return runs
+
+
+def spread_levels(depth: int, n: int = 4) -> tuple[int, ...]:
+    """n hidden-state indices evenly spread over a tower of `depth` blocks, ending at the last block."""
+    return tuple(sorted({max(1, round(depth * (i + 1) / n)) for i in range(n)}))
+
+
+def resolve_levels(config: Any, levels: Sequence[int] | None, default: tuple[int, ...], n_hidden: int) -> tuple[int, ...]:
+    """Validate requested levels (negative ones count from the end) against `n_hidden` hidden states."""
+    chosen = tuple(default if levels is None else levels)
+    out = tuple(lv + n_hidden if lv < 0 else lv for lv in chosen)
+    bad = [lv for lv in out if not 0 <= lv < n_hidden]
+    if bad:
+        raise ValueError(f"levels {bad} out of range for {n_hidden} hidden states")
+    return out

@@ -1,0 +1,136 @@
+"""LLaVA-1.5 backbone (CLIP tower + Llama LLM): processor, chat template, raster features, input frame.
+
+CLIP puts a CLS token before the raster patch tokens; levels and v° drop it. v° is the projector output of
+`hidden_states[vision_feature_layer]` (real: -2), exactly the tokens the LLM sees (offset 0 in the run).
+The image reaches the tower after a shortest-edge resize and a centre crop, so boxes live in the crop's frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers.image_transforms import get_resize_output_image_size
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from ..finding import Frame
+from . import VisionFeatures, count_placeholders, image_token_id, resolve_levels, spread_levels
+
+FAMILY = "llava"
+MODEL_CLASS = LlavaForConditionalGeneration
+IMAGE_TOKEN = "<image>"
+EOS_TOKEN, PAD_TOKEN = "</s>", "<pad>"
+SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "</s>", "<pad>", "<image>")
+TINY_IMAGE_SIZE = 112  # 8x8 patch tokens of 14 px
+# CLIP ViT-L/14 levels used by AnomalyCLIP / WinCLIP-style detectors: layers 6, 12, 18, 24.
+CLIP_L_LEVELS = (6, 12, 18, 24)
+
+# Vicuna-style "USER: ... ASSISTANT: ..." as in llava-hf/llava-1.5-*-hf (images first, then text), extended to
+# string contents, with {% generation %} markers around the assistant text and its </s>.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set texts = [message['content']] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{- texts | join(' ') + '\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' -}}"
+    "{%- generation -%}{{- texts | join(' ') + '</s>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- 'USER: ' -}}{%- for _ in range(n_images) -%}{{- '<image>\\n' -}}{%- endfor -%}{{- texts | join(' ') + ' ' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def build_processor(
+    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, image_size: int = 336, patch_size: int = 14
+) -> LlavaProcessor:
+    """LlavaProcessor (no video slot, works as is) over the PIL CLIP image processor."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+
+
+def build_tiny_processor(tokenizer: Any) -> LlavaProcessor:
+    return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE)
+
+
+def load(path_or_id: str, processor_kwargs: dict | None = None, **model_kwargs: Any):
+    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one)."""
+    model = LlavaForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
+    processor = LlavaProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
+    return model, processor
+
+
+def default_levels(config: Any) -> tuple[int, ...]:
+    """CLIP-L's 6/12/18/24 on the real 24-layer tower; four levels spread over the depth otherwise."""
+    vc = getattr(config, "vision_config", config)
+    depth = int(vc.num_hidden_layers)
+    return CLIP_L_LEVELS if depth == 24 else spread_levels(depth)
+
+
+@torch.no_grad()
+def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = None) -> VisionFeatures:
+    """CLIP levels as (H, W, C) raster grids (CLS dropped) and v° = projector output as (H, W, D)."""
+    inner = model.model
+    cfg = model.config
+    pixel_values = inputs["pixel_values"].to(inner.vision_tower.dtype)  # [B, 3, S, S]
+    out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    hidden = out.hidden_states  # depth+1 x [B, 1 + N, C]
+    chosen = resolve_levels(cfg.vision_config, levels, default_levels(cfg), len(hidden))
+    side_h = pixel_values.shape[-2] // cfg.vision_config.patch_size
+    side_w = pixel_values.shape[-1] // cfg.vision_config.patch_size
+    drop = 1 if cfg.vision_feature_select_strategy == "default" else 0
+
+    layer = cfg.vision_feature_layer
+    selected = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+    projected = inner.multi_modal_projector(selected[:, drop:])  # [B, N, D]
+
+    n = pixel_values.shape[0]
+    level_grids = [[hidden[lv][i, 1:].reshape(side_h, side_w, -1) for lv in chosen] for i in range(n)]  # CLS out
+    image_embeds = [projected[i] for i in range(n)]  # [N, D] raster
+    v0 = [e.reshape(side_h, side_w, -1) for e in image_embeds]
+    n_tokens = [e.shape[0] for e in image_embeds]
+    if "input_ids" in inputs:
+        runs = count_placeholders(inputs["input_ids"], image_token_id(model))
+        if runs != n_tokens:
+            raise ValueError(f"placeholder runs {runs} do not match image token counts {n_tokens}")
+    return VisionFeatures(
+        family=FAMILY, levels=chosen, level_grids=level_grids, v0=v0, image_embeds=image_embeds,
+        num_image_tokens=n_tokens, v0_offset=[0] * n,
+    )
+
+
+def input_sizes(processor: Any, original_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized w, h), (crop w, h)) by the image processor's own resize rule and crop size."""
+    ip = getattr(processor, "image_processor", processor)
+    w, h = original_size
+    size = ip.size
+    if size.get("shortest_edge"):
+        dummy = np.broadcast_to(np.zeros((), np.uint8), (1, h, w))  # only its shape is read
+        rh, rw = get_resize_output_image_size(dummy, size["shortest_edge"], default_to_square=False,
+                                              input_data_format="channels_first")
+    else:
+        rh, rw = size["height"], size["width"]
+    if not ip.do_center_crop:
+        return (rw, rh), (rw, rh)
+    return (rw, rh), (int(ip.crop_size["width"]), int(ip.crop_size["height"]))
+
+
+def input_frame(processor: Any, original_size: tuple[int, int]) -> Frame:
+    """Original pixels -> the centre crop of the shortest-edge-resized image (CLIP preprocessing)."""
+    resized, crop = input_sizes(processor, original_size)
+    return Frame.resize_then_center_crop(tuple(original_size), resized, crop)

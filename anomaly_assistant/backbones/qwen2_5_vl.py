@@ -1,0 +1,182 @@
+"""Qwen2.5-VL backbone: image-only processor, chat template, raster-order multi-level features, input frame.
+
+The vision tower sees 14-px patches (grouped 2x2 into merge units) and permutes merge units into attention
+windows before the first block; its per-block hidden states therefore come out in window order, while the
+merger output (`pooler_output`, the tokens the LLM sees) is already un-permuted. `vision_features` undoes the
+window permutation for the intermediate levels: argsort(window_index) over merge units (the index is global
+over the batch, so un-permute first, then split per image), then un-block each 2x2 merge unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.vision_utils import get_vision_window_index
+
+from ..finding import Frame
+from . import VisionFeatures, count_placeholders, image_token_id, resolve_levels, spread_levels
+
+FAMILY = "qwen2_5_vl"
+MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
+IMAGE_TOKEN = "<|image_pad|>"
+EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
+# Tiny processor: at most 224x224 pixels (8x8 = 64 visual tokens), at least 56x56.
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 56 * 56, 224 * 224
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen2.5-VL's own template (as shipped by Qwen/Qwen2.5-VL-*-Instruct) with {% generation %} markers around the
+# assistant turn, including its closing <|im_end|>: the same text as TRL's qwen2_5_vl_training.jinja, so a real
+# checkpoint renders byte-identically with or without it.
+CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}"
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation -%}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endgeneration -%}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without the video slot, so it builds and loads without torchvision.
+
+    ProcessorMixin derives its sub-processors from this `__init__` signature: leaving `video_processor` out
+    makes it neither required nor type-checked (the check needs a class only exported with torchvision).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor, exist_ok=True)
+
+
+def build_processor(
+    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+    patch_size: int = 14, merge_size: int = 2,
+) -> ImageOnlyQwen2_5_VLProcessor:
+    """The image-only processor over a PIL image processor (min/max pixels fixed at construction)."""
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=merge_size
+    )
+    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def build_tiny_processor(tokenizer: Any) -> ImageOnlyQwen2_5_VLProcessor:
+    """The tiny models' processor: the real rule with a 224x224 pixel budget."""
+    return build_processor(tokenizer, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+
+
+def load(path_or_id: str, processor_kwargs: dict | None = None, **model_kwargs: Any):
+    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one)."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
+    processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
+    return model, processor
+
+
+def default_levels(config: Any) -> tuple[int, ...]:
+    """hidden_states indices of the full-attention blocks' outputs (real model: blocks 7,15,23,31 -> 8,16,24,32).
+
+    A tower with fewer than four full-attention blocks (tiny configs) uses four levels spread over its depth.
+    """
+    vc = getattr(config, "vision_config", config)
+    full = tuple(int(i) + 1 for i in vc.fullatt_block_indexes)
+    return full if len(full) >= 4 else spread_levels(int(vc.depth))
+
+
+def _unpermute(hidden: torch.Tensor, reverse: torch.Tensor, unit: int) -> torch.Tensor:
+    """Window order -> merge-block order: (N, C) -> (N, C), merge units reordered by argsort(window_index)."""
+    n, c = hidden.shape
+    return hidden.reshape(n // unit, unit, c)[reverse].reshape(n, c)  # [N, C]
+
+
+def _unblock(hidden: torch.Tensor, t: int, h: int, w: int, merge: int) -> torch.Tensor:
+    """Merge-block order (t, h/m, w/m, m, m) -> raster (h, w, C) grid of the first frame."""
+    c = hidden.shape[-1]
+    x = hidden.reshape(t, h // merge, w // merge, merge, merge, c)  # [t, h/m, w/m, m, m, C]
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(t, h, w, c)  # [t, h, w, C]
+    return x[0]
+
+
+@torch.no_grad()
+def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = None) -> VisionFeatures:
+    """Multi-level patch features (raster (H, W, C) on the 14-px patch grid) and v° (merger output, (h, w, D)).
+
+    v° is the whole image-token run (offset 0): Qwen2.5-VL gives the LLM exactly the merged tokens, in raster order.
+    """
+    visual = model.model.visual
+    cfg = visual.config
+    pixel_values = inputs["pixel_values"].to(visual.dtype)  # [N_patches, 3*t*p*p]
+    grid_thw = inputs["image_grid_thw"]  # [n_images, 3]
+    out = visual(pixel_values, grid_thw=grid_thw, output_hidden_states=True)
+    hidden = out.hidden_states  # depth+1 x [N_patches, C], window order
+    chosen = resolve_levels(cfg, levels, default_levels(cfg), len(hidden))
+
+    merge = cfg.spatial_merge_size
+    unit = merge * merge
+    window_index, _ = get_vision_window_index(
+        grid_thw, spatial_merge_size=merge, window_size=cfg.window_size, patch_size=cfg.patch_size
+    )
+    reverse = torch.argsort(window_index.to(pixel_values.device))  # over merge units of the whole batch
+    sizes = grid_thw.prod(-1).tolist()  # patches per image
+    per_level = [torch.split(_unpermute(hidden[lv], reverse, unit), sizes) for lv in chosen]
+
+    thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+    level_grids = [[_unblock(per_level[j][i], *thw[i], merge) for j in range(len(chosen))] for i in range(len(thw))]
+    image_embeds = list(torch.split(out.pooler_output, [s // unit for s in sizes]))  # [N_i, D] raster
+    v0 = [e.reshape(h // merge, w // merge, -1) for e, (_, h, w) in zip(image_embeds, thw)]  # [h, w, D]
+    n_tokens = [e.shape[0] for e in image_embeds]
+    if "input_ids" in inputs:
+        runs = count_placeholders(inputs["input_ids"], image_token_id(model))
+        if runs != n_tokens:
+            raise ValueError(f"placeholder runs {runs} do not match image token counts {n_tokens}")
+    return VisionFeatures(
+        family=FAMILY, levels=chosen, level_grids=level_grids, v0=v0, image_embeds=image_embeds,
+        num_image_tokens=n_tokens, v0_offset=[0] * len(n_tokens),
+        extras={"grid_thw": grid_thw, "patch_size": cfg.patch_size, "merge_size": merge},
+    )
+
+
+def input_size(processor: Any, original_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the smart-resized image the model sees, by the processor's own rule."""
+    ip = getattr(processor, "image_processor", processor)
+    w, h = original_size
+    factor = ip.patch_size * ip.merge_size
+    rh, rw = smart_resize(h, w, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+    return rw, rh
+
+
+def input_frame(processor: Any, original_size: tuple[int, int]) -> Frame:
+    """Original pixels -> absolute pixels of the smart-resized input (the frame Qwen2.5-VL writes boxes in)."""
+    return Frame.resize(tuple(original_size), input_size(processor, original_size))
