@@ -29,7 +29,8 @@ TINY_IMAGE_SIZE = 112  # 8x8 patch tokens of 14 px
 CLIP_L_LEVELS = (6, 12, 18, 24)
 
 # Vicuna-style "USER: ... ASSISTANT: ..." as in llava-hf/llava-1.5-*-hf (images first, then text), extended to
-# string contents, with {% generation %} markers around the assistant text and its </s>.
+# string contents, with {% generation %} markers around the assistant text and its </s>. The generation prompt
+# ends in "ASSISTANT:" and the answer carries its leading space, as in LLaVA-1.5's own conversations.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}"
@@ -40,8 +41,8 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{{- texts | join(' ') + '\\n' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT: ' -}}"
-    "{%- generation -%}{{- texts | join(' ') + '</s>' -}}{%- endgeneration -%}"
+    "{{- 'ASSISTANT:' -}}"
+    "{%- generation -%}{{- ' ' + texts | join(' ') + '</s>' -}}{%- endgeneration -%}"
     "{{- '\\n' -}}"
     "{%- else -%}"
     "{{- 'USER: ' -}}{%- for _ in range(n_images) -%}{{- '<image>\\n' -}}{%- endfor -%}{{- texts | join(' ') + ' ' -}}"
@@ -134,3 +135,9 @@ def input_frame(processor: Any, original_size: tuple[int, int]) -> Frame:
     """Original pixels -> the centre crop of the shortest-edge-resized image (CLIP preprocessing)."""
     resized, crop = input_sizes(processor, original_size)
     return Frame.resize_then_center_crop(tuple(original_size), resized, crop)
+
+
+def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
+    """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`): positions are
+    plain 1-D, so only the mask travels along; the vision tower is not run again."""
+    return {k: inputs[k] for k in ("attention_mask",) if k in inputs} | {"inputs_embeds": inputs_embeds}

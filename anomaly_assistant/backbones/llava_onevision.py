@@ -203,3 +203,9 @@ def input_frame(processor: Any, original_size: tuple[int, int], multi_image: boo
     sx, sy = Fraction(iw, side), Fraction(ih, side)
     pad_x, pad_y = (side - w) // 2, (side - h) // 2
     return Frame((w, h), (iw, ih), (sx, sy), (-pad_x * sx, -pad_y * sy))
+
+
+def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
+    """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`): positions are
+    plain 1-D, so only the mask travels along; the vision tower is not run again."""
+    return {k: inputs[k] for k in ("attention_mask",) if k in inputs} | {"inputs_embeds": inputs_embeds}

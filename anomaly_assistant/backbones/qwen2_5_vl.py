@@ -180,3 +180,13 @@ def input_size(processor: Any, original_size: tuple[int, int]) -> tuple[int, int
 def input_frame(processor: Any, original_size: tuple[int, int]) -> Frame:
     """Original pixels -> absolute pixels of the smart-resized input (the frame Qwen2.5-VL writes boxes in)."""
     return Frame.resize(tuple(original_size), input_size(processor, original_size))
+
+
+def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
+    """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`).
+
+    Qwen2.5-VL still needs `input_ids`, `image_grid_thw` and `mm_token_type_ids` for its 3-D (mrope) positions;
+    with `pixel_values` left out the vision tower is not run again.
+    """
+    keep = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
+    return {k: inputs[k] for k in keep if k in inputs} | {"inputs_embeds": inputs_embeds}
