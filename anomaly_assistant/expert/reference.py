@@ -1,0 +1,394 @@
+"""Training-free few-shot screening: a memory bank of reference-normal patch features (PatchCore style).
+
+Given k known-good images of a part, every patch of a query image is scored by its distance to the nearest
+reference patch. Pieces, each usable alone:
+
+- `embed_levels`: locally aware patch features (k×k average over each level, PatchCore's aggregation), all levels
+  aligned to the finest level's grid and concatenated -> one (H, W, D) grid per image.
+- `greedy_coreset`: k-center greedy subsampling (on a random projection) for large banks; keeps coverage.
+- `MemoryBank`: nearest-neighbour distance maps, plus the references' own leave-one-out distances, which calibrate
+  scores so that they are comparable across parts.
+- `ReferenceScreener`: fit(references) / predict(images) -> `ScreenResult(score, anomaly_map, label)`, the map at
+  the ORIGINAL image resolution.
+
+Calibration (the documented decision threshold). Let tau be the largest image score any reference gets against the
+bank built from the OTHER references (leave-one-out; with a single reference, its patches against the same image's
+patches outside a spatial neighbourhood). A raw distance d becomes z = d / tau and then `z² / (1 + z²)` in [0, 1].
+So 0.5 means "as unusual as the least typical known-good reference looks to the others"; `label = score >= 0.5`.
+The same mapping is applied per pixel, so map values are comparable with the score.
+
+Screening options that matter on real parts (see eval/screening_study.py for their measured effect):
+- `scale="reference"` resizes every image by ONE factor derived from the references (keeps aspect ratio and the
+  physical texture scale; squashing differently shaped images to a square changes texture frequency).
+- `illumination="flatfield"` divides the image by a heavily blurred copy of itself (removes slow lighting
+  gradients and tile-to-tile brightness changes before features are computed).
+- the source's `pad` (reflect padding) stops the network's zero padding from making border cells look anomalous.
+- `zoom`: a second, magnified look at the most suspicious regions, matched against references at the same
+  magnification, so defects a few pixels wide at the first look's resolution are resolved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from anomaly_assistant.expert.sources import FeatureSource, LevelGrids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patch embedding and coreset
+# ----------------------------------------------------------------------------------------------------------------
+def embed_levels(levels: LevelGrids, patch_size: int = 3, instance_norm: bool = False) -> torch.Tensor:
+    """Level grids (H_l, W_l, C_l) -> one (H, W, D) grid on the finest level's grid.
+
+    Each level is averaged over a patch_size² neighbourhood (border cells average only over valid cells), resized
+    bilinearly to the finest grid and concatenated along channels. `instance_norm` subtracts each channel's mean over
+    the image and divides by its std, removing global appearance shifts (exposure, gain) shared by all patches.
+    """
+    target = max((g.shape[0] * g.shape[1], tuple(g.shape[:2])) for g in levels)[1]
+    out = []
+    for g in levels:
+        x = g.permute(2, 0, 1)[None].float()  # [1, C, H, W]
+        if instance_norm:
+            x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-5)
+        if patch_size > 1:
+            x = F.avg_pool2d(x, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+        if tuple(x.shape[2:]) != target:
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+        out.append(x)
+    return torch.cat(out, 1)[0].permute(1, 2, 0).contiguous()  # [H, W, D]
+
+
+def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of n rows chosen by k-center greedy (each pick is the row farthest from all picks so far).
+
+    Distances are taken on a fixed random projection (Johnson-Lindenstrauss) for speed; deterministic for a seed.
+    """
+    N, D = features.shape
+    if n >= N:
+        return torch.arange(N)
+    x = features.float()
+    if D > proj_dim:
+        g = torch.Generator().manual_seed(seed)
+        x = x @ (torch.randn(D, proj_dim, generator=g) / math.sqrt(proj_dim))  # [N, proj_dim]
+    picks = torch.empty(n, dtype=torch.long)
+    picks[0] = 0
+    mind = torch.cdist(x, x[:1]).squeeze(1)  # [N]
+    for i in range(1, n):
+        j = int(torch.argmax(mind))
+        picks[i] = j
+        mind = torch.minimum(mind, torch.cdist(x, x[j : j + 1]).squeeze(1))
+    return picks
+
+
+def nn_distance(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096) -> torch.Tensor:
+    """(N, D) queries vs (M, D) bank -> (N,) mean Euclidean distance to the k nearest bank rows."""
+    bank_sq = (bank * bank).sum(1)  # [M]
+    out = []
+    for s in range(0, query.shape[0], chunk):
+        q = query[s : s + chunk]
+        d2 = (q * q).sum(1, keepdim=True) + bank_sq[None] - 2.0 * q @ bank.T  # [n, M]
+        d2 = d2.topk(k, dim=1, largest=False).values if k > 1 else d2.min(1, keepdim=True).values
+        out.append(d2.clamp_min(0).sqrt().mean(1))
+    return torch.cat(out)
+
+
+def reduce_score(dist_map: torch.Tensor, mode: str = "max", topk: float = 0.01) -> torch.Tensor:
+    """(…, H, W) map -> image score: the max, or the mean of the top `topk` fraction of cells."""
+    flat = dist_map.flatten(-2)
+    if mode == "max":
+        return flat.max(-1).values
+    if mode == "topk":
+        k = max(1, int(round(topk * flat.shape[-1])))
+        return flat.topk(k, -1).values.mean(-1)
+    raise ValueError(f"score mode must be 'max' or 'topk', got {mode!r}")
+
+
+def gaussian_blur_map(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of an (H, W) map (reflect borders); sigma in cells."""
+    if sigma <= 0:
+        return x
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = x[None, None]
+    ph, pw = min(r, x.shape[0] - 1), min(r, x.shape[1] - 1)
+    y = F.pad(y, (pw, pw, ph, ph), mode="reflect") if ph > 0 and pw > 0 else F.pad(y, (r, r, r, r), "replicate")
+    if ph < r or pw < r:  # tiny maps: top up with replicate padding
+        y = F.pad(y, (r - pw, r - pw, r - ph, r - ph), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    return y[0, 0]
+
+
+def calibrate(z: torch.Tensor | float) -> torch.Tensor:
+    """Distance relative to the references' own leave-one-out scale -> [0, 1]; z = 1 maps to 0.5."""
+    z = torch.as_tensor(z, dtype=torch.float32).clamp_min(0)
+    return z * z / (1.0 + z * z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory bank
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class BankConfig:
+    """Memory-bank settings.
+
+    patch_size: locally aware aggregation window (cells). knn: distances averaged over the k nearest bank patches.
+    max_bank: greedy coreset above this many patches (0 = never). score/topk: image score reduction.
+    blur_sigma: Gaussian smoothing of the cell map before scoring (cells).
+    instance_norm: per-image channel standardisation of features (see `embed_levels`).
+    """
+
+    patch_size: int = 3
+    knn: int = 1
+    max_bank: int = 16384
+    score: str = "max"
+    topk: float = 0.01
+    blur_sigma: float = 1.0
+    instance_norm: bool = False
+    seed: int = 0
+
+
+class MemoryBank:
+    """Patch features of reference normals; nearest-neighbour distance maps and leave-one-out calibration."""
+
+    def __init__(self, config: BankConfig | None = None):
+        self.config = config or BankConfig()
+        self.features: torch.Tensor | None = None  # [M, D]
+        self.origin: torch.Tensor | None = None  # [M] reference index of each bank row
+        self.tau: float = 1.0
+        self.ref_scores: list[float] = []
+
+    def embed(self, levels: LevelGrids) -> torch.Tensor:
+        return embed_levels(levels, self.config.patch_size, self.config.instance_norm)  # [H, W, D]
+
+    def fit(self, reference_levels: Sequence[LevelGrids]) -> MemoryBank:
+        """Build the bank from per-reference level grids and compute the leave-one-out scale tau."""
+        if not reference_levels:
+            raise ValueError("need at least one reference")
+        embs = [self.embed(lv) for lv in reference_levels]
+        feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in embs])  # [N, D]
+        origin = torch.cat([torch.full((e.shape[0] * e.shape[1],), i) for i, e in enumerate(embs)])
+        c = self.config
+        if c.max_bank and feats.shape[0] > c.max_bank:
+            keep = greedy_coreset(feats, c.max_bank, seed=c.seed)
+            feats, origin = feats[keep], origin[keep]
+        self.features, self.origin = feats.contiguous(), origin
+        self.ref_scores = self._leave_one_out(embs)
+        self.tau = max(max(self.ref_scores), 1e-6)
+        return self
+
+    def _leave_one_out(self, embs: list[torch.Tensor]) -> list[float]:
+        """Each reference's image score against the bank without its own patches (k=1: spatial exclusion)."""
+        scores = []
+        if len(embs) > 1:
+            for i, e in enumerate(embs):
+                others = self.features[self.origin != i]
+                d = nn_distance(e.reshape(-1, e.shape[-1]), others, self.config.knn).view(e.shape[:2])
+                scores.append(float(reduce_score(self._smooth(d), self.config.score, self.config.topk)))
+            return scores
+        e = embs[0]
+        H, W, D = e.shape
+        flat = e.reshape(-1, D)
+        ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        r = max(2, min(H, W) // 8)
+        d2 = torch.cdist(flat, flat)  # [HW, HW]
+        near = ((ys[:, None] - ys[None]).abs() <= r) & ((xs[:, None] - xs[None]).abs() <= r)
+        d = d2.masked_fill(near, float("inf")).min(1).values.view(H, W)
+        d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
+        return [float(reduce_score(self._smooth(d), self.config.score, self.config.topk))]
+
+    def _smooth(self, d: torch.Tensor) -> torch.Tensor:
+        return gaussian_blur_map(d, self.config.blur_sigma)
+
+    def distance_map(self, levels: LevelGrids) -> torch.Tensor:
+        """Level grids of one image -> (H, W) smoothed nearest-neighbour distance map on the finest grid."""
+        if self.features is None:
+            raise RuntimeError("MemoryBank.fit must be called first")
+        e = self.embed(levels)  # [H, W, D]
+        d = nn_distance(e.reshape(-1, e.shape[-1]), self.features, self.config.knn)  # [H*W]
+        return self._smooth(d.view(e.shape[:2]))
+
+    def score(self, dist_map: torch.Tensor) -> float:
+        return float(reduce_score(dist_map, self.config.score, self.config.topk))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image-level helpers
+# ----------------------------------------------------------------------------------------------------------------
+def normalize_illumination(image: Image.Image, mode: str = "none", sigma_frac: float = 0.1) -> Image.Image:
+    """Remove lighting differences before features are computed.
+
+    "flatfield": divide by a Gaussian blur (sigma = sigma_frac × shorter side) and rescale to mid-grey, which removes
+    slow gradients and global brightness; "standardize": per-channel zero mean / unit std then rescale; "none".
+    """
+    if mode == "none":
+        return image
+    x = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
+    if mode == "flatfield":
+        sigma = max(1.0, sigma_frac * min(image.size))
+        blur = np.asarray(image.convert("RGB").filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)
+        y = x / (blur + 8.0)  # ~1 on the background level
+        y = (y - y.mean()) / (y.std() + 1e-6)
+    elif mode == "standardize":
+        y = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)
+    else:
+        raise ValueError(f"illumination must be 'none', 'flatfield' or 'standardize', got {mode!r}")
+    y = np.clip(128.0 + 48.0 * y, 0, 255).astype(np.uint8)
+    return Image.fromarray(y)
+
+
+def upsample_map(m: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """(h, w) map -> (H, W) bilinear (the grid covers the whole image, so corners align)."""
+    return F.interpolate(m[None, None], size=size_hw, mode="bilinear", align_corners=False)[0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Screener
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ScreenerConfig:
+    """Screening settings on top of a feature source and a bank.
+
+    scale: "source" lets the source resize each image on its own (e.g. squash to a square); "reference" resizes all
+        images by one factor, image_size / sqrt(median reference area), keeping aspect ratio and texture scale.
+    image_size: the side the "reference" scale aims at (area ~ image_size² for a typical reference).
+    illumination: see `normalize_illumination`.
+    zoom: magnification of the second look (0 or 1 disables). zoom_regions: how many top cells get a second look;
+        zoom_window: side of each window as a fraction of the image's shorter side.
+    threshold: decision threshold on the calibrated score (0.5 = the leave-one-out scale, see module docstring).
+    """
+
+    scale: str = "source"
+    image_size: int = 256
+    illumination: str = "none"
+    zoom: float = 0.0
+    zoom_regions: int = 2
+    zoom_window: float = 0.35
+    threshold: float = 0.5
+    bank: BankConfig = field(default_factory=BankConfig)
+
+
+@dataclass
+class ScreenResult:
+    """One screened image: calibrated score in [0, 1], (H, W) map in [0, 1] at original resolution, label."""
+
+    score: float
+    anomaly_map: np.ndarray
+    label: bool
+    raw_score: float = 0.0
+
+
+class ReferenceScreener:
+    """Few-shot, training-free screening of images against k reference normals of the same part."""
+
+    def __init__(self, source: FeatureSource, config: ScreenerConfig | None = None):
+        self.source = source
+        self.config = config or ScreenerConfig()
+        self.bank = MemoryBank(self.config.bank)
+        self.zoom_bank: MemoryBank | None = None
+        self.scale: float | None = None
+        self.timings = {"extract": 0.0, "match": 0.0}
+
+    # -- features -------------------------------------------------------------------------------------------------
+    def _prep(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        return [normalize_illumination(im, self.config.illumination) for im in images]
+
+    def _extract(self, images: Sequence[Image.Image], scale: float | None) -> list[LevelGrids]:
+        import time
+
+        t = time.perf_counter()
+        out = self.source(images, scale=scale)
+        self.timings["extract"] += time.perf_counter() - t
+        return out
+
+    def fit(self, references: Sequence[Image.Image]) -> ReferenceScreener:
+        """Build the bank (and the zoomed bank) from reference normal images."""
+        import time
+
+        refs = self._prep(references)
+        if self.config.scale == "reference":
+            area = float(np.median([im.size[0] * im.size[1] for im in refs]))
+            self.scale = self.config.image_size / math.sqrt(area)
+        elif self.config.scale != "source":
+            raise ValueError(f"scale must be 'source' or 'reference', got {self.config.scale!r}")
+        levels = self._extract(refs, self.scale)
+        t = time.perf_counter()
+        self.bank.fit(levels)
+        self.timings["match"] += time.perf_counter() - t
+        if self.config.zoom and self.config.zoom > 1:
+            zs = self._zoom_scale(refs)
+            zlevels = self._extract(refs, zs)
+            t = time.perf_counter()
+            self.zoom_bank = MemoryBank(self.config.bank).fit(zlevels)
+            self.timings["match"] += time.perf_counter() - t
+        return self
+
+    def _zoom_scale(self, images: Sequence[Image.Image]) -> float:
+        if self.scale is not None:
+            return self.scale * self.config.zoom
+        area = float(np.median([im.size[0] * im.size[1] for im in images]))
+        return self.config.image_size / math.sqrt(area) * self.config.zoom
+
+    # -- prediction -----------------------------------------------------------------------------------------------
+    def predict(self, images: Sequence[Image.Image]) -> list[ScreenResult]:
+        """Score images; maps are returned at each image's original (H, W)."""
+        import time
+
+        prepped = self._prep(images)
+        levels = self._extract(prepped, self.scale)
+        t = time.perf_counter()
+        maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]  # z-maps on each image's grid
+        self.timings["match"] += time.perf_counter() - t
+        full = [upsample_map(m, (im.size[1], im.size[0])) for m, im in zip(maps, images)]  # [H0, W0]
+        if self.zoom_bank is not None:
+            full = self._second_look(prepped, full)
+        out = []
+        for z in full:
+            s = float(z.max()) if self.config.bank.score == "max" else float(
+                reduce_score(z, self.config.bank.score, self.config.bank.topk)
+            )
+            score = float(calibrate(s))
+            out.append(ScreenResult(score, calibrate(z).numpy().astype(np.float32), score >= self.config.threshold, s))
+        return out
+
+    def _second_look(self, images: Sequence[Image.Image], full: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Re-examine the top regions at `zoom`× magnification; the zoomed map replaces the coarse one there."""
+        import time
+
+        c = self.config
+        zs = self._zoom_scale(images)
+        crops, where = [], []
+        for i, (im, z) in enumerate(zip(images, full)):
+            H, W = z.shape
+            win = max(8, int(round(c.zoom_window * min(H, W))))
+            zz = z.clone()
+            for _ in range(c.zoom_regions):
+                idx = int(torch.argmax(zz))
+                cy, cx = divmod(idx, W)
+                y0 = min(max(0, cy - win // 2), max(0, H - win))
+                x0 = min(max(0, cx - win // 2), max(0, W - win))
+                y1, x1 = min(H, y0 + win), min(W, x0 + win)
+                crops.append(im.crop((x0, y0, x1, y1)))
+                where.append((i, y0, y1, x0, x1))
+                zz[y0:y1, x0:x1] = -1.0
+        if not crops:
+            return full
+        levels = self._extract(crops, zs)
+        t = time.perf_counter()
+        out = [z.clone() for z in full]
+        for lv, (i, y0, y1, x0, x1) in zip(levels, where):
+            zm = self.zoom_bank.distance_map(lv) / self.zoom_bank.tau
+            zm = upsample_map(zm, (y1 - y0, x1 - x0))
+            out[i][y0:y1, x0:x1] = zm
+        self.timings["match"] += time.perf_counter() - t
+        return out

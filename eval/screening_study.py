@@ -1,0 +1,216 @@
+"""Few-shot reference screening study on real parts: ablations, AUROC, localisation and speed.
+
+Image AUROC, pixel AUROC (sklearn's roc_auc_score; maps and masks resized so the longer side is <= 256 px, masks by
+nearest neighbour), the rate at which a defective image's map argmax (original resolution) falls inside its
+ground-truth mask, and throughput with the extraction / matching time split.
+
+    python -m anomaly_assistant.eval.screening_study --presets baseline,final          # magnetic tile ablations
+    python -m anomaly_assistant.eval.screening_study --presets all                     # the whole ablation table
+    python -m anomaly_assistant.eval.screening_study --presets final --deeppcb 60      # + DeepPCB pairs
+    python -m anomaly_assistant.eval.screening_study --speed-only --presets baseline,final
+
+Data: ../shared/data/real-dev relative to the repo root (MVTec layout; 4 references = the first 4 of train/good in
+sorted order; all test images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from anomaly_assistant.expert.reference import BankConfig, ReferenceScreener, ScreenerConfig
+from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-dev"
+
+# name -> (source config, screener config). Each row adds one change to the row before it (the ablation chain).
+_BASE_SRC = EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0)
+_BASE_SCR = ScreenerConfig(scale="source", image_size=256, bank=BankConfig(blur_sigma=1.0))
+
+
+def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
+    p: dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]] = {}
+    src, scr = _BASE_SRC, _BASE_SCR
+    p["baseline"] = (src, scr)
+    scr = replace(scr, scale="reference")
+    p["+aspect_scale"] = (src, scr)
+    src = replace(src, pad=32)
+    p["+reflect_pad"] = (src, scr)
+    scr = replace(scr, illumination="flatfield")
+    p["+flatfield"] = (src, scr)
+    scr = replace(scr, zoom=2.0)
+    p["+zoom2"] = (src, scr)
+    p["final"] = (src, scr)
+    return p
+
+
+def load_mvtec(root: Path, k: int = 4):
+    """-> references (PIL), test records [(image, mask bool array or None, defect_type)]."""
+    refs = [Image.open(p).convert("RGB") for p in sorted((root / "train" / "good").glob("*"))[:k]]
+    recs = []
+    for d in sorted(os.listdir(root / "test")):
+        for p in sorted((root / "test" / d).glob("*")):
+            im = Image.open(p).convert("RGB")
+            mask = None
+            if d != "good":
+                mp = root / "ground_truth" / d / f"{p.stem}_mask.png"
+                mask = np.asarray(Image.open(mp).convert("L")) > 127
+            recs.append((im, mask, d))
+    return refs, recs
+
+
+def _small(a: np.ndarray, mode, max_side: int = 256) -> np.ndarray:
+    h, w = a.shape
+    f = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    if mode == "mask":
+        return np.asarray(Image.fromarray(a.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+
+
+def evaluate(results, recs) -> dict[str, float]:
+    labels = np.array([m is not None for _, m, _ in recs])
+    scores = np.array([r.score for r in results])
+    raw = np.array([r.raw_score for r in results])
+    pm, pl, hits = [], [], []
+    for r, (im, mask, _) in zip(results, recs):
+        gt = mask if mask is not None else np.zeros(r.anomaly_map.shape, bool)
+        if mask is not None:
+            y, x = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
+            hits.append(bool(mask[y, x]))
+        pm.append(_small(r.anomaly_map, "map").ravel())
+        pl.append(_small(gt, "mask").ravel())
+    return {
+        "image_auroc": roc_auc_score(labels, raw if np.ptp(scores) == 0 else scores),
+        "pixel_auroc": roc_auc_score(np.concatenate(pl), np.concatenate(pm)),
+        "argmax_in_mask": float(np.mean(hits)) if hits else float("nan"),
+        "good_flagged": float(np.mean([r.label for r, l in zip(results, labels) if not l])),
+        "defect_flagged": float(np.mean([r.label for r, l in zip(results, labels) if l])),
+    }
+
+
+def run_preset(name, src_cfg, scr_cfg, refs, recs, source_cache):
+    key = repr(src_cfg)
+    if key not in source_cache:
+        source_cache[key] = EfficientNetLite0Source(src_cfg)
+    scr = ReferenceScreener(source_cache[key], scr_cfg)
+    scr.fit(refs)
+    scr.timings = {"extract": 0.0, "match": 0.0}
+    t = time.perf_counter()
+    results = scr.predict([im for im, _, _ in recs])
+    dt = time.perf_counter() - t
+    return results, dt, dict(scr.timings), scr
+
+
+def speed(src_cfg, scr_cfg, refs, images, source_cache, repeats: int = 1):
+    """Images/s of predict() with 4 references, split into extraction and matching time."""
+    key = repr(src_cfg)
+    if key not in source_cache:
+        source_cache[key] = EfficientNetLite0Source(src_cfg)
+    scr = ReferenceScreener(source_cache[key], scr_cfg).fit(refs)
+    scr.predict(images[:4])  # warm-up
+    scr.timings = {"extract": 0.0, "match": 0.0}
+    t = time.perf_counter()
+    for _ in range(repeats):
+        scr.predict(images)
+    dt = time.perf_counter() - t
+    n = len(images) * repeats
+    return n / dt, scr.timings["extract"] / n * 1e3, scr.timings["match"] / n * 1e3, dt / n * 1e3
+
+
+def load_deeppcb(root: Path, n: int):
+    """-> [(template PIL, test PIL, box mask)] for the first n pairs in sorted order."""
+    pairs = []
+    for test in sorted(root.glob("PCBData/*/*/*_test.jpg"))[:n]:
+        tid = test.name.replace("_test.jpg", "")
+        temp = test.with_name(f"{tid}_temp.jpg")
+        ann = test.parent.parent / f"{test.parent.name}_not" / f"{tid}.txt"
+        im = Image.open(test).convert("RGB")
+        mask = np.zeros((im.size[1], im.size[0]), bool)
+        for line in ann.read_text().split("\n"):
+            v = line.replace(",", " ").split()
+            if len(v) >= 4:
+                x1, y1, x2, y2 = map(int, v[:4])
+                mask[y1:y2, x1:x2] = True
+        pairs.append((Image.open(temp).convert("RGB"), im, mask))
+    return pairs
+
+
+def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
+    """Template as the single reference, test image as query; normals = the template's own flipped copy."""
+    key = repr(src_cfg)
+    if key not in source_cache:
+        source_cache[key] = EfficientNetLite0Source(src_cfg)
+    src = source_cache[key]
+    pm, pl, hits, s_def, s_norm = [], [], [], [], []
+    for temp, test, mask in pairs:
+        scr = ReferenceScreener(src, scr_cfg).fit([temp])
+        r_def, r_norm = scr.predict([test, temp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+        y, x = np.unravel_index(np.argmax(r_def.anomaly_map), r_def.anomaly_map.shape)
+        hits.append(bool(mask[y, x]))
+        pm.append(_small(r_def.anomaly_map, "map").ravel())
+        pl.append(_small(mask, "mask").ravel())
+        s_def.append(r_def.score)
+        s_norm.append(r_norm.score)
+    lab = np.r_[np.ones(len(s_def)), np.zeros(len(s_norm))]
+    return {
+        "pixel_auroc": roc_auc_score(np.concatenate(pl), np.concatenate(pm)),
+        "argmax_in_box": float(np.mean(hits)),
+        "image_auroc_vs_flipped_template": roc_auc_score(lab, np.r_[s_def, s_norm]),
+        "defect_flagged": float(np.mean(np.array(s_def) >= scr_cfg.threshold)),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--category", default="magnetic_tile")
+    ap.add_argument("--presets", default="baseline,final", help="comma list, or 'all'")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=0, help="use every n-th test image (0 = all)")
+    ap.add_argument("--deeppcb", type=int, default=0, help="also run this many DeepPCB pairs")
+    ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    table = presets()
+    names = list(table) if args.presets == "all" else args.presets.split(",")
+    refs, recs = load_mvtec(args.data / args.category, args.k)
+    if args.limit:
+        recs = recs[:: args.limit]
+    cache: dict = {}
+    speed_imgs = [im for im, _, _ in recs[::10]][:48]
+    print(f"{args.category}: {len(refs)} references, {len(recs)} test images "
+          f"({sum(m is not None for _, m, _ in recs)} defective)")
+    hdr = f"{'preset':<16}{'img AUROC':>10}{'px AUROC':>10}{'argmax∈mask':>12}{'good>thr':>9}{'bad>thr':>9}" \
+          f"{'img/s':>8}{'ext ms':>8}{'match ms':>9}"
+    print(hdr)
+    for name in names:
+        src_cfg, scr_cfg = table[name]
+        ips, ext, mat, _ = speed(src_cfg, scr_cfg, refs, speed_imgs, cache)
+        if args.speed_only:
+            print(f"{name:<16}{'':>10}{'':>10}{'':>12}{'':>9}{'':>9}{ips:>8.1f}{ext:>8.1f}{mat:>9.1f}")
+            continue
+        results, _, _, _ = run_preset(name, src_cfg, scr_cfg, refs, recs, cache)
+        m = evaluate(results, recs)
+        print(f"{name:<16}{m['image_auroc']:>10.3f}{m['pixel_auroc']:>10.3f}{m['argmax_in_mask']:>12.3f}"
+              f"{m['good_flagged']:>9.2f}{m['defect_flagged']:>9.2f}{ips:>8.1f}{ext:>8.1f}{mat:>9.1f}", flush=True)
+    if args.deeppcb:
+        pairs = load_deeppcb(args.data / "deeppcb", args.deeppcb)
+        print(f"\ndeeppcb: {len(pairs)} template/test pairs (k=1)")
+        for name in names:
+            src_cfg, scr_cfg = table[name]
+            m = deeppcb_study(src_cfg, scr_cfg, pairs, cache)
+            print(f"{name:<16}" + "  ".join(f"{k}={v:.3f}" for k, v in m.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

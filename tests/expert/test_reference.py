@@ -1,0 +1,117 @@
+"""Reference matching: coreset coverage, NN distances, calibration, planted and real defects, determinism."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from anomaly_assistant.expert.reference import (
+    BankConfig,
+    MemoryBank,
+    ReferenceScreener,
+    ScreenerConfig,
+    calibrate,
+    greedy_coreset,
+    nn_distance,
+)
+from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real-dev" / "magnetic_tile"
+
+
+@pytest.fixture(scope="session")
+def source():
+    return EfficientNetLite0Source(EfficientNetLite0Config(image_size=256, resize="aspect", pad=32))
+
+
+@pytest.fixture(scope="session")
+def brick():
+    """A real texture (scikit-image's CC0 brick), cut into references and a query."""
+    a = data.brick()  # 512x512 grey
+    crops = [a[y : y + 192, x : x + 192] for y, x in [(0, 0), (0, 300), (300, 0), (300, 300), (150, 150)]]
+    return [Image.fromarray(c).convert("RGB") for c in crops]
+
+
+def test_nn_distance_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    q, b = torch.randn(300, 17, generator=g), torch.randn(500, 17, generator=g)
+    ref = torch.cdist(q, b)
+    torch.testing.assert_close(nn_distance(q, b, chunk=64), ref.min(1).values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nn_distance(q, b, k=3), ref.topk(3, largest=False).values.mean(1), atol=1e-4, rtol=1e-4)
+
+
+def test_coreset_keeps_coverage_and_is_deterministic():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(20, 64, generator=g) * 10
+    sizes = [400] + [5] * 19  # one dominant mode, 19 rare ones
+    x = torch.cat([c + torch.randn(n, 64, generator=g) * 0.3 for c, n in zip(centers, sizes)])
+    idx = greedy_coreset(x, 40)
+    assert torch.equal(idx, greedy_coreset(x, 40))
+    assert len(set(idx.tolist())) == 40
+    cover = torch.cdist(x, x[idx]).min(1).values.max()
+    rand = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:40]
+    assert cover < torch.cdist(x, x[rand]).min(1).values.max()
+    # every rare mode keeps a representative
+    owner = torch.cdist(x[idx], centers).argmin(1)
+    assert set(owner.tolist()) == set(range(20))
+
+
+def test_bank_coreset_keeps_scores_close(source, brick):
+    levels = source(brick[:4])
+    full = MemoryBank(BankConfig(max_bank=0)).fit(levels)
+    small = MemoryBank(BankConfig(max_bank=400)).fit(levels)
+    assert small.features.shape[0] == 400 < full.features.shape[0]
+    q = source([brick[4]])[0]
+    a, b = full.distance_map(q), small.distance_map(q)
+    assert (b >= a - 1e-4).all()  # a subset can only be farther
+    assert float(b.max()) < 1.5 * float(a.max())
+
+
+def test_calibrate_is_monotone_in_unit_interval():
+    z = torch.linspace(0, 10, 50)
+    c = calibrate(z)
+    assert float(c[0]) == 0.0 and abs(float(calibrate(1.0)) - 0.5) < 1e-6
+    assert (c.diff() > 0).all() and float(c.max()) < 1.0
+
+
+def test_identical_image_scores_low_and_planted_defect_peaks(source, brick):
+    scr = ReferenceScreener(source, ScreenerConfig(image_size=192, scale="reference")).fit(brick[:4])
+    a = np.array(brick[4])
+    a[100:116, 40:56] = 0  # a dark 16 px blot
+    same, clean, bad = scr.predict([brick[1], brick[4], Image.fromarray(a)])
+    assert same.score < 0.05 and not same.label
+    assert bad.score > clean.score and bad.score > same.score
+    assert bad.anomaly_map.shape == (192, 192)
+    assert 0.0 <= bad.anomaly_map.min() and bad.anomaly_map.max() <= 1.0
+    y, x = np.unravel_index(bad.anomaly_map.argmax(), bad.anomaly_map.shape)
+    assert 92 <= y <= 124 and 32 <= x <= 64
+
+
+def test_single_reference_calibration(source, brick):
+    scr = ReferenceScreener(source).fit(brick[:1])
+    assert np.isfinite(scr.bank.tau) and scr.bank.tau > 0
+    r1, r2 = scr.predict([brick[0]]), scr.predict([brick[0]])
+    assert r1[0].score == r2[0].score and np.array_equal(r1[0].anomaly_map, r2[0].anomaly_map)  # deterministic
+    assert r1[0].score < 0.05
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="real-dev magnetic_tile data absent")
+def test_real_defects_localised_on_magnetic_tile(source):
+    from anomaly_assistant.eval.screening_study import presets
+
+    refs = [Image.open(p).convert("RGB") for p in sorted((DATA / "train" / "good").glob("*"))[:4]]
+    src_cfg, scr_cfg = presets()["final"]
+    scr = ReferenceScreener(EfficientNetLite0Source(src_cfg), scr_cfg).fit(refs)
+    cases = [("break", 0), ("break", 1), ("crack", 2), ("uneven", 0)]
+    hits = 0
+    for d, i in cases:
+        p = sorted((DATA / "test" / d).glob("*"))[i]
+        mask = np.asarray(Image.open(DATA / "ground_truth" / d / f"{p.stem}_mask.png").convert("L")) > 127
+        (r,) = scr.predict([Image.open(p).convert("RGB")])
+        assert r.anomaly_map.shape == mask.shape
+        y, x = np.unravel_index(r.anomaly_map.argmax(), mask.shape)
+        hits += bool(mask[y, x])
+    assert hits >= 3
