@@ -108,7 +108,7 @@ MIXED = [(150, 200), (300, 97), (224, 224)]
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_sizes_batch_matches_single_images(tiny_backbones, family):
-    model, processor = tiny_backbones[family]
+    model, _processor = tiny_backbones[family]
     images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(MIXED)]
     inputs, feats = features(tiny_backbones, family, images)
     assert len(feats) == 3 and len(feats.levels) == 4
@@ -143,7 +143,7 @@ def test_mixed_sizes_batch_matches_single_images(tiny_backbones, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_embeds_are_what_the_llm_sees(tiny_backbones, family):
     """Scattering `image_embeds` into the text embeddings reproduces the model's own forward exactly."""
-    model, processor = tiny_backbones[family]
+    model, _processor = tiny_backbones[family]
     module = backbones.get(family)
     images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(MIXED[:2])]
     inputs, feats = features(tiny_backbones, family, images)
