@@ -1,0 +1,307 @@
+"""AnomalyExpert: LTFM + reference matching + VT selector + score head + projector, one image (or batch) at a time.
+
+Inputs per image are what the feature sources and backbones produce: a list of level grids (H_l, W_l, C_l) and the
+visual tokens v° as an (h, w, D) grid. Everything is resized to the v° grid, so K = 1 + g² tokens come out whatever
+the image size.
+
+Which cue drives the map (`ExpertOutput.map_source`):
+
+| LTFM trained (or use_ltfm=True) | reference bank given | map_source | map / score                                  |
+|---|---|---|---|
+| yes | no  | "ltfm"            | LTFM map, sigmoid(score head)                                        |
+| yes | yes | "ltfm+reference"  | (1-w) LTFM + w reference (w = config.map_fusion / score_fusion)      |
+| no  | yes | "reference"       | reference map and score alone                                        |
+| no  | no  | "none"            | anomaly_map, score and level_word are None; tokens use a uniform m   |
+
+An untrained LTFM's map is noise, so the expert says "none" instead of publishing it; its tokens are then plain
+g x g average pools of v° (plus their mean as r), which carry the image but no false anomaly cue. `trained` is a
+persistent buffer: stage-1 training sets it (`mark_trained`), and `from_pretrained` restores it. Training itself
+calls the expert with `use_ltfm=True`, so the LTFM map drives the selector (and gets gradients) before that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import torch
+from torch import nn
+
+from .config import ExpertConfig
+from .ltfm import LTFM, resize_map
+from .selector import ScoreHead, TokenProjector, VTSelector
+
+CONFIG_NAME = "expert_config.json"
+WEIGHTS_NAME = "expert.safetensors"
+
+MAP_SOURCES: tuple[str, ...] = ("ltfm", "ltfm+reference", "reference", "none")
+
+
+def level_word(score: float, thresholds: Sequence[float] = (0.3, 0.7), words: Sequence[str] | None = None) -> str:
+    """Score in [0, 1] -> the level word: < t0 slightly, < t1 moderately, else highly (Anomaly-OV's cut points)."""
+    from .config import LEVEL_WORDS
+
+    words = LEVEL_WORDS if words is None else words
+    s = float(score)
+    if s < thresholds[0]:
+        return words[0]
+    if s < thresholds[1]:
+        return words[1]
+    return words[2]
+
+
+@dataclass
+class ReferenceMatch:
+    """A reference-matching result for one image: map (H, W) in [0, 1] on any grid, score in [0, 1]."""
+
+    anomaly_map: torch.Tensor
+    score: float
+
+
+class DistanceBank(Protocol):
+    """What the expert needs from `expert.reference.MemoryBank` (a fitted bank on the same feature source)."""
+
+    tau: float
+
+    def distance_map(self, levels: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def score(self, dist_map: torch.Tensor) -> float: ...
+
+
+Reference = Union[ReferenceMatch, DistanceBank]
+
+
+def match_reference(reference: Reference, levels: list[torch.Tensor]) -> ReferenceMatch:
+    """A fitted memory bank (or a precomputed `ReferenceMatch`) -> calibrated map and score in [0, 1].
+
+    Uses the bank's leave-one-out calibration (z = distance / tau, z²/(1+z²)), so 0.5 means "as unusual as the
+    least typical reference looks to the others", on the same scale as the LTFM's probabilities.
+    """
+    if isinstance(reference, ReferenceMatch):
+        return reference
+    from .reference import calibrate
+
+    dist = reference.distance_map([lv.detach().float() for lv in levels])  # [H, W]
+    tau = max(float(reference.tau), 1e-12)
+    return ReferenceMatch(calibrate(dist / tau), float(calibrate(reference.score(dist) / tau)))
+
+
+@dataclass
+class ExpertOutput:
+    """One image's expert result. Fields for display are None when `map_source == "none"`.
+
+    anomaly_map: (h, w) in [0, 1] on the v° grid: the map the product shows (see the module table).
+    score: () in [0, 1]: the image score the product shows.
+    level_word: "slightly/moderately/highly suspicious" from `score`.
+    tokens: (K, D) [r, vˢ_1 .. vˢ_{g²}] in v° space; projected_tokens: (K, D_llm) after the projector.
+    map_source: "ltfm" | "ltfm+reference" | "reference" | "none"; `meaningful` is map_source != "none".
+    level_maps: (L, h, w) raw LTFM level maps; ltfm_map: (h, w) their mean; score_logit: () raw score-head logit.
+        These are always computed (trained or not) and carry gradients: stage-1 losses read them.
+    significance: () σ = mean of the map the selector used.
+    reference_map / reference_score: the calibrated reference cue on the v° grid, when a reference was given.
+    """
+
+    anomaly_map: torch.Tensor | None
+    score: torch.Tensor | None
+    level_word: str | None
+    tokens: torch.Tensor
+    projected_tokens: torch.Tensor
+    map_source: str
+    level_maps: torch.Tensor
+    ltfm_map: torch.Tensor
+    score_logit: torch.Tensor
+    significance: torch.Tensor
+    reference_map: torch.Tensor | None = None
+    reference_score: float | None = None
+
+    @property
+    def meaningful(self) -> bool:
+        return self.map_source != "none"
+
+    @property
+    def note(self) -> str:
+        """A plain-language statement of where the map comes from (for logs and the UI)."""
+        return {
+            "ltfm": "anomaly map from the trained expert",
+            "ltfm+reference": "anomaly map from the trained expert fused with reference matching",
+            "reference": "anomaly map from reference matching only (the expert is untrained)",
+            "none": "no anomaly map: the expert is untrained and no reference images were given",
+        }[self.map_source]
+
+
+class AnomalyExpert(nn.Module):
+    """The anomaly expert (Anomaly-OV's LTFM + VT selector + score head) plus reference fusion and a projector."""
+
+    def __init__(self, config: ExpertConfig):
+        super().__init__()
+        self.config = config
+        self.ltfm = LTFM(config)
+        self.selector = VTSelector(config)
+        self.score_head = ScoreHead(config)
+        self.projector = TokenProjector(config.token_dim, config.out_dim)
+        self.register_buffer("trained", torch.tensor(False))
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.trained)
+
+    def mark_trained(self, flag: bool = True) -> AnomalyExpert:
+        """Record that the LTFM and score head have been trained (stage 1 calls this; it is saved)."""
+        self.trained.fill_(bool(flag))
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    def level_word(self, score: float) -> str:
+        return level_word(score, self.config.level_thresholds, self.config.level_words)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        levels: Sequence[torch.Tensor],
+        v0: torch.Tensor | None = None,
+        reference: Reference | None = None,
+        use_ltfm: bool | None = None,
+    ) -> ExpertOutput:
+        """One image: levels [(H_l, W_l, C_l)], v° (h, w, D) (None: use the last level as v°), optional reference.
+
+        use_ltfm: None follows the `trained` buffer; stage-1 training passes True so that the LTFM map drives the
+        selector and the score head (and receives their gradients) before the expert is marked trained.
+        """
+        return self.forward_batch([levels], [v0], [reference], use_ltfm=use_ltfm)[0]
+
+    def forward_batch(
+        self,
+        levels: Sequence[Sequence[torch.Tensor]],
+        v0: Sequence[torch.Tensor | None] | None = None,
+        reference: Reference | Sequence[Reference | None] | None = None,
+        use_ltfm: bool | None = None,
+    ) -> list[ExpertOutput]:
+        """Several images of possibly different sizes; images with equal shapes share one batched pass.
+
+        `reference` is one reference for all images, or one (or None) per image.
+        """
+        n = len(levels)
+        v0s = list(v0) if v0 is not None else [None] * n
+        if isinstance(reference, (list, tuple)):
+            refs = list(reference)
+        else:
+            refs = [reference] * n
+        if len(v0s) != n or len(refs) != n:
+            raise ValueError("levels, v0 and reference must have one entry per image")
+        dtype = self.projector.linear.weight.dtype
+        device = self.projector.linear.weight.device
+        lv = [[torch.as_tensor(g).to(device, dtype) for g in img] for img in levels]
+        vv = []
+        for img, v in zip(lv, v0s):
+            if v is None:
+                v = img[-1]
+            vv.append(torch.as_tensor(v).to(device, dtype))
+        for v in vv:
+            if v.ndim != 3 or v.shape[-1] != self.config.token_dim:
+                raise ValueError(f"v° must be (h, w, {self.config.token_dim}), got {tuple(v.shape)}")
+        groups: dict[tuple, list[int]] = {}
+        for i in range(n):
+            key = (tuple(tuple(g.shape) for g in lv[i]), tuple(vv[i].shape))
+            groups.setdefault(key, []).append(i)
+        out: list[ExpertOutput | None] = [None] * n
+        for idx in groups.values():
+            res = self._run(
+                [torch.stack([lv[i][j] for i in idx]) for j in range(len(lv[idx[0]]))],
+                torch.stack([vv[i] for i in idx]),
+                [None if refs[i] is None else match_reference(refs[i], lv[i]) for i in idx],
+                self.is_trained if use_ltfm is None else bool(use_ltfm),
+            )
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def _run(
+        self, levels: list[torch.Tensor], v0: torch.Tensor, refs: list[ReferenceMatch | None], use_ltfm: bool
+    ) -> list[ExpertOutput]:
+        """Batched core: levels [B, H_l, W_l, C_l], v0 [B, h, w, D], one optional reference match per image."""
+        c = self.config
+        b, h, w, _ = v0.shape
+        lt = self.ltfm(levels, v0)  # level_maps [B, L, h, w], anomaly_map [B, h, w]
+        maps, sources, ref_maps = [], [], []
+        for i, ref in enumerate(refs):
+            rm = None
+            if ref is not None:
+                rm = resize_map(ref.anomaly_map.to(v0)[None, None], (h, w))[0, 0].clamp(0, 1)  # [h, w]
+            ref_maps.append(rm)
+            if rm is not None and use_ltfm:
+                maps.append((1 - c.map_fusion) * lt.anomaly_map[i] + c.map_fusion * rm)
+                sources.append("ltfm+reference")
+            elif rm is not None:
+                maps.append(rm)
+                sources.append("reference")
+            elif use_ltfm:
+                maps.append(lt.anomaly_map[i])
+                sources.append("ltfm")
+            else:
+                maps.append(torch.ones_like(lt.anomaly_map[i]))
+                sources.append("none")
+        m = torch.stack(maps)  # [B, h, w]
+        sigma = m.flatten(1).mean(1)  # [B]
+        sel = self.selector(v0, m, sigma)  # tokens [B, K, D]
+        logit = self.score_head(sel.tokens[:, 0])  # [B]
+        projected = self.projector(sel.tokens)  # [B, K, D_llm]
+        results = []
+        for i, src in enumerate(sources):
+            ltfm_score = torch.sigmoid(logit[i])
+            ref = refs[i]
+            if src == "ltfm":
+                score = ltfm_score
+            elif src == "ltfm+reference":
+                score = (1 - c.score_fusion) * ltfm_score + c.score_fusion * torch.as_tensor(ref.score).to(logit)
+            elif src == "reference":
+                score = torch.as_tensor(float(ref.score)).to(logit)
+            else:
+                score = None
+            results.append(
+                ExpertOutput(
+                    anomaly_map=None if src == "none" else m[i],
+                    score=score,
+                    level_word=None if score is None else self.level_word(float(score.detach())),
+                    tokens=sel.tokens[i],
+                    projected_tokens=projected[i],
+                    map_source=src,
+                    level_maps=lt.level_maps[i],
+                    ltfm_map=lt.anomaly_map[i],
+                    score_logit=logit[i],
+                    significance=sigma[i],
+                    reference_map=ref_maps[i],
+                    reference_score=None if ref is None else float(ref.score),
+                )
+            )
+        return results
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `expert_config.json` + `expert.safetensors` (no pickle) into `directory`."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.config.save(d / CONFIG_NAME)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "kind": "anomaly_expert"})
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> AnomalyExpert:
+        """Rebuild from `save_pretrained`'s files; `overrides` patch config fields that do not change shapes."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        config = ExpertConfig.load(d / CONFIG_NAME)
+        if overrides:
+            config = ExpertConfig.from_dict({**config.to_dict(), **overrides})
+        model = cls(config)
+        model.load_state_dict(load_file(str(d / WEIGHTS_NAME), device=str(device)), strict=True)
+        return model.to(device).eval()
