@@ -121,6 +121,18 @@ def add_anomaly_tokens(tokenizer: Any) -> int:
     return len(new)
 
 
+def ensure_anomaly_tokens(model: Any, tokenizer: Any) -> int:
+    """Add the anomaly markers to `tokenizer` and grow the model's embeddings to fit; returns tokens added.
+
+    A real checkpoint lacks the markers: their new embedding rows are initialised by transformers' default
+    (mean of the existing rows) and are meant to be trained. Tiny models already have them (no-op).
+    """
+    added = add_anomaly_tokens(tokenizer)
+    if len(tokenizer) > text_embeddings(model).num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return added
+
+
 def text_embeddings(model: Any) -> torch.nn.Embedding:
     """The LLM's input token embedding table (shared by all families)."""
     return model.get_input_embeddings()
@@ -162,7 +174,7 @@ def spread_levels(depth: int, n: int = 4) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(depth * (i + 1) / n)) for i in range(n)}))
 
 
-def resolve_levels(config: Any, levels: Sequence[int] | None, default: tuple[int, ...], n_hidden: int) -> tuple[int, ...]:
+def resolve_levels(levels: Sequence[int] | None, default: tuple[int, ...], n_hidden: int) -> tuple[int, ...]:
     """Validate requested levels (negative ones count from the end) against `n_hidden` hidden states."""
     chosen = tuple(default if levels is None else levels)
     out = tuple(lv + n_hidden if lv < 0 else lv for lv in chosen)

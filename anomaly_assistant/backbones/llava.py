@@ -17,7 +17,14 @@ from transformers.image_transforms import get_resize_output_image_size
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..finding import Frame
-from . import VisionFeatures, count_placeholders, image_token_id, resolve_levels, spread_levels
+from . import (
+    VisionFeatures,
+    count_placeholders,
+    ensure_anomaly_tokens,
+    image_token_id,
+    resolve_levels,
+    spread_levels,
+)
 
 FAMILY = "llava"
 MODEL_CLASS = LlavaForConditionalGeneration
@@ -69,10 +76,17 @@ def build_tiny_processor(tokenizer: Any) -> LlavaProcessor:
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE)
 
 
-def load(path_or_id: str, processor_kwargs: dict | None = None, **model_kwargs: Any):
-    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one)."""
+def load(
+    path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any
+):
+    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one).
+
+    `LlavaProcessor` has no video slot, so AutoProcessor works too. `anomaly_tokens` adds the anomaly markers (and embedding rows) if missing.
+    """
     model = LlavaForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
     processor = LlavaProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
+    if anomaly_tokens:
+        ensure_anomaly_tokens(model, processor.tokenizer)
     return model, processor
 
 
@@ -91,7 +105,7 @@ def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = Non
     pixel_values = inputs["pixel_values"].to(inner.vision_tower.dtype)  # [B, 3, S, S]
     out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     hidden = out.hidden_states  # depth+1 x [B, 1 + N, C]
-    chosen = resolve_levels(cfg.vision_config, levels, default_levels(cfg), len(hidden))
+    chosen = resolve_levels(levels, default_levels(cfg), len(hidden))
     side_h = pixel_values.shape[-2] // cfg.vision_config.patch_size
     side_w = pixel_values.shape[-1] // cfg.vision_config.patch_size
     drop = 1 if cfg.vision_feature_select_strategy == "default" else 0

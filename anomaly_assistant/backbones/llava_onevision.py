@@ -24,7 +24,14 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
 from ..finding import Frame
-from . import VisionFeatures, count_placeholders, image_token_id, resolve_levels, spread_levels
+from . import (
+    VisionFeatures,
+    count_placeholders,
+    ensure_anomaly_tokens,
+    image_token_id,
+    resolve_levels,
+    spread_levels,
+)
 
 FAMILY = "llava_onevision"
 MODEL_CLASS = LlavaOnevisionForConditionalGeneration
@@ -99,10 +106,18 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyLlavaOnevisionProcessor:
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE, grid_pinpoints=TINY_GRID_PINPOINTS)
 
 
-def load(path_or_id: str, processor_kwargs: dict | None = None, **model_kwargs: Any):
-    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one)."""
+def load(
+    path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any
+):
+    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one).
+
+    Loads the processor through the image-only class (AutoProcessor would need torchvision for a real
+    checkpoint's processor files). `anomaly_tokens` adds the anomaly markers (and embedding rows) if missing.
+    """
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
     processor = ImageOnlyLlavaOnevisionProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
+    if anomaly_tokens:
+        ensure_anomaly_tokens(model, processor.tokenizer)
     return model, processor
 
 
@@ -143,7 +158,7 @@ def vision_features(
     pixel_values = pixel_values.to(inner.vision_tower.dtype)
     out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     hidden = out.hidden_states  # depth+1 x [sum views, N, C]
-    chosen = resolve_levels(cfg.vision_config, levels, default_levels(cfg), len(hidden))
+    chosen = resolve_levels(levels, default_levels(cfg), len(hidden))
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     drop_cls = 1 if cfg.vision_feature_select_strategy == "default" else 0
 

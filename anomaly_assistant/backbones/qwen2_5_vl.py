@@ -19,7 +19,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.vision_utils import get_vision_window_index
 
 from ..finding import Frame
-from . import VisionFeatures, count_placeholders, image_token_id, resolve_levels, spread_levels
+from . import (
+    VisionFeatures,
+    count_placeholders,
+    ensure_anomaly_tokens,
+    image_token_id,
+    resolve_levels,
+    spread_levels,
+)
 
 FAMILY = "qwen2_5_vl"
 MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
@@ -98,10 +105,18 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyQwen2_5_VLProcessor:
     return build_processor(tokenizer, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 
 
-def load(path_or_id: str, processor_kwargs: dict | None = None, **model_kwargs: Any):
-    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one)."""
+def load(
+    path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any
+):
+    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one).
+
+    Loads the processor through the image-only class (AutoProcessor would need torchvision for a real
+    checkpoint's processor files). `anomaly_tokens` adds the anomaly markers (and embedding rows) if missing.
+    """
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
     processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
+    if anomaly_tokens:
+        ensure_anomaly_tokens(model, processor.tokenizer)
     return model, processor
 
 
@@ -141,7 +156,7 @@ def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = Non
     grid_thw = inputs["image_grid_thw"]  # [n_images, 3]
     out = visual(pixel_values, grid_thw=grid_thw, output_hidden_states=True)
     hidden = out.hidden_states  # depth+1 x [N_patches, C], window order
-    chosen = resolve_levels(cfg, levels, default_levels(cfg), len(hidden))
+    chosen = resolve_levels(levels, default_levels(cfg), len(hidden))
 
     merge = cfg.spatial_merge_size
     unit = merge * merge

@@ -24,12 +24,6 @@ def tiny_backbones() -> dict:
 
 
 @pytest.fixture(scope="session")
-def saved_backbones(tiny_backbones, tmp_path_factory) -> dict:
-    """family -> directory holding the saved tiny model + processor."""
-    out = {}
-    for family, (model, processor) in tiny_backbones.items():
-        path = tmp_path_factory.mktemp(f"tiny-{family}")
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-        out[family] = path
-    return out
+def saved_backbones(tmp_path_factory) -> dict:
+    """family -> directory holding a tiny model + processor written by `tiny.save_tiny` (same seed)."""
+    return {family: tiny.save_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0) for family in FAMILIES}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import noise_image
@@ -91,6 +95,34 @@ def test_tokenizer_special_tokens_and_round_trip(tiny_backbones, family):
     # a domain word is one or two tokens, not one per byte
     assert len(tok(" scratch", add_special_tokens=False)["input_ids"]) <= 2
     assert backbones.add_anomaly_tokens(tok) == 0  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("family", "transformers_class"),
+    [("qwen2_5_vl", "Qwen2_5_VLProcessor"), ("llava_onevision", "LlavaOnevisionProcessor")],
+)
+def test_load_real_style_processor_files(saved_backbones, tmp_path, family, transformers_class):
+    """A real checkpoint names transformers' own processor class: `load` still gives the image-only one."""
+    src = saved_backbones[family]
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    config["processor_class"] = transformers_class
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    _, processor = backbones.get(family).load(str(tmp_path))
+    assert type(processor).__name__ == PROCESSOR_CLASS[family]
+    assert processor.image_token_id == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+
+def test_ensure_anomaly_tokens_grows_embeddings(tiny_backbones):
+    model, processor = tiny_backbones["llava"]
+    model, tok = copy.deepcopy(model), copy.deepcopy(processor.tokenizer)
+    rows = backbones.text_embeddings(model).num_embeddings
+    assert backbones.ensure_anomaly_tokens(model, tok) == 0  # tiny models have them already
+    assert backbones.text_embeddings(model).num_embeddings == rows
+    tok.add_tokens([f"<extra_{i}>" for i in range(rows - len(tok) + 5)])  # now the table is too small
+    backbones.ensure_anomaly_tokens(model, tok)
+    assert backbones.text_embeddings(model).num_embeddings >= len(tok) > rows
 
 
 def test_tokenizer_is_deterministic():
