@@ -6,7 +6,8 @@ Each family module (`qwen2_5_vl`, `llava_onevision`, `llava`) exposes the same f
 - `build_processor(image_processor, tokenizer, chat_template) -> processor`: the image-only processor subclass
   (no torchvision), registered with `AutoProcessor` so `AutoProcessor.from_pretrained(dir)` returns it.
 - `vision_features(model, inputs, levels=None) -> VisionFeatures`: multi-level vision-tower features in raster
-  order + the visual tokens v° the LLM sees, per image.
+  order + the visual tokens v° the LLM sees, per image. It runs in the caller's grad mode: wrap it in
+  `torch.no_grad()` for a frozen tower; leave grads on when the projector/merger behind v° is trained.
 - `input_frame(processor, original_size) -> Frame`: original pixels -> the model-input pixel frame of boxes.
 - `default_levels(config) -> tuple[int, ...]`: which `hidden_states` indices the expert reads by default.
 - `CHAT_TEMPLATE`: the family's chat template with `{% generation %}` markers (TRL assistant-only loss).

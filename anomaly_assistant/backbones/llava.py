@@ -97,7 +97,6 @@ def default_levels(config: Any) -> tuple[int, ...]:
     return CLIP_L_LEVELS if depth == 24 else spread_levels(depth)
 
 
-@torch.no_grad()
 def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = None) -> VisionFeatures:
     """CLIP levels as (H, W, C) raster grids (CLS dropped) and v° = projector output as (H, W, D)."""
     inner = model.model

@@ -140,7 +140,6 @@ def _num_crops(model: Any, inputs: dict) -> list[int]:
     ]
 
 
-@torch.no_grad()
 def vision_features(
     model: Any, inputs: dict, levels: Sequence[int] | None = None, crops: bool = False
 ) -> VisionFeatures:
@@ -177,11 +176,11 @@ def vision_features(
         if crops:
             crop_grids.append([hidden[lv][s : s + n, drop_cls:].reshape(n, side, side, -1) for lv in chosen])
 
-    # What the LLM receives per image (base, unpadded crops, newlines), computed by the model itself.
-    image_embeds = inner.get_image_features(
-        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-        batch_num_images=inputs.get("batch_num_images"), vision_aspect_ratio=cfg.vision_aspect_ratio,
-    ).pooler_output
+    # What the LLM receives per image (base, unpadded crops, newlines), packed by the model's own code.
+    image_embeds, _ = inner.pack_image_features(
+        torch.split(projected, n_views), inputs["image_sizes"], image_newline=inner.image_newline,
+        vision_aspect_ratio=cfg.vision_aspect_ratio,
+    )
     image_embeds = list(image_embeds)
     n_tokens = [e.shape[0] for e in image_embeds]
     if "input_ids" in inputs:

@@ -144,7 +144,6 @@ def _unblock(hidden: torch.Tensor, t: int, h: int, w: int, merge: int) -> torch.
     return x[0]
 
 
-@torch.no_grad()
 def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = None) -> VisionFeatures:
     """Multi-level patch features (raster (H, W, C) on the 14-px patch grid) and v° (merger output, (h, w, D)).
 

@@ -174,3 +174,44 @@ def test_default_levels_of_real_configs():
     assert llava_onevision.default_levels(SiglipVisionConfig(num_hidden_layers=26)) == (7, 13, 19, 25)
     assert llava.default_levels(CLIPVisionConfig(num_hidden_layers=24)) == (6, 12, 18, 24)
     assert llava.default_levels(CLIPVisionConfig(num_hidden_layers=4)) == (1, 2, 3, 4)
+
+
+def test_qwen_last_level_merges_into_v0(tiny_backbones):
+    """The last level, re-blocked 2x2 and put through the merger, is v°: levels and v° share one raster grid."""
+    model = tiny_backbones["qwen2_5_vl"][0]
+    depth = model.config.vision_config.depth
+    image = noise_image(150, 200, seed=5)
+    _, feats = features(tiny_backbones, "qwen2_5_vl", [image], levels=[depth])
+    grid = feats.level_grids[0][0]  # [H, W, C]
+    h, w, c = grid.shape
+    blocks = grid.reshape(h // 2, 2, w // 2, 2, c).permute(0, 2, 1, 3, 4).reshape(-1, c)  # merge-unit order
+    with torch.no_grad():
+        merged = model.model.visual.merger(blocks).reshape(h // 2, w // 2, -1)
+    torch.testing.assert_close(merged, feats.v0[0], atol=1e-5, rtol=1e-4)
+
+
+def test_llava_onevision_crops(tiny_backbones):
+    """`crops=True` exposes every view's levels; view 0 is the base view used for the levels and v°."""
+    model, processor = tiny_backbones["llava_onevision"]
+    image = noise_image(224, 112, seed=2)  # best anyres grid 112x224: base + 2 crops
+    inputs = process(processor, [image])
+    feats = backbones.get("llava_onevision").vision_features(model, inputs, crops=True)
+    assert feats.extras["n_views"] == [3]
+    crops = feats.extras["crop_level_grids"][0]
+    assert [g.shape[0] for g in crops] == [3] * len(feats.levels)
+    for base, views in zip(feats.level_grids[0], crops):
+        torch.testing.assert_close(views[0], base)
+    # base 8x8 + unpadded 8x16 crop grid with one newline per row
+    assert feats.num_image_tokens == [64 + 8 * 16 + 8]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_v0_carries_gradients_to_the_projector(tiny_backbones, family):
+    """Outside no_grad, v° stays differentiable, so a trained projector/merger learns through expert tokens."""
+    model, processor = tiny_backbones[family]
+    inputs = process(processor, [noise_image(112, 112, seed=4)])
+    feats = backbones.get(family).vision_features(model, inputs)
+    feats.v0[0].sum().backward()
+    projector = model.model.visual.merger if family == "qwen2_5_vl" else model.model.multi_modal_projector
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
+    model.zero_grad(set_to_none=True)
