@@ -96,7 +96,13 @@ class ExpertConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> ExpertConfig:
         """A few-thousand-parameter expert for tests and the embedded default."""
-        base = dict(level_dims=[16, 16], token_dim=32, embed_dim=16, class_code_dim=16, lookback_grid=4)
+        base = {
+            "level_dims": [16, 16],
+            "token_dim": 32,
+            "embed_dim": 16,
+            "class_code_dim": 16,
+            "lookback_grid": 4,
+        }
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -80,7 +80,9 @@ class LTFM(nn.Module):
         self.lookback = LookBack(config)
         # Row 0: e⁺ (normal), row 1: e⁻ (abnormal). Softmax channel 1 is the anomaly map.
         self.descriptors = nn.Parameter(torch.randn(2, e) * e**-0.5)  # [2, E]
-        self.generators = nn.ModuleList(nn.Linear(e + config.class_code_dim, e) for _ in config.level_dims)  # Gᵢ
+        self.generators = nn.ModuleList(
+            nn.Linear(e + config.class_code_dim, e) for _ in config.level_dims
+        )  # Gᵢ
         self.adapters = nn.ModuleList(nn.Linear(c, e) for c in config.level_dims)  # Aᵢ
 
     def level_logits(self, level: torch.Tensor, i: int, class_code: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,9 @@ class LTFM(nn.Module):
         maps = []
         for i, level in enumerate(levels):
             if level.shape[-1] != self.config.level_dims[i]:
-                raise ValueError(f"level {i} has {level.shape[-1]} channels, config says {self.config.level_dims[i]}")
+                raise ValueError(
+                    f"level {i} has {level.shape[-1]} channels, config says {self.config.level_dims[i]}"
+                )
             prob = self.level_logits(level, i, class_code).softmax(-1)[..., 1]  # [B, H, W]
             maps.append(resize_map(prob[:, None], grid)[:, 0])  # [B, h, w]
         level_maps = torch.stack(maps, dim=1)  # [B, L, h, w]

@@ -39,7 +39,9 @@ WEIGHTS_NAME = "expert.safetensors"
 MAP_SOURCES: tuple[str, ...] = ("ltfm", "ltfm+reference", "reference", "none")
 
 
-def level_word(score: float, thresholds: Sequence[float] = (0.3, 0.7), words: Sequence[str] | None = None) -> str:
+def level_word(
+    score: float, thresholds: Sequence[float] = (0.3, 0.7), words: Sequence[str] | None = None
+) -> str:
     """Score in [0, 1] -> the level word: < t0 slightly, < t1 moderately, else highly (Anomaly-OV's cut points)."""
     from .config import LEVEL_WORDS
 
@@ -70,7 +72,7 @@ class DistanceBank(Protocol):
     def score(self, dist_map: torch.Tensor) -> float: ...
 
 
-Reference = Union[ReferenceMatch, DistanceBank]
+Reference = Union[ReferenceMatch, DistanceBank]  # noqa: UP007 (a runtime alias; py3.10 has no | on Protocols)
 
 
 def match_reference(reference: Reference, levels: list[torch.Tensor]) -> ReferenceMatch:
@@ -142,6 +144,22 @@ class AnomalyExpert(nn.Module):
         self.score_head = ScoreHead(config)
         self.projector = TokenProjector(config.token_dim, config.out_dim)
         self.register_buffer("trained", torch.tensor(False))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> AnomalyExpert:
+        """Re-apply the expert's own initialisation (and clear `trained`).
+
+        A host model's generic weight init (e.g. an HF `_init_weights` that redraws every nn.Linear) would break
+        the identity projector and the descriptor scale; call this on the expert after such an init.
+        """
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.LayerNorm)):
+                mod.reset_parameters()
+        e = self.config.embed_dim
+        self.ltfm.descriptors.normal_(0.0, e**-0.5)
+        self.projector.reset_identity()
+        self.trained.fill_(False)
+        return self
 
     # -- state ----------------------------------------------------------------------------------------------------
     @property
@@ -226,7 +244,7 @@ class AnomalyExpert(nn.Module):
     ) -> list[ExpertOutput]:
         """Batched core: levels [B, H_l, W_l, C_l], v0 [B, h, w, D], one optional reference match per image."""
         c = self.config
-        b, h, w, _ = v0.shape
+        h, w = v0.shape[1:3]
         lt = self.ltfm(levels, v0)  # level_maps [B, L, h, w], anomaly_map [B, h, w]
         maps, sources, ref_maps = [], [], []
         for i, ref in enumerate(refs):
@@ -258,7 +276,9 @@ class AnomalyExpert(nn.Module):
             if src == "ltfm":
                 score = ltfm_score
             elif src == "ltfm+reference":
-                score = (1 - c.score_fusion) * ltfm_score + c.score_fusion * torch.as_tensor(ref.score).to(logit)
+                score = (1 - c.score_fusion) * ltfm_score + c.score_fusion * torch.as_tensor(ref.score).to(
+                    logit
+                )
             elif src == "reference":
                 score = torch.as_tensor(float(ref.score)).to(logit)
             else:
@@ -294,7 +314,9 @@ class AnomalyExpert(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> AnomalyExpert:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", **overrides: Any
+    ) -> AnomalyExpert:
         """Rebuild from `save_pretrained`'s files; `overrides` patch config fields that do not change shapes."""
         from safetensors.torch import load_file
 

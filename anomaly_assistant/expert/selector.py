@@ -67,7 +67,9 @@ class VTSelector(nn.Module):
         attn = torch.softmax(qk @ kk.transpose(1, 2) * qk.shape[-1] ** -0.5, dim=-1)  # [B, g², N]
         selected = attn @ values  # [B, g², D]
         wts = pooled * sigma[:, None]  # [B, g²]
-        r = ((wts[..., None] * selected).sum(1) + EPS * selected.mean(1)) / (wts.sum(1, keepdim=True) + EPS)  # [B, D]
+        r = ((wts[..., None] * selected).sum(1) + EPS * selected.mean(1)) / (
+            wts.sum(1, keepdim=True) + EPS
+        )  # [B, D]
         tokens = torch.cat([r[:, None], selected], dim=1)  # [B, K, D]
         return SelectorOutput(tokens, q, attn, wts)
 
@@ -99,9 +101,12 @@ class TokenProjector(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(out_dim, in_dim))
-            self.linear.bias.zero_()
+        self.reset_identity()
+
+    @torch.no_grad()
+    def reset_identity(self) -> None:
+        self.linear.weight.copy_(torch.eye(*self.linear.weight.shape))
+        self.linear.bias.zero_()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.linear(tokens)  # [..., K, D_llm]

@@ -84,7 +84,13 @@ def toy_backbone():
     [
         (2, [(8, 8), (4, 4)], (4, 4, 32), (16, 16), None),  # levels finer than v° (Qwen-like 2x patch grid)
         (1, [(6, 10)], (3, 5, 32), (24,), 48),  # one level, non-square, wider LLM
-        (3, [(5, 7), (10, 14), (3, 3)], (5, 7, 32), (8, 16, 12), 20),  # levels coarser and finer, narrower LLM
+        (
+            3,
+            [(5, 7), (10, 14), (3, 3)],
+            (5, 7, 32),
+            (8, 16, 12),
+            20,
+        ),  # levels coarser and finer, narrower LLM
         (2, [(2, 2), (2, 2)], (1, 1, 32), (16, 16), None),  # a 1x1 token grid smaller than g
     ],
 )
@@ -99,7 +105,7 @@ def test_shapes_and_token_count(g, level_shapes, v0_shape, dims, llm_dim):
     assert out.projected_tokens.shape == (K, llm_dim or 32)
     assert out.level_maps.shape == (len(dims), h, w)
     assert out.anomaly_map.shape == (h, w) and out.ltfm_map.shape == (h, w)
-    assert float(out.anomaly_map.min()) >= 0 and float(out.anomaly_map.max()) <= 1
+    assert 0 <= float(out.anomaly_map.detach().min()) and float(out.anomaly_map.detach().max()) <= 1
     assert out.score.shape == () and 0 <= float(out.score) <= 1
     assert torch.allclose(out.anomaly_map, out.level_maps.mean(0))
     assert torch.allclose(out.significance, out.anomaly_map.mean())
@@ -107,8 +113,11 @@ def test_shapes_and_token_count(g, level_shapes, v0_shape, dims, llm_dim):
 
 def test_batch_of_mixed_sizes_matches_single_images():
     expert = _expert().mark_trained()
-    items = [_inputs([(8, 8), (4, 4)], (4, 4, 32), seed=1), _inputs([(12, 6), (6, 3)], (6, 3, 32), seed=2),
-             _inputs([(8, 8), (4, 4)], (4, 4, 32), seed=3)]
+    items = [
+        _inputs([(8, 8), (4, 4)], (4, 4, 32), seed=1),
+        _inputs([(12, 6), (6, 3)], (6, 3, 32), seed=2),
+        _inputs([(8, 8), (4, 4)], (4, 4, 32), seed=3),
+    ]
     batch = expert.forward_batch([lv for lv, _ in items], [v for _, v in items])
     for (lv, v), b in zip(items, batch):
         one = expert(lv, v)
@@ -126,6 +135,33 @@ def test_wrong_channels_or_level_count_raise():
         expert([levels[0], torch.randn(4, 4, 7)], v0)
     with pytest.raises(ValueError, match="v°"):
         expert(levels, torch.randn(4, 4, 31))
+
+
+def test_ltfm_is_anomaly_ov_algebra():
+    """With input_norm off, the map is exactly softmax(100 · normalize(Aᵢ vᵢ) · normalize(Gᵢ[e±; c]))[abnormal]."""
+    expert = _expert(input_norm=False, lookback_grid=4).mark_trained()
+    levels, v0 = _inputs([(4, 4), (4, 4)], (4, 4, 32))
+    out = expert(levels, v0)
+    lt = expert.ltfm
+    tokens = v0.reshape(16, 32)  # a 4x4 grid pooled to lookback_grid 4 is itself
+    c = lt.lookback.mlp(lt.lookback.token_mix.weight @ tokens + lt.lookback.token_mix.bias)[0]  # [Cc]
+    maps = []
+    for i, lv in enumerate(levels):
+        d = F.normalize(lt.generators[i](torch.cat([lt.descriptors, c.expand(2, -1)], -1)), dim=-1)  # [2, E]
+        u = F.normalize(lt.adapters[i](lv), dim=-1)  # [4, 4, E]
+        maps.append((100.0 * u @ d.T).softmax(-1)[..., 1])
+    torch.testing.assert_close(out.level_maps, torch.stack(maps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.anomaly_map, torch.stack(maps).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_reset_parameters_restores_identity_projector_after_a_generic_init():
+    expert = _expert().mark_trained()
+    for mod in expert.modules():  # what a host model's generic init does to every Linear
+        if isinstance(mod, torch.nn.Linear):
+            torch.nn.init.normal_(mod.weight, std=0.02)
+    expert.reset_parameters()
+    assert torch.equal(expert.projector.linear.weight, torch.eye(32)) and not expert.is_trained
+    assert float(expert.ltfm.adapters[0].weight.std()) > 0.05  # back to the default Linear init
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,15 +265,17 @@ def test_reference_alone_when_untrained_and_fused_when_trained():
     w = expert.config.map_fusion
     torch.testing.assert_close(fused.anomaly_map, (1 - w) * fused.ltfm_map + w * fused.reference_map)
     s = expert.config.score_fusion
-    assert float(fused.score) == pytest.approx((1 - s) * float(torch.sigmoid(fused.score_logit)) + s * 0.8, abs=1e-6)
+    assert float(fused.score) == pytest.approx(
+        (1 - s) * float(torch.sigmoid(fused.score_logit)) + s * 0.8, abs=1e-6
+    )
 
 
 def test_memory_bank_reference_finds_the_planted_patch(toy_backbone):
     """A real `reference.MemoryBank` fitted on normal images makes an untrained expert localise the defect."""
     from anomaly_assistant.expert.reference import BankConfig, MemoryBank
 
-    images, masks, labels = planted(8, seed=5)
-    levels, v0 = toy_backbone(images)
+    images, _, labels = planted(8, seed=5)
+    levels, _ = toy_backbone(images)
     normals = [lv for lv, y in zip(levels, labels) if y == 0]
     bank = MemoryBank(BankConfig(blur_sigma=0.0)).fit(normals)
     query_images, query_masks, _ = planted(2, seed=11)  # image 0 anomalous, image 1 normal
@@ -260,7 +298,10 @@ def test_save_and_reload_is_exact(tmp_path):
             p.add_(0.01 * torch.randn_like(p))  # the projector is no longer the identity
     expert.mark_trained()
     expert.save_pretrained(tmp_path / "expert")
-    assert sorted(p.name for p in (tmp_path / "expert").iterdir()) == ["expert.safetensors", "expert_config.json"]
+    assert sorted(p.name for p in (tmp_path / "expert").iterdir()) == [
+        "expert.safetensors",
+        "expert_config.json",
+    ]
     cfg = json.loads((tmp_path / "expert" / "expert_config.json").read_text())
     assert cfg["llm_dim"] == 24 and cfg["level_dims"] == [16, 16]
     again = AnomalyExpert.from_pretrained(tmp_path / "expert")
@@ -303,7 +344,9 @@ def test_balanced_bce_weights_classes_equally():
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
     labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
     per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    assert float(balanced_bce(logits, labels)) == pytest.approx(0.5 * float(per[0]) + 0.5 * float(per[1:].mean()))
+    assert float(balanced_bce(logits, labels)) == pytest.approx(
+        0.5 * float(per[0]) + 0.5 * float(per[1:].mean())
+    )
     assert float(balanced_bce(logits[1:], labels[1:])) == pytest.approx(float(per[1:].mean()))
 
 
@@ -331,7 +374,6 @@ def test_training_on_planted_patches_learns_the_map(toy_backbone):
     torch.manual_seed(0)
     expert = AnomalyExpert(ExpertConfig.tiny())
     opt = torch.optim.AdamW(expert.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
     history = []
     for step in range(30):
         images, masks, labels = planted(8, seed=1000 + step)
@@ -358,7 +400,6 @@ def test_training_on_planted_patches_learns_the_map(toy_backbone):
     anomalous = [float(o.anomaly_map.max()) for o, y in zip(outs, labels) if y]
     normal = [float(o.anomaly_map.max()) for o, y in zip(outs, labels) if not y]
     assert min(anomalous) > max(normal)
-    del g
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,7 +424,9 @@ def test_efficientnet_source_feeds_the_expert(effnet_source):
     [levels] = effnet_source([_real_image()])
     assert [tuple(g.shape) for g in levels] == [(16, 16, 40), (8, 8, 112)]
     # Standalone screening: no LLM, the last level doubles as v°.
-    alone = AnomalyExpert(ExpertConfig.tiny(feature_source="efficientnet_lite0", level_dims=[40, 112], token_dim=112))
+    alone = AnomalyExpert(
+        ExpertConfig.tiny(feature_source="efficientnet_lite0", level_dims=[40, 112], token_dim=112)
+    )
     out = alone.mark_trained()(levels)
     assert out.anomaly_map.shape == (8, 8) and out.tokens.shape == (5, 112)
     # Beside an LLM: CNN levels, v° from the backbone on its own (coarser) token grid.
