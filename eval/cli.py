@@ -1,0 +1,265 @@
+"""`anomaly-assistant eval {ad,detect,reasoning,mmad}`: thin entry points over the eval library.
+
+Each sub-command has one dataclass config (flags from its fields, or `--config file.yaml` with flags
+overriding it), builds the assistant, runs, and writes `--out FILE.json` plus `FILE.md` / `FILE.html` /
+`FILE_figures/`. Under `accelerate launch` every process evaluates its share; the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomaly_assistant.eval.judge import JudgeConfig
+
+
+# ------------------------------------------------------------------------------ dataclass <-> argparse
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One flag per field: bool -> store_true, Optional[X] -> X with default None, help from metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        if type(None) in args:
+            tp = next(a for a in args if a is not type(None))
+        name = _flag(prefix + f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(name, dest=prefix + f.name, action="store_true", default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            required = f.metadata.get("required") or (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+            parser.add_argument(name, dest=prefix + f.name, type=tp, choices=choices, default=argparse.SUPPRESS,
+                                metavar=f.metadata.get("metavar"),
+                                help=f"{help_text} (required)" if required else f"{help_text} (default: {default})")
+
+
+def parse_config(cls: type, argv: list[str], prog: str, description: str, judge: bool = False) -> Any:
+    """Flags > `--config` YAML > dataclass defaults. Returns an instance of `cls` (with `.judge` if asked)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    add_dataclass_args(parser, cls)
+    if judge:
+        add_dataclass_args(parser.add_argument_group("LLM judge"), JudgeConfig, prefix="judge_")
+    ns = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    if ns.get("config"):
+        import yaml
+
+        values.update(yaml.safe_load(Path(ns.pop("config")).read_text()) or {})
+    ns.pop("config", None)
+    values.update(ns)
+    judge_values = {k[len("judge_"):]: values.pop(k) for k in list(values) if k.startswith("judge_")}
+    if isinstance(values.get("judge"), dict):
+        judge_values = {**values.pop("judge"), **judge_values}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        parser.error(f"unknown option(s): {', '.join(sorted(unknown))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        parser.error("the following arguments are required: " + ", ".join(_flag(m) for m in missing))
+    cfg = cls(**values)
+    if judge:
+        cfg.judge = JudgeConfig(**judge_values)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+@dataclass
+class ModelArgs:
+    """How to build the assistant (shared by every sub-command)."""
+
+    model: str | None = field(default=None, metadata={"help": "checkpoint directory or hub id"})
+    expert_only: bool = field(default=False, metadata={"help": "no LLM: the expert screens (no --model needed)"})
+    feature_source: str = field(default="efficientnet_lite0", metadata={
+        "help": "expert feature source", "choices": ["efficientnet_lite0", "backbone"]})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only N items spread over the set (quick runs)"})
+
+
+@dataclass
+class ADConfig(ModelArgs):
+    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
+    data: str = field(default="", metadata={"help": "MVTec-layout root (ROOT/CAT/{train,test,ground_truth})", "required": True})
+    category: str = field(default="", metadata={"help": "category folder under ROOT", "required": True})
+    shots: int = field(default=4, metadata={"help": "k reference normals: the first k of train/good, sorted"})
+    batch_size: int = field(default=8, metadata={"help": "images per screening call"})
+
+
+@dataclass
+class DetectConfig(ModelArgs):
+    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
+    data: str = field(default="", metadata={"help": "MVTec-layout root or VisA-D&R JSON", "required": True})
+    category: str | None = field(default=None, metadata={"help": "one class (default: all)"})
+    references: int = field(default=0, metadata={"help": "k reference normals per class (few-shot mode)"})
+    image_root: str | None = field(default=None, metadata={"help": "image root for a JSON (default: its folder)"})
+    max_new_tokens: int = field(default=16, metadata={"help": "reply length"})
+
+
+@dataclass
+class ReasoningConfig(ModelArgs):
+    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
+    data: str = field(default="", metadata={"help": "VisA-D&R JSON (LLaVA conversation format)", "required": True})
+    image_root: str | None = field(default=None, metadata={"help": "image root (default: the JSON's folder)"})
+    category: str | None = field(default=None, metadata={"help": "one class (default: all)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "answer length per turn"})
+
+
+@dataclass
+class MMADConfig(ModelArgs):
+    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
+    data: str = field(default="", metadata={"help": "MMAD JSON (object keyed by image path)", "required": True})
+    image_root: str | None = field(default=None, metadata={"help": "MMAD image root (default: the JSON's folder)"})
+    no_reference: bool = field(default=False, metadata={"help": "zero-shot: no normal reference"})
+    max_new_tokens: int = field(default=16, metadata={"help": "reply length"})
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def build_assistant(cfg: ModelArgs) -> Any:
+    """`AnomalyAssistant.expert_only(...)` or `.from_pretrained(...)`: eval never touches model internals."""
+    from anomaly_assistant import AnomalyAssistant
+
+    if cfg.expert_only:
+        kwargs: dict[str, Any] = {"feature_source": cfg.feature_source}
+        if cfg.model:
+            kwargs["model"] = cfg.model
+        return AnomalyAssistant.expert_only(**kwargs)
+    if not cfg.model:
+        raise SystemExit("--model is required unless --expert-only is given")
+    return AnomalyAssistant.from_pretrained(cfg.model, device=cfg.device)
+
+
+def mode(cfg: ModelArgs) -> str:
+    return f"expert-only ({cfg.feature_source})" if cfg.expert_only else f"assistant ({cfg.model})"
+
+
+def write_json(result: dict[str, Any], out: str | Path) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_jsonable) + "\n", encoding="utf-8")
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def _finish(result: dict[str, Any], cfg: ModelArgs, write_report) -> int:
+    from anomaly_assistant.eval import distributed
+
+    if not distributed.is_main_process():
+        return 0
+    result.update({"mode": mode(cfg), "model": cfg.model, "feature_source": cfg.feature_source,
+                   **distributed.main_process_info()})
+    out = Path(cfg.out)  # type: ignore[attr-defined]
+    md, html = write_report(result, out)
+    result["report"] = {"markdown": md.name, "html": html.name}
+    write_json(result, out)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, default=_jsonable))
+    print(f"wrote {out}, {md}, {html}", file=sys.stderr)
+    return 0
+
+
+def run_ad(cfg: ADConfig) -> int:
+    from anomaly_assistant.eval import ad
+
+    assistant = build_assistant(cfg)
+    result, records, preds = ad.evaluate(assistant, cfg.data, cfg.category, cfg.shots, batch_size=cfg.batch_size,
+                                         expert_only=cfg.expert_only, limit=cfg.limit)
+    title = f"AD metrics: {cfg.category} ({cfg.shots}-shot, {mode(cfg)})"
+    return _finish(result, cfg, lambda res, out: ad.write_report(res, records, preds, out, title))
+
+
+def run_detect(cfg: DetectConfig) -> int:
+    from anomaly_assistant.eval import detection
+
+    assistant = build_assistant(cfg)
+    result, preds = detection.evaluate(assistant, cfg.data, cfg.category, cfg.references, expert_only=cfg.expert_only,
+                                       max_new_tokens=cfg.max_new_tokens, image_root=cfg.image_root, limit=cfg.limit)
+    title = f"Detection (VisA-D&R protocol): {Path(cfg.data).name} ({mode(cfg)})"
+    return _finish(result, cfg, lambda res, out: detection.write_report(res, preds, out, title))
+
+
+def run_reasoning(cfg: ReasoningConfig) -> int:
+    from anomaly_assistant.eval import reasoning
+    from anomaly_assistant.eval.judge import build_judge, config_dict
+
+    assistant = build_assistant(cfg)
+    judge_cfg: JudgeConfig = cfg.judge  # type: ignore[attr-defined]
+    judge = build_judge(judge_cfg)
+    result, turns = reasoning.evaluate(assistant, cfg.data, judge=judge, image_root=cfg.image_root,
+                                       category=cfg.category, max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
+    result["judge"] = config_dict(judge_cfg) if judge else None
+    title = f"Reasoning (VisA-D&R protocol): {Path(cfg.data).name} ({mode(cfg)})"
+    return _finish(result, cfg, lambda res, out: reasoning.write_report(res, turns, out, title))
+
+
+def run_mmad(cfg: MMADConfig) -> int:
+    from anomaly_assistant.eval import mmad
+
+    assistant = build_assistant(cfg)
+    result, rows = mmad.evaluate(assistant, cfg.data, image_root=cfg.image_root, use_reference=not cfg.no_reference,
+                                 max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
+    title = f"MMAD-style multiple choice: {Path(cfg.data).name} ({mode(cfg)})"
+    return _finish(result, cfg, lambda res, out: mmad.write_report(res, rows, out, title))
+
+
+SUBCOMMANDS = {
+    "ad": (ADConfig, run_ad, "image AUROC/AP, pixel AUROC, PRO on an MVTec-layout category"),
+    "detect": (DetectConfig, run_detect, "yes/no detection, VisA-D&R protocol (per class + macro)"),
+    "reasoning": (ReasoningConfig, run_reasoning, "replay VisA-D&R dialogues; ROUGE-L, SBERT, LLM judge"),
+    "mmad": (MMADConfig, run_mmad, "MMAD-style multiple choice with one normal reference"),
+}
+
+
+def main(argv: list[str] | None = None, command: str = "eval") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"anomaly-assistant {command}"
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser = argparse.ArgumentParser(prog=prog, description="Evaluate the assistant or its expert.")
+        sub = parser.add_subparsers(dest="sub", metavar="SUBCOMMAND")
+        for name, (_, _, help_text) in SUBCOMMANDS.items():
+            sub.add_parser(name, help=help_text)
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        parser.error(f"unknown sub-command {argv[0]!r}")
+    name, rest = argv[0], argv[1:]
+    cls, run, help_text = SUBCOMMANDS[name]
+    cfg = parse_config(cls, rest, f"{prog} {name}", help_text, judge=name == "reasoning")
+    missing = [_flag(f.name) for f in dataclasses.fields(cls) if f.metadata.get("required") and not getattr(cfg, f.name)]
+    if missing:
+        print(f"{prog} {name}: required: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""VisA-D&R detection / reasoning and MMAD pieces: prompts, reply parsing, per-class and per-kind aggregation."""
+
+import json
+
+import pytest
+
+from anomaly_assistant.eval import detection, mmad, reasoning
+
+
+def test_detection_rule_and_macro_average():
+    assert detection.is_yes("Yes.") and detection.is_yes("I think YES, there is a crack")
+    assert not detection.is_yes("No.") and not detection.is_yes("")
+    preds = [
+        {"category": "a", "gt_label": 1, "pred_label": 1, "score": None},
+        {"category": "a", "gt_label": 0, "pred_label": 0, "score": None},
+        {"category": "b", "gt_label": 1, "pred_label": 0, "score": None},
+        {"category": "b", "gt_label": 0, "pred_label": 0, "score": None},
+        {"category": "b", "gt_label": 1, "pred_label": 1, "score": None},
+    ]
+    res = detection.compute(preds)
+    assert set(res) >= {"accuracy", "precision", "recall", "f1", "n_images", "per_class"}
+    assert res["per_class"]["a"]["accuracy"] == 1.0 and res["per_class"]["b"]["accuracy"] == pytest.approx(2 / 3)
+    assert res["accuracy"] == pytest.approx((1 + 2 / 3) / 2)  # macro, not pooled (4/5)
+    assert res["micro"]["accuracy"] == pytest.approx(4 / 5)
+    assert res["recall"] == pytest.approx((1 + 0.5) / 2) and "image_auroc" not in res
+
+
+def test_detection_loads_mvtec_with_references(mvtec_root):
+    recs, refs = detection.load(mvtec_root, "brick", references=2)
+    assert len(recs) == 8 and [p.rsplit("/", 1)[1] for p in refs["brick"]] == ["000.png", "001.png"]
+    assert all(r.split == "test" for r in recs)
+
+
+def _visa_dr(tmp_path, mvtec_root):
+    """A VisA-D&R-style LLaVA JSON over the fixture images."""
+    items = []
+    for i in range(3):
+        items.append({"id": f"bad{i}", "image": f"brick/test/scratch/{i:03d}.png",
+                      "metadata": {"anomaly": True, "class": "brick"},
+                      "conversations": [
+                          {"from": "human", "value": "<image>\nIs there any anomaly in the image? Answer yes or no."},
+                          {"from": "gpt", "value": "Yes."},
+                          {"from": "human", "value": "Describe the anomaly and where it is."},
+                          {"from": "gpt", "value": "A dark scratch crosses the upper left bricks."},
+                          {"from": "human", "value": "What could have caused it, and how can it be prevented?"},
+                          {"from": "gpt", "value": "Scraping during handling; use protective covers."}]})
+    for i in range(2):
+        items.append({"id": f"ok{i}", "image": f"brick/test/good/{i:03d}.png",
+                      "metadata": {"anomaly": False, "class": "brick"},
+                      "conversations": [{"from": "human", "value": "<image>\nAny defect?"},
+                                        {"from": "gpt", "value": "No."}]})
+    path = mvtec_root / "visa_dr.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_reasoning_question_kinds_and_dialogue_loading(tmp_path, mvtec_root):
+    assert reasoning.question_kind("What could have caused this defect?") == "complex"
+    assert reasoning.question_kind("How can this be prevented in production?") == "complex"
+    assert reasoning.question_kind("Describe the anomaly: where is it and what type?") == "low_level"
+    assert reasoning.question_kind(detection.DETECTION_PROMPT) == "detection"
+    recs = reasoning.load(_visa_dr(tmp_path, mvtec_root))
+    assert len(recs) == 3  # anomalous images only
+    kinds = [k for _, _, k in reasoning.qa_pairs(recs[0])]
+    assert kinds == ["detection", "low_level", "complex"]
+    # Few-shot detection on the JSON: references are left out of the evaluated set.
+    det, refs = detection.load(mvtec_root / "visa_dr.json", references=1)
+    assert len(refs["brick"]) == 1 and refs["brick"][0] not in {r.image_path for r in det} and len(det) == 4
+
+
+def test_reasoning_scores_and_summary_split_by_kind():
+    turns = [
+        {"category": "c", "defect_type": "crack", "kind": "detection", "question": "Any defect? yes or no",
+         "reference": "Yes.", "answer": "Yes"},
+        {"category": "c", "defect_type": "crack", "kind": "low_level", "question": "Describe it.",
+         "reference": "A crack near the left edge.", "answer": "There is a crack near the left edge."},
+        {"category": "c", "defect_type": "crack", "kind": "complex", "question": "Why?",
+         "reference": "Thermal stress during firing.", "answer": "The weather is sunny."},
+    ]
+
+    class FixedJudge:
+        def score(self, question, reference, answer, context=""):
+            from anomaly_assistant.eval.judge import JudgeScore
+
+            assert "crack" in context
+            return JudgeScore(6.0 if "crack" in answer else 2.0, 8.0, "8 x\n")
+
+    reasoning.score_turns(turns, judge=FixedJudge())
+    assert "rouge_l" not in turns[0]
+    assert turns[1]["rouge_l"] > 0.5 and turns[1]["sbert"] > 0.7 and turns[2]["sbert"] < 0.3
+    res = reasoning.summarize(turns, judged=True)
+    assert res["low_level"]["judge_score"] == 6.0 and res["complex"]["judge_score"] == 2.0
+    assert res["complex"]["judge_relative"] == pytest.approx(0.25)
+    assert res["low_level"]["n_turns"] == 1 and res["per_class"]["c"]["complex"]["n_turns"] == 1
+    assert reasoning.summarize(turns, judged=False)["low_level"]["judge_score"] is None
+
+
+def test_mmad_question_and_choice_parsing():
+    q = {"Question": "Is there any defect in the object?", "Options": {"B": "No.", "A": "Yes."}, "Answer": "A",
+         "type": "Anomaly Detection"}
+    text = mmad.question_text(q)
+    assert "A. Yes.\nB. No." in text and text.endswith(mmad.ANSWER_RULE)
+    opts = q["Options"]
+    assert mmad.parse_choice("A", opts) == "A"
+    assert mmad.parse_choice("Answer: B.", opts) == "B"
+    assert mmad.parse_choice("(A) Yes", opts) == "A"
+    assert mmad.parse_choice("A scratch is visible.", {"A": "Crack", "B": "Scratch"}) == "B"  # "A" the article
+    assert mmad.parse_choice("The answer is (C) because", {"A": "x", "B": "y", "C": "z"}) == "C"
+    assert mmad.parse_choice("I pick C here", {"A": "x", "B": "y", "C": "z"}) == "C"
+    assert mmad.parse_choice("yes", opts) == "A"  # by option text
+    assert mmad.parse_choice("Both are possible", {"A": "Scratch", "B": "Crack"}) is None
+    assert mmad.parse_choice("It is Crack", {"A": "Scratch", "B": "Crack"}) == "B"
+
+
+def test_mmad_compute_per_subtask():
+    rows = [{"type": "Anomaly Detection", "correct": True, "pred": "A", "image_path": "1"},
+            {"type": "Anomaly Detection", "correct": False, "pred": None, "image_path": "2"},
+            {"type": "Defect Classification", "correct": True, "pred": "B", "image_path": "1"}]
+    res = mmad.compute(rows)
+    assert res["per_type"]["Anomaly Detection"]["accuracy"] == 0.5
+    assert res["accuracy"] == pytest.approx(0.75) and res["micro_accuracy"] == pytest.approx(2 / 3)
+    assert (res["n_questions"], res["n_images"], res["unparsed"]) == (3, 2, 1)
