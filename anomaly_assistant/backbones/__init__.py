@@ -30,10 +30,12 @@ import torch
 
 FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "llava_onevision", "llava")
 
-# The anomaly block the expert fills: <|anomaly_start|> <level word> <|anomaly_pad|>xK <|anomaly_end|>.
-# The level word is plain text, so only the three markers are special tokens.
+# The anomaly block the expert fills: <|anomaly_start|> <|anomaly_level|> <|anomaly_pad|>xK <|anomaly_end|>.
+# The level slot is one position whose embedding the model sets, inside its forward, to the level word that the
+# expert's score selects (slightly / moderately / highly), so prompts never depend on a score known in advance.
 ANOMALY_START, ANOMALY_PAD, ANOMALY_END = "<|anomaly_start|>", "<|anomaly_pad|>", "<|anomaly_end|>"
-ANOMALY_TOKENS: tuple[str, str, str] = (ANOMALY_START, ANOMALY_PAD, ANOMALY_END)
+ANOMALY_LEVEL = "<|anomaly_level|>"
+ANOMALY_TOKENS: tuple[str, str, str, str] = (ANOMALY_START, ANOMALY_PAD, ANOMALY_END, ANOMALY_LEVEL)
 LEVEL_WORDS: tuple[str, str, str] = ("slightly suspicious", "moderately suspicious", "highly suspicious")
 
 # model_type -> family. Anomaly* subclasses may prefix their model_type with "anomaly_".

