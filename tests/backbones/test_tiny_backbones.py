@@ -82,7 +82,7 @@ def test_tokenizer_special_tokens_and_round_trip(tiny_backbones, family):
     _, processor = tiny_backbones[family]
     tok = processor.tokenizer
     ids = backbones.anomaly_token_ids(tok)
-    assert len(set(ids.values())) == 3
+    assert len(set(ids.values())) == len(ANOMALY_TOKENS) == 4  # start, pad, end, level slot
     block = f"{ANOMALY_TOKENS[0]}{LEVEL_WORDS[1]}{ANOMALY_TOKENS[1] * 4}{ANOMALY_TOKENS[2]}"
     enc = tok(block, add_special_tokens=False)["input_ids"]
     assert enc[0] == ids[ANOMALY_TOKENS[0]] and enc[-1] == ids[ANOMALY_TOKENS[2]]
