@@ -13,13 +13,14 @@ are rewritten by an LLM, with the facts (type, place, verdict) given to it and t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
-
 from anomaly_assistant.data_builders import knowledge
 from anomaly_assistant.data_builders.records import Record
+
 from anomaly_assistant.finding import Box, Frame
 from anomaly_assistant.grammar import render_answer
 

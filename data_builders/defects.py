@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
-
 from anomaly_assistant.data_builders.records import mask_to_boxes
+from PIL import Image, ImageDraw, ImageFilter
 
 DEFECT_KINDS = (
     "cut_paste", "scratch", "crack", "stain", "hole", "missing_part", "foreign_object", "perlin_blend",

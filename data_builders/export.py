@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from anomaly_assistant.data_builders.conversations import Sample
 from anomaly_assistant.data_builders.records import Record, SkipLog, summarize
@@ -175,8 +176,7 @@ def write_records_jsonl(records: Iterable[Record], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False, default=str) + "\n")
+        fh.writelines(json.dumps(rec.to_dict(), ensure_ascii=False, default=str) + "\n" for rec in records)
 
 
 def read_records_jsonl(path: str | Path) -> list[Record]:

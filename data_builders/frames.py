@@ -8,7 +8,7 @@ LLaVA-OneVision: 384×384 base view; LLaVA-1.5: shortest edge 336 then centre cr
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from anomaly_assistant.finding import Frame
@@ -16,7 +16,7 @@ from anomaly_assistant.finding import Frame
 BACKBONES = ("qwen2_5_vl", "llava_onevision", "llava")
 
 
-@lru_cache(maxsize=None)
+@cache
 def default_image_processor(backbone: str) -> Any:
     """The PIL image processor with the real checkpoint's default resize settings (no download)."""
     if backbone == "qwen2_5_vl":

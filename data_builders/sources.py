@@ -25,10 +25,9 @@ import csv
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-from PIL import Image
+from typing import Any
 
 from anomaly_assistant.data_builders.records import (
     GOOD_NAMES,
@@ -39,6 +38,7 @@ from anomaly_assistant.data_builders.records import (
     mask_to_boxes,
     resolve_inside,
 )
+from PIL import Image
 
 DEEPPCB_TYPES = {1: "open", 2: "short", 3: "mousebite", 4: "spur", 5: "copper", 6: "pin-hole"}
 MVTEC_SPLITS = ("train", "validation", "test")
@@ -296,7 +296,7 @@ def read_deeppcb(
 # --------------------------------------------------------------------------------------------- LLaVA JSON
 
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_DETECTION_Q = re.compile(r"\b(defect|anomal|abnormal|flaw|damage)", re.I)
+_DETECTION_Q = re.compile(r"\b(defect|anomal|abnormal|flaw|damage)", re.IGNORECASE)
 
 
 def _load_json(path: Path, skips: SkipLog) -> Any:

@@ -11,15 +11,14 @@ deterministic, order-free and parallelisable. Output: an MVTec-layout folder (re
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from anomaly_assistant.data_builders.defects import smooth_noise, synthesize, yx_grid
-from anomaly_assistant.data_builders.records import Record, mask_to_boxes
+from anomaly_assistant.data_builders.records import Record
+from PIL import Image, ImageDraw
 
 TEXTURES = ("woven", "brushed_metal", "wood", "grid")
 OBJECTS = ("nut", "pill", "bottle", "screw", "pcb")
