@@ -174,6 +174,7 @@ class Finding:
     source: str = "model"
     image_size: tuple[int, int] | None = None  # (width, height)
     image_path: str | None = None
+    notes: list[str] = field(default_factory=list)  # plain-language caveats (e.g. "no anomaly map: ...")
 
     @property
     def is_anomalous(self) -> bool:
@@ -201,6 +202,7 @@ class Finding:
             "parse_error": self.parse_error,
             "source": self.source,
             "image_size": list(self.image_size) if self.image_size else None,
+            "notes": list(self.notes),
         }
         if include_map and self.anomaly_map is not None:
             out["anomaly_map"] = _encode_map(self.anomaly_map)
@@ -233,6 +235,7 @@ class Finding:
             source=data.get("source", "model"),
             image_size=tuple(size) if size else None,  # type: ignore[arg-type]
             image_path=data.get("image"),
+            notes=list(data.get("notes") or []),
         )
 
     @classmethod

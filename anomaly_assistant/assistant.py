@@ -1,0 +1,339 @@
+"""AnomalyAssistant and ChatSession: the multi-turn API that the CLI, the UI, the HTTP API and evaluation call.
+
+    assistant = AnomalyAssistant.from_pretrained("path/or/hub-id")        # or "tiny" for an offline toy model
+    session = assistant.chat(references=["good1.png", "good2.png"])
+    finding = session.inspect("part.png")      # Finding: verdict, score, boxes (original pixels), map, rationale
+    session.ask("What could have caused it?")  # follow-ups see the whole history
+    assistant.screen(images, references=refs)  # expert only, no LLM: verdict + score + map
+
+Reference images are matched training-free (`expert.reference.ReferenceScreener` on pretrained EfficientNet-Lite0
+features); with a language model their per-image maps also drive the expert's token selection. Without references
+and without a trained expert there is no meaningful map, and the Finding says so in `notes` instead of inventing one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .finding import Finding
+from .grammar import parse_answer
+from .images import ImageLike, load_image
+from .localize import boxes_from_map
+from .prompts import INSPECTION_PROMPT
+
+DECISION_THRESHOLD = 0.5  # calibrated expert / reference scores: 0.5 = as unusual as the least typical reference
+NO_MAP_NOTE = "no anomaly map: the expert is untrained and no reference images were given"
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding for inspections and chat (greedy by default: evaluation protocols assume it)."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def kwargs(self, **overrides: Any) -> dict:
+        out = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        if self.do_sample:
+            out |= {"temperature": self.temperature, "top_p": self.top_p}
+        return out | overrides
+
+
+def _path_of(source: Any) -> str | None:
+    return str(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+def _upsample(amap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) map -> (H, W) float32 at the image's original size (size = (W, H))."""
+    t = torch.as_tensor(amap, dtype=torch.float32)[None, None]
+    out = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False)
+    return out[0, 0].clamp(0, 1).numpy()
+
+
+class AnomalyAssistant:
+    """An inspection model (LLM + expert) or an expert-only screener, behind one API."""
+
+    def __init__(self, model: Any = None, processor: Any = None, device: str | torch.device = "cpu",
+                 generation: GenerationSettings | None = None, screener_config: Any = None):
+        self.model = model.to(device).eval() if model is not None else None
+        self.processor = processor
+        self.device = torch.device(device)
+        self.generation = generation or GenerationSettings()
+        self._screener_config = screener_config
+        self._source = None  # EfficientNet-Lite0, shared by every reference screener of this assistant
+        if processor is not None:
+            processor.tokenizer.padding_side = "left"  # batched generation appends to the right
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu", feature_source: str = "backbone",
+                        **model_kwargs: Any) -> AnomalyAssistant:
+        """Load an anomaly checkpoint, or wrap a plain Qwen2.5-VL / LLaVA-OneVision / LLaVA one with a new expert.
+
+        `"tiny"` / `"tiny:<family>"` builds a tiny random model in code (offline demos and tests).
+        """
+        from . import modeling
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        if path_or_id == "tiny" or path_or_id.startswith("tiny:"):
+            family = path_or_id.partition(":")[2] or "qwen2_5_vl"
+            model, processor = modeling.tiny_anomaly_model(family, feature_source=feature_source)
+            return cls(model, processor, device=device)
+        config = AutoConfig.from_pretrained(path_or_id)
+        if config.model_type.startswith("anomaly_"):
+            model = AutoModelForImageTextToText.from_pretrained(path_or_id, **model_kwargs)
+            processor = AutoProcessor.from_pretrained(path_or_id)
+        else:
+            model, processor = modeling.load_backbone_as_anomaly(path_or_id, feature_source, **model_kwargs)
+        return cls(model, processor, device=device)
+
+    @classmethod
+    def expert_only(cls, feature_source: str = "efficientnet_lite0", screener_config: Any = None) -> AnomalyAssistant:
+        """No language model: `screen` / `inspect` give expert Findings from reference matching (needs references)."""
+        if feature_source != "efficientnet_lite0":
+            raise ValueError("expert-only screening without a model uses the efficientnet_lite0 feature source")
+        return cls(None, None, screener_config=screener_config)
+
+    @property
+    def has_llm(self) -> bool:
+        return self.model is not None
+
+    def save_pretrained(self, directory: str) -> None:
+        if not self.has_llm:
+            raise ValueError("an expert-only assistant has no model to save")
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+    # -- references -----------------------------------------------------------------------------------------------
+    def reference_screener(self, references: Sequence[ImageLike]):
+        """A training-free screener fitted on the reference normals (EfficientNet-Lite0 features)."""
+        from .expert.reference import ReferenceScreener, ScreenerConfig
+        from .expert.sources import EfficientNetLite0Source
+
+        refs = [load_image(r) for r in references]
+        if not refs:
+            raise ValueError("reference matching needs at least one reference image")
+        if self._source is None:
+            self._source = EfficientNetLite0Source()
+        return ReferenceScreener(self._source, self._screener_config or ScreenerConfig()).fit(refs)
+
+    # -- sessions and batch APIs ------------------------------------------------------------------------------------
+    def chat(self, references: Sequence[ImageLike] | None = None, image: ImageLike | None = None) -> ChatSession:
+        """A conversation about one part, optionally against reference normals."""
+        return ChatSession(self, references=references, image=image)
+
+    def screen(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
+               screener: Any = None) -> list[Finding]:
+        """Expert only (no LLM): verdict, calibrated score, anomaly map at original size and boxes per image."""
+        pils = [load_image(im) for im in images]
+        if references or screener is not None:
+            screener = screener or self.reference_screener(references)
+            return [self._finding_from_map(im, r.anomaly_map, r.score, src, "reference")
+                    for im, r, src in zip(pils, screener.predict(pils), images)]
+        if not self.has_llm or not self.model.expert.is_trained:
+            raise ValueError(f"cannot screen: {NO_MAP_NOTE}; pass references=[...] or load a trained expert")
+        findings = []
+        for im, src in zip(pils, images):
+            inputs = self._encode([im], [[{"role": "user", "content": [{"type": "image"}]}]], generation=False)
+            with torch.no_grad():
+                _, (out,) = self.model.run_expert(inputs)
+            findings.append(self._finding_from_map(im, _upsample(out.anomaly_map, im.size), float(out.score), src,
+                                                   out.map_source))
+        return findings
+
+    def inspect_batch(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
+                      **generate_kwargs: Any) -> list[Finding]:
+        """Inspect several images in one batched generation (expert-only assistants screen instead)."""
+        if not self.has_llm:
+            return self.screen(images, references)
+        screener = self.reference_screener(references) if references else None
+        pils = [load_image(im) for im in images]
+        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
+                         for _ in pils]
+        texts, outputs, matches = self._generate(pils, conversations, screener, **generate_kwargs)
+        return [self._finding_from_text(im, t, o, m, src)
+                for im, t, o, m, src in zip(pils, texts, outputs, matches, images)]
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _encode(self, images: list[Image.Image], conversations: list[list[dict]], generation: bool = True) -> dict:
+        texts = [self.processor.apply_chat_template(c, add_generation_prompt=generation, tokenize=False)
+                 for c in conversations]
+        batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    def _reference_matches(self, images: list[Image.Image], screener: Any) -> list[Any]:
+        if screener is None:
+            return [None] * len(images)
+        from .expert import ReferenceMatch
+
+        return [ReferenceMatch(torch.from_numpy(r.anomaly_map), r.score) for r in screener.predict(images)]
+
+    @torch.no_grad()
+    def _generate(self, images: list[Image.Image], conversations: list[list[dict]], screener: Any = None,
+                  streamer: Any = None, **generate_kwargs: Any):
+        """Greedy generation for a batch of conversations; returns (texts, expert outputs, reference matches)."""
+        matches = self._reference_matches(images, screener)
+        inputs = self._encode(images, conversations)
+        reference = matches if screener is not None else None
+        with self.model.anomaly_context(reference=reference) as ctx:
+            sequences = self.model.generate(**inputs, **self.generation.kwargs(**generate_kwargs), streamer=streamer)
+        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        outputs = ctx.outputs or [None] * len(images)
+        return [t.strip() for t in texts], outputs, matches
+
+    def _finding_from_map(self, image: Image.Image, amap: np.ndarray, score: float, source: Any,
+                          map_source: str) -> Finding:
+        anomalous = score >= DECISION_THRESHOLD
+        return Finding(
+            verdict="anomalous" if anomalous else "normal", score=float(score),
+            boxes=boxes_from_map(amap, DECISION_THRESHOLD) if anomalous else [],
+            anomaly_map=amap.astype(np.float32), source="expert", image_size=image.size,
+            image_path=_path_of(source),
+            notes=[f"map source: {map_source}"],
+        )
+
+    def _finding_from_text(self, image: Image.Image, text: str, output: Any, match: Any, source: Any) -> Finding:
+        """Parse the model's answer; fall back to the expert's verdict and map when it does not parse."""
+        from .backbones import family_of, get
+
+        amap, score, notes = None, None, []
+        if output is not None and output.meaningful:
+            amap, score = _upsample(output.anomaly_map.detach(), image.size), float(output.score)
+            if match is not None and output.map_source == "reference":
+                amap = match.anomaly_map.numpy()  # the full-resolution reference map, not its token-grid copy
+        else:
+            notes.append(NO_MAP_NOTE)
+        frame = get(family_of(self.model.config)).input_frame(self.processor, image.size)
+        parsed = parse_answer(text, frame=frame)
+        path = _path_of(source)
+        if parsed.verdict is not None and parsed.has_answer_block:
+            return Finding(
+                verdict=parsed.verdict, score=score, boxes=parsed.boxes, defect_type=parsed.defect_type,
+                rationale=parsed.rationale, think=parsed.think, anomaly_map=amap, raw_text=text,
+                parse_error="; ".join(parsed.problems) or None, source="model", image_size=image.size,
+                image_path=path, notes=notes,
+            )
+        problem = "; ".join(parsed.problems) or "answer did not parse"
+        if score is None:
+            # Neither the model nor the expert decided: flag for review rather than pass a possibly bad part.
+            notes.append("no verdict from the model or the expert: flagged as anomalous for human review")
+            return Finding(verdict="anomalous", score=None, raw_text=text, parse_error=problem, source="none",
+                           image_size=image.size, image_path=path, notes=notes)
+        anomalous = score >= DECISION_THRESHOLD
+        return Finding(
+            verdict="anomalous" if anomalous else "normal", score=score,
+            boxes=boxes_from_map(amap, DECISION_THRESHOLD) if anomalous else [], anomaly_map=amap, raw_text=text,
+            parse_error=problem, source="expert", image_size=image.size, image_path=path, notes=notes,
+        )
+
+
+@dataclass
+class _Turn:
+    role: str
+    text: str
+
+
+class ChatSession:
+    """One conversation about one image (plus optional reference normals); every turn sees the whole history."""
+
+    def __init__(self, assistant: AnomalyAssistant, references: Sequence[ImageLike] | None = None,
+                 image: ImageLike | None = None):
+        self.assistant = assistant
+        self.references = [load_image(r) for r in references] if references else []
+        self._screener = assistant.reference_screener(self.references) if self.references else None
+        self.image: Image.Image | None = load_image(image) if image is not None else None
+        self.image_source: Any = image
+        self.turns: list[_Turn] = []
+        self.last_finding: Finding | None = None
+
+    @property
+    def history(self) -> list[dict]:
+        """The conversation so far as [{"role", "content"}] with plain-text content."""
+        return [{"role": t.role, "content": t.text} for t in self.turns]
+
+    def reset(self, image: ImageLike | None = None) -> None:
+        """Start over (same references), optionally about a new image."""
+        self.turns, self.last_finding = [], None
+        if image is not None:
+            self.image, self.image_source = load_image(image), image
+
+    def _messages(self, question: str) -> list[dict]:
+        messages, first_user = [], True
+        for turn in [*self.turns, _Turn("user", question)]:
+            if turn.role == "user" and first_user:
+                messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.text}]})
+                first_user = False
+            else:
+                messages.append({"role": turn.role, "content": [{"type": "text", "text": turn.text}]})
+        return messages
+
+    def inspect(self, image: ImageLike | None = None, **generate_kwargs: Any) -> Finding:
+        """Inspect `image` (starting a new conversation about it) or the session's image; returns a Finding."""
+        if image is not None:
+            self.reset(image)
+        if self.image is None:
+            raise ValueError("no image to inspect: pass one to inspect() or chat(image=...)")
+        a = self.assistant
+        if not a.has_llm:
+            finding = a.screen([self.image], screener=self._screener)[0] if self._screener else None
+            if finding is None:
+                raise ValueError(f"cannot inspect without a language model: {NO_MAP_NOTE}")
+        else:
+            texts, outputs, matches = a._generate([self.image], [self._messages(INSPECTION_PROMPT)], self._screener,
+                                                  **generate_kwargs)
+            finding = a._finding_from_text(self.image, texts[0], outputs[0], matches[0], self.image_source)
+            self.turns += [_Turn("user", INSPECTION_PROMPT), _Turn("assistant", texts[0])]
+        finding.image_path = finding.image_path or _path_of(self.image_source)
+        self.last_finding = finding
+        return finding
+
+    def ask(self, text: str, image: ImageLike | None = None, **generate_kwargs: Any) -> str:
+        """A follow-up question (or the first one, with `image=`); the reply is plain text."""
+        return "".join(self.stream(text, image=image, **generate_kwargs))
+
+    def stream(self, text: str, image: ImageLike | None = None, **generate_kwargs: Any) -> Iterator[str]:
+        """Like `ask`, yielding the reply as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        a = self.assistant
+        if not a.has_llm:
+            raise ValueError("this assistant has no language model (expert-only); load a model to chat")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("ask() needs a non-empty question")
+        if image is not None:
+            self.reset(image)
+        if self.image is None:
+            raise ValueError("no image in this conversation: pass image= with the first question")
+        streamer = TextIteratorStreamer(a.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["out"] = a._generate([self.image], [self._messages(text)], self._screener, streamer=streamer,
+                                            **generate_kwargs)
+            except BaseException as exc:  # surface errors from the worker thread to the caller
+                result["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        reply = result["out"][0][0]
+        self.turns += [_Turn("user", text), _Turn("assistant", reply)]
