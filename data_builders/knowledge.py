@@ -176,7 +176,7 @@ def family(name: str) -> DefectFamily:
 def type_similarity(predicted: str | None, target: str | None) -> float:
     """Graded agreement of two defect names: exact 1.0, synonym 0.85, same family 0.6, else 0.0.
 
-    >>> type_similarity("broken_large", "broken large"), type_similarity("pit", "hole"), type_similarity("dent", "bent")
+    >>> type_similarity("broken_large", "broken large"), type_similarity("pit", "hole"), type_similarity("fold", "bent")
     (1.0, 0.85, 0.6)
     """
     a, b = canonical(predicted), canonical(target)

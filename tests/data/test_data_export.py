@@ -1,0 +1,99 @@
+"""Leak-free splits, the SFT / GRPO / expert datasets, the dataset card and the end-to-end build."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from anomaly_assistant.data_builders.build import BuildConfig, build
+from anomaly_assistant.data_builders.export import read_records_jsonl, split_records
+from anomaly_assistant.data_builders.records import Record
+from anomaly_assistant.finding import Frame
+from anomaly_assistant.grammar import parse_answer
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, mvtec_root, deeppcb_root):
+    out = tmp_path_factory.mktemp("built")
+    cfg = BuildConfig(sources=[str(mvtec_root), str(deeppcb_root)], out=str(out), synth=18, synth_size=96,
+                      defects=6, textures=4, progress=False, seed=1)
+    return build(cfg), out
+
+
+def test_split_by_group_never_leaks_and_is_order_free():
+    recs = [Record(f"img{i}.png", i % 2, group=f"g{i // 3}") for i in range(60)]
+    a = split_records(recs, (0.6, 0.2, 0.2), seed=4)
+    groups = {sp: {r.group for r in rs} for sp, rs in a.items()}
+    assert not (groups["train"] & groups["validation"]) and not (groups["train"] & groups["test"])
+    assert not (groups["validation"] & groups["test"])
+    assert all(a.values()) and sum(len(v) for v in a.values()) == 60
+    shuffled = [Record(r.image_path, r.gt_label, group=r.group) for r in recs]
+    random.Random(0).shuffle(shuffled)
+    b = split_records(shuffled, (0.6, 0.2, 0.2), seed=4)
+    assert {sp: sorted(r.image_path for r in rs) for sp, rs in a.items()} == {
+        sp: sorted(r.image_path for r in rs) for sp, rs in b.items()}
+    with pytest.raises(ValueError):
+        split_records(recs, (0.5, 0.2, 0.2))
+
+
+def test_build_outputs_and_no_source_image_in_two_splits(built):
+    result, out = built
+    where: dict[str, str] = {}
+    for sp, recs in result.splits.items():
+        for r in recs:
+            assert where.setdefault(r.group, sp) == sp
+    derived = [r for recs in result.splits.values() for r in recs if r.source.endswith("+defects")]
+    assert len(derived) == 6
+    originals = {r.image_path: sp for sp, recs in result.splits.items() for r in recs}
+    for sp, recs in result.splits.items():
+        for r in recs:
+            if r.source.endswith("+defects") and r.meta["original"] in originals:
+                assert originals[r.meta["original"]] == sp
+    pcb = [r for recs in result.splits.values() for r in recs if r.source == "deeppcb"]
+    assert len({where[r.group] for r in pcb if r.group == pcb[0].group}) == 1
+    for name in ("sft", "grpo", "expert", "records", "README.md", "summary.json", "anomaly_instruct.json"):
+        assert (out / name).exists(), name
+    recs = read_records_jsonl(out / "records" / "train.jsonl")
+    assert [r.image_path for r in recs] == [r.image_path for r in result.splits["train"]]
+
+
+def test_sft_grpo_expert_datasets(built):
+    import datasets
+
+    result, out = built
+    sft = datasets.load_from_disk(str(out / "sft"))
+    grpo = datasets.load_from_disk(str(out / "grpo"))
+    expert = datasets.load_from_disk(str(out / "expert"))
+    assert set(sft) == set(grpo) == set(expert) == {"train", "validation", "test"}
+    n_train = len(result.splits["train"])
+    assert len(expert["train"]) == n_train and len(grpo["train"]) == 2 * n_train  # inspect + dialogue
+    assert len(sft["train"]) == 4 * n_train
+    row = sft["train"][0]
+    assert len(row["images"]) == 1 and row["images"][0].mode in ("RGB", "L", "P")
+    assert row["messages"][0]["role"] == "user" and row["messages"][-1]["role"] == "assistant"
+    for g in grpo["train"]:
+        frame = Frame.from_json(json.loads(g["frame"]))
+        parsed = parse_answer(g["answer"])
+        assert parsed.ok and parsed.verdict == g["verdict"]
+        assert [b.as_list() for b in parsed.boxes] == g["solution_boxes"]
+        assert g["image"].size == frame.original_size
+        assert g["prompt"][0]["role"] == "user" and len(g["prompt"]) == 1
+        assert (g["defect_type"] is None) == (g["gt_label"] == 0)
+    bad = [e for e in expert["train"] if e["gt_label"] == 1 and e["mask"] is not None]
+    assert bad and all(e["mask"].size == e["image"].size for e in bad)
+    assert all(e["mask"] is None for e in expert["train"] if e["gt_label"] == 0)
+
+
+def test_dataset_card_counts(built):
+    result, out = built
+    card = (out / "README.md").read_text()
+    n = {sp: len(r) for sp, r in result.splits.items()}
+    for sp, k in n.items():
+        n1 = sum(r.gt_label for r in result.splits[sp])
+        assert f"| {sp} | {k} | {k - n1} | {n1} |" in card
+    assert "## Category" in card and "## Defect type" in card and "| bottle |" in card and "| nut |" in card
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["splits"]["train"]["images"] == n["train"]
+    assert "train" in result.summary_table()
