@@ -23,12 +23,8 @@ from anomaly_assistant.data_builders.records import Record
 
 from anomaly_assistant.finding import Box, Frame
 from anomaly_assistant.grammar import render_answer
+from anomaly_assistant.prompts import DETECTION_PROMPT, INSPECTION_PROMPT  # what the product asks: one home
 
-DETECTION_PROMPT = "Are there any defects for the object in the image? Please reply with 'Yes' or 'No'."
-INSPECTION_PROMPT = (
-    "Inspect this image for defects. Reason briefly inside <think></think>, then answer inside <answer></answer> "
-    "with JSON keys verdict (normal or anomalous), defect_type, boxes ([x1, y1, x2, y2] in pixels) and rationale."
-)
 INSPECTION_PROMPTS = (
     INSPECTION_PROMPT,
     "Is this {what} defective? Think step by step in <think></think>, then give <answer></answer> JSON with "
@@ -44,6 +40,7 @@ DETECTION_PROMPTS = (
     "Does this {what} have a defect? Reply with 'Yes' or 'No'.",
 )
 SAMPLE_KINDS = ("inspect", "detect", "describe", "dialogue")
+CANONICAL_SHARE = 0.5  # share of inspection / detection turns asked with the product's exact prompt
 
 
 class RewriteFn(Protocol):
@@ -104,6 +101,13 @@ def size_words(box: Sequence[float], size: tuple[int, int]) -> str:
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
+
+
+def _prompt(rng: np.random.Generator, options: Sequence[str], what: str) -> str:
+    """The product's own prompt (options[0]) half of the time, a paraphrase otherwise."""
+    if rng.random() < CANONICAL_SHARE:
+        return options[0]
+    return _pick(rng, options[1:]).format(what=what)
 
 
 def _facts(rec: Record, frame: Frame) -> dict[str, Any]:
@@ -241,10 +245,10 @@ def build_samples(
     out = []
     for kind in kinds:
         if kind == "inspect":
-            msgs = [{"role": "user", "content": _pick(rng, INSPECTION_PROMPTS).format(what=f["category"])},
+            msgs = [{"role": "user", "content": _prompt(rng, INSPECTION_PROMPTS, f["category"])},
                     {"role": "assistant", "content": answer}]
         elif kind == "detect":
-            msgs = [{"role": "user", "content": _pick(rng, DETECTION_PROMPTS).format(what=f["category"])},
+            msgs = [{"role": "user", "content": _prompt(rng, DETECTION_PROMPTS, f["category"])},
                     {"role": "assistant", "content": _answer_yes_no(f)}]
         elif kind == "describe":
             msgs = [{"role": "user", "content": _pick(rng, (
@@ -253,7 +257,7 @@ def build_samples(
                         f"Look at this {f['category']}. Is it defective? Explain."))},
                     {"role": "assistant", "content": text("describe", _describe(f, rng))}]
         elif kind == "dialogue":
-            msgs = [{"role": "user", "content": _pick(rng, INSPECTION_PROMPTS).format(what=f["category"])},
+            msgs = [{"role": "user", "content": _prompt(rng, INSPECTION_PROMPTS, f["category"])},
                     {"role": "assistant", "content": answer}]
             turns = _followups(f, boxes_input, rng)
             n = int(rng.integers(1, min(max_followups, len(turns)) + 1))

@@ -21,6 +21,7 @@ from typing import Any
 
 from anomaly_assistant.data_builders.conversations import Sample
 from anomaly_assistant.data_builders.records import Record, SkipLog, summarize
+from anomaly_assistant.prompts import INSPECTION_PROMPT
 
 SPLITS = ("train", "validation", "test")
 
@@ -72,7 +73,7 @@ def grpo_row(sample: Sample) -> dict[str, Any]:
     rec = sample.record
     return {
         "image": _image_value(rec.image_path),
-        "prompt": [sample.messages[0]],
+        "prompt": [{"role": "user", "content": INSPECTION_PROMPT}],  # exactly what the assistant asks
         "verdict": "anomalous" if rec.gt_label else "normal",
         "gt_label": rec.gt_label,
         "defect_type": sample.defect_type,
@@ -134,8 +135,15 @@ def sft_dataset(samples: Iterable[Sample], fmt: str = "messages"):
 
 
 def grpo_dataset(samples: Iterable[Sample]):
-    """One row per record: only `inspect` samples carry the grammar target the rewards check."""
-    return to_dataset((grpo_row(s) for s in samples if s.kind in ("inspect", "dialogue")), "grpo")
+    """One row per record (its first sample): the prompt is the product's inspection prompt, the solution columns
+    come from the record, so every kind of sample carries them."""
+    seen: set[int] = set()
+    rows = []
+    for s in samples:
+        if id(s.record) not in seen:
+            seen.add(id(s.record))
+            rows.append(grpo_row(s))
+    return to_dataset(rows, "grpo")
 
 
 def expert_dataset(records: Iterable[Record]):

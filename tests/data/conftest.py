@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from data_fixture_files import write_image, write_mask
 
+from anomaly_assistant.data_builders.build import BuildConfig, build
+
 
 @pytest.fixture(scope="session")
 def mvtec_root(tmp_path_factory) -> Path:
@@ -185,3 +187,11 @@ def tiny_models():
     from anomaly_assistant.tiny import build_tiny
 
     return {fam: build_tiny(fam) for fam in ("qwen2_5_vl", "llava_onevision", "llava")}
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, mvtec_root, deeppcb_root):
+    out = tmp_path_factory.mktemp("built")
+    cfg = BuildConfig(sources=[str(mvtec_root), str(deeppcb_root)], out=str(out), synth=18, synth_size=96,
+                      defects=6, textures=4, progress=False, seed=1)
+    return build(cfg), out

@@ -7,19 +7,11 @@ import random
 
 import pytest
 
-from anomaly_assistant.data_builders.build import BuildConfig, build
 from anomaly_assistant.data_builders.export import read_records_jsonl, split_records
 from anomaly_assistant.data_builders.records import Record
 from anomaly_assistant.finding import Frame
 from anomaly_assistant.grammar import parse_answer
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory, mvtec_root, deeppcb_root):
-    out = tmp_path_factory.mktemp("built")
-    cfg = BuildConfig(sources=[str(mvtec_root), str(deeppcb_root)], out=str(out), synth=18, synth_size=96,
-                      defects=6, textures=4, progress=False, seed=1)
-    return build(cfg), out
+from anomaly_assistant.prompts import INSPECTION_PROMPT
 
 
 def test_split_by_group_never_leaks_and_is_order_free():
@@ -68,7 +60,7 @@ def test_sft_grpo_expert_datasets(built):
     expert = datasets.load_from_disk(str(out / "expert"))
     assert set(sft) == set(grpo) == set(expert) == {"train", "validation", "test"}
     n_train = len(result.splits["train"])
-    assert len(expert["train"]) == n_train and len(grpo["train"]) == 2 * n_train  # inspect + dialogue
+    assert len(expert["train"]) == n_train and len(grpo["train"]) == n_train
     assert len(sft["train"]) == 4 * n_train
     row = sft["train"][0]
     assert len(row["images"]) == 1 and row["images"][0].mode in ("RGB", "L", "P")
@@ -79,7 +71,7 @@ def test_sft_grpo_expert_datasets(built):
         assert parsed.ok and parsed.verdict == g["verdict"]
         assert [b.as_list() for b in parsed.boxes] == g["solution_boxes"]
         assert g["image"].size == frame.original_size
-        assert g["prompt"][0]["role"] == "user" and len(g["prompt"]) == 1
+        assert g["prompt"] == [{"role": "user", "content": INSPECTION_PROMPT}]
         assert (g["defect_type"] is None) == (g["gt_label"] == 0)
     bad = [e for e in expert["train"] if e["gt_label"] == 1 and e["mask"] is not None]
     assert bad and all(e["mask"].size == e["image"].size for e in bad)
