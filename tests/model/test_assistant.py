@@ -1,0 +1,152 @@
+"""AnomalyAssistant / ChatSession on a tiny model: Findings, fallbacks, multi-turn history, batch, screening."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from anomaly_assistant import AnomalyAssistant, Box, Finding
+from anomaly_assistant.backbones import get
+from anomaly_assistant.grammar import render_answer
+from anomaly_assistant.images import ImageError
+
+TILES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-dev" / "magnetic_tile"
+
+
+def _texture(seed: int, size=(160, 120), defect: bool = False) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = 120 + 20 * np.sin(np.arange(size[0])[None, :] / 3.0) + rng.normal(0, 4, (size[1], size[0]))
+    img = Image.fromarray(np.clip(np.repeat(base[..., None], 3, axis=2), 0, 255).astype("uint8"))
+    if defect:
+        ImageDraw.Draw(img).ellipse((70, 40, 95, 62), fill=(10, 10, 10))
+    return img
+
+
+@pytest.fixture(scope="module")
+def assistant():
+    return AnomalyAssistant.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def references():
+    return [_texture(s) for s in range(4)]
+
+
+def _forced(assistant, text):
+    """generate kwargs that make the model write exactly `text` (then stop): exercises the real parse path."""
+    tok = assistant.processor.tokenizer
+    target = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    prompt_len = {}
+
+    def allowed_tokens(batch_id, input_ids):
+        start = prompt_len.setdefault(batch_id, len(input_ids))
+        i = len(input_ids) - start
+        return [target[i]] if i < len(target) else [tok.eos_token_id]
+
+    return {"prefix_allowed_tokens_fn": allowed_tokens, "max_new_tokens": len(target) + 1}
+
+
+def test_a_valid_answer_becomes_a_finding_in_original_pixels(assistant, references):
+    image = _texture(9, size=(641, 479), defect=True)
+    frame = get("qwen2_5_vl").input_frame(assistant.processor, image.size)
+    answer = render_answer("A dark round spot in the middle.", "anomalous", "hole", [[100, 80, 140, 120]], "a hole")
+    session = assistant.chat(references=references)
+    finding = session.inspect(image, **_forced(assistant, answer))
+    assert finding.source == "model" and finding.parse_error is None
+    assert finding.verdict == "anomalous" and finding.defect_type == "hole" and finding.rationale == "a hole"
+    expected = frame.to_original(Box(100, 80, 140, 120))
+    assert finding.boxes[0].as_list() == expected.as_list()
+    assert finding.boxes[0].x2 > 140  # scaled up: 641 px wide original vs a smaller model input
+    assert finding.anomaly_map.shape == (479, 641) and 0.0 <= finding.score <= 1.0
+    assert session.history[-1]["content"] == answer
+
+
+def test_malformed_answer_falls_back_to_the_expert(assistant, references):
+    image = _texture(10, defect=True)
+    finding = assistant.chat(references=references).inspect(image, **_forced(assistant, "I think it is fine {oops"))
+    assert finding.source == "expert" and finding.parse_error
+    assert finding.anomaly_map is not None and finding.anomaly_map.shape == (120, 160)
+    assert finding.verdict == ("anomalous" if finding.score >= 0.5 else "normal")
+    assert finding.raw_text.startswith("I think it is fine")
+    back = Finding.loads(finding.dumps())
+    assert back.parse_error == finding.parse_error and back.verdict == finding.verdict
+
+
+def test_no_references_and_untrained_expert_says_so(assistant):
+    finding = assistant.chat().inspect(_texture(11), max_new_tokens=8)
+    assert finding.anomaly_map is None and finding.score is None
+    assert any("no anomaly map" in n for n in finding.notes)
+    assert finding.parse_error  # a random tiny model does not write the grammar
+    with pytest.raises(ValueError, match="no reference images"):
+        assistant.screen([_texture(11)])
+
+
+def test_follow_ups_see_the_history_and_stream_matches_ask(assistant, references):
+    session = assistant.chat(references=references)
+    session.inspect(_texture(12, defect=True), max_new_tokens=6)
+    reply = session.ask("What could have caused it?", max_new_tokens=6)
+    assert isinstance(reply, str)
+    pieces = list(session.stream("How can it be prevented?", max_new_tokens=6))
+    assert "".join(pieces).strip() == session.history[-1]["content"]
+    roles = [t["role"] for t in session.history]
+    assert roles == ["user", "assistant"] * 3
+    assert session.history[2]["content"] == "What could have caused it?"
+    # the prompt of the third turn contains both earlier turns
+    prompt = assistant.processor.apply_chat_template(session._messages("next"), tokenize=False)
+    assert "What could have caused it?" in prompt and "How can it be prevented?" in prompt
+    session.reset()
+    assert session.history == [] and session.image is not None
+
+
+def test_inspect_batch_matches_single_sessions(assistant, references):
+    images = [_texture(13, defect=True), _texture(14, size=(120, 200))]
+    batch = assistant.inspect_batch(images, references=references, max_new_tokens=6)
+    singles = [assistant.chat(references=references).inspect(im, max_new_tokens=6) for im in images]
+    for b, s in zip(batch, singles):
+        assert b.raw_text == s.raw_text and b.verdict == s.verdict
+        assert b.score == pytest.approx(s.score, abs=1e-6)
+
+
+def test_expert_only_screening_needs_no_model(references):
+    screener = AnomalyAssistant.expert_only()
+    assert not screener.has_llm
+    good, bad = screener.screen([_texture(20), _texture(21, defect=True)], references=references)
+    assert good.anomaly_map.shape == (120, 160) and bad.source == "expert"
+    assert bad.score > good.score
+    y, x = np.unravel_index(np.argmax(bad.anomaly_map), bad.anomaly_map.shape)
+    assert 60 <= x <= 105 and 30 <= y <= 72  # the peak sits on the planted spot
+    session = screener.chat(references=references)
+    assert session.inspect(_texture(21, defect=True)).score == pytest.approx(bad.score)
+    with pytest.raises(ValueError, match="no language model"):
+        session.ask("why?")
+
+
+@pytest.mark.skipif(not TILES.is_dir(), reason="real-dev data not present")
+def test_real_magnetic_tile_defect_scores_above_its_references():
+    refs = sorted((TILES / "train" / "good").iterdir())[:4]
+    defective = sorted((TILES / "test" / "blowhole").iterdir())[:3]
+    good = sorted((TILES / "test" / "good").iterdir())[:3]
+    findings = AnomalyAssistant.expert_only().screen([*defective, *good], references=refs)
+    assert all(f.image_path for f in findings)
+    assert np.mean([f.score for f in findings[:3]]) > np.mean([f.score for f in findings[3:]])
+
+
+def test_bad_images_raise_a_clear_error(assistant, tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    for bad, reason in ((empty, "empty"), (text, "not a readable image"), (tmp_path / "missing.png", "no such file")):
+        with pytest.raises(ImageError, match=reason):
+            assistant.chat().inspect(bad)
+
+
+def test_save_and_reload_the_assistant(assistant, references, tmp_path):
+    assistant.save_pretrained(tmp_path)
+    again = AnomalyAssistant.from_pretrained(str(tmp_path))
+    image = _texture(30, defect=True)
+    a = assistant.chat(references=references).inspect(image, max_new_tokens=6)
+    b = again.chat(references=references).inspect(image, max_new_tokens=6)
+    assert a.raw_text == b.raw_text and a.score == pytest.approx(b.score, abs=1e-6)
