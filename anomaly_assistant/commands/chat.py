@@ -1,0 +1,132 @@
+"""`anomaly-assistant chat IMAGE [--model PATH_OR_ID] [--references PATH...]`: inspect one image, then talk about it.
+
+Runs an inspection first and prints the Finding, then reads questions from stdin line by line (prompt "> " when
+stdin is a terminal; a pipe works the same, which is how scripts and tests drive it) and streams each answer.
+Every question sees the whole conversation. Commands: /finding (the last Finding as JSON), /reset (forget the
+conversation, keep image and references), /help, /quit (or end of input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from anomaly_assistant.commands._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    InputError,
+    UsageError,
+    add_model_arguments,
+    finding_record,
+    format_finding,
+    load_assistant,
+    load_inputs,
+    quiet_stdout,
+    warn,
+)
+
+COMMANDS_HELP = ("/finding  print the last Finding as JSON\n/reset    start the conversation over (same image)\n"
+                 "/help     this list\n/quit     leave (end of input does the same)")
+
+
+def build_parser(prog: str = "anomaly-assistant chat") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Inspect one image, then ask follow-up questions about it (multi-turn).",
+        epilog="in-chat commands:\n" + COMMANDS_HELP + "\n\nexample:\n  printf 'What is the defect?\\n/quit\\n' | "
+               "anomaly-assistant chat part.png --model tiny",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("image", metavar="IMAGE", help="the image to inspect and talk about")
+    add_model_arguments(parser)
+    return parser
+
+
+def _start(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Load inputs and the model, run the first inspection; returns (session, finding)."""
+    if not args.model:
+        raise UsageError(
+            "chat needs a language model: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or `tiny`). "
+            "Expert-only screening has no language to chat with; for a verdict without a model use "
+            "`anomaly-assistant inspect IMAGE --expert-only --references DIR`"
+        )
+    if Path(args.image).is_dir():
+        raise UsageError(f"{args.image} is a directory: chat talks about one image file")
+    (item,) = load_inputs([args.image])
+    if item.error:
+        raise InputError(item.error)
+    references = load_inputs(args.references)
+    for ref in references:
+        if ref.error:
+            warn(f"reference skipped: {ref.error}")
+    ref_images = [r.image for r in references if r.image is not None]
+    if args.references and not ref_images:
+        raise UsageError("none of the --references could be read as images")
+    assistant = load_assistant(args.model, args.device, args.max_new_tokens)
+    with quiet_stdout():
+        session = assistant.chat(references=ref_images or None, image=item.image)
+        session.image_source = str(item.path)
+        finding = session.inspect()
+    finding.image_path = str(item.path)
+    return session, finding
+
+
+def converse(session: Any, finding: Any, stdin: TextIO, stdout: TextIO) -> None:
+    """The read-answer loop: one question per line until /quit or end of input."""
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/quit", "/exit"):
+            break
+        if question == "/help":
+            print(COMMANDS_HELP, file=stdout, flush=True)
+        elif question == "/finding":
+            print(json.dumps(finding_record(finding), ensure_ascii=False), file=stdout, flush=True)
+        elif question == "/reset":
+            session.reset()
+            print("(conversation reset; the image and references stay)", file=stdout, flush=True)
+        elif question.startswith("/"):
+            warn(f"unknown command {question.split()[0]!r}; /help lists the commands")
+        else:
+            try:
+                for piece in session.stream(question):
+                    stdout.write(piece)
+                    stdout.flush()
+            except ValueError as exc:
+                warn(f"error: {exc}")
+            stdout.write("\n")
+            stdout.flush()
+
+
+def main(argv: list[str] | None = None, command: str = "chat") -> int:
+    args = build_parser(f"anomaly-assistant {command}").parse_args(argv)
+    try:
+        session, finding = _start(args)
+        print(format_finding(finding), flush=True)
+        converse(session, finding, sys.stdin, sys.stdout)
+        return EXIT_OK
+    except UsageError as exc:
+        warn(f"anomaly-assistant {command}: {exc}")
+        return EXIT_USAGE
+    except InputError as exc:
+        warn(f"error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        warn("\ninterrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""`anomaly-assistant inspect IMAGE... [--model PATH_OR_ID] [--references PATH...] [--expert-only] [--json]`
+
+Prints one Finding per image. With a model, the language model answers in the inspection grammar (verdict, boxes,
+defect type, rationale) and the expert supplies score and map. With `--expert-only` (or no `--model` but
+`--references`) no language model is loaded at all: pretrained EfficientNet-Lite0 patch features are matched against
+the references (training-free), which gives verdict, calibrated score, map and boxes on a laptop right after install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anomaly_assistant.commands._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Loaded,
+    UsageError,
+    add_model_arguments,
+    finding_record,
+    fit_screener,
+    format_finding,
+    load_assistant,
+    load_inputs,
+    overlay_map,
+    quiet_stdout,
+    unique_path,
+    warn,
+)
+from anomaly_assistant.finding import Finding
+
+EXAMPLES = """examples:
+  anomaly-assistant inspect part.png --references good/            # expert-only screening, no model needed
+  anomaly-assistant inspect test/ --model tiny --json              # JSON lines, one object per image
+  anomaly-assistant inspect --expert-only --references good/ -- test/ --save-maps maps/
+
+exit codes: 0 all images inspected, 1 some input could not be read or inspected, 2 usage error, 130 interrupted"""
+
+
+def build_parser(prog: str = "anomaly-assistant inspect") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Inspect images: verdict, score, boxes, defect type and rationale per image.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files and/or directories (not recursive)")
+    add_model_arguments(parser)
+    parser.add_argument("--expert-only", action="store_true",
+                        help="no language model: match pretrained EfficientNet-Lite0 features against --references")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per image on stdout (Finding keys; {image, error} on failure)")
+    parser.add_argument("--save-maps", metavar="DIR", type=Path,
+                        help="write each anomaly map as a heatmap overlay PNG with boxes into DIR")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="images per batched generation / screening step (default 8)")
+    return parser
+
+
+def choose_mode(args: argparse.Namespace) -> str:
+    """'model' or 'expert'; raises UsageError saying what to pass when the command line cannot work."""
+    if not args.images:
+        hint = (" (--references takes every path after it: put IMAGE... first, or end the references with `--`)"
+                if args.references else "")
+        raise UsageError(f"no IMAGE given: pass image files or directories to inspect{hint}")
+    if args.model and args.expert_only:
+        raise UsageError("--expert-only screens without a model: drop --model, or drop --expert-only")
+    if args.expert_only and not args.references:
+        raise UsageError("--expert-only needs --references DIR_OR_FILES (known-good images of the same part)")
+    if args.model:
+        return "model"
+    if args.references:
+        if not args.expert_only:
+            warn("note: no --model given, screening with the expert only against the references "
+                 "(verdict, score, map, boxes; no rationale)")
+        return "expert"
+    raise UsageError("nothing to inspect with: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or `tiny`), "
+                     "or --references DIR (known-good images of the part) to screen without a model")
+
+
+def _chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
+    n = max(1, n)
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+class Inspector:
+    """Runs the assistant over loaded images in chunks; a chunk that fails is retried image by image."""
+
+    def __init__(self, assistant: Any, references: list[Any], batch_size: int):
+        self.assistant, self.references, self.batch_size = assistant, references, batch_size
+        self.screener = fit_screener(assistant, references) if references and not assistant.has_llm else None
+
+    def _run(self, images: list[Any]) -> list[Finding]:
+        with quiet_stdout():  # the reference screener loads its weights lazily inside inspect_batch
+            if self.assistant.has_llm:
+                return self.assistant.inspect_batch(images, references=self.references or None)
+            return self.assistant.screen(images, screener=self.screener)
+
+    def __call__(self, items: list[Loaded]):
+        """Yield (item, finding or None, error or None) in input order."""
+        for chunk in _chunks(items, self.batch_size):
+            try:
+                results = [(item, f, None) for item, f in zip(chunk, self._run([it.image for it in chunk]))]
+            except Exception as exc:  # noqa: BLE001 - isolate the image that breaks, report it, keep going
+                if len(chunk) == 1:
+                    results = [(chunk[0], None, f"{chunk[0].path}: inspection failed ({type(exc).__name__}: {exc})")]
+                else:
+                    results = [r for item in chunk for r in self([item])]
+            yield from results
+
+
+def run(args: argparse.Namespace) -> int:
+    mode = choose_mode(args)
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    failures = 0
+    references = load_inputs(args.references)
+    for ref in references:
+        if ref.error:
+            failures += 1
+            warn(f"reference skipped: {ref.error}")
+    ref_images = [r.image for r in references if r.image is not None]
+    if args.references and not ref_images:
+        raise UsageError("none of the --references could be read as images")
+
+    def report_error(path: Path, message: str) -> None:
+        warn(f"error: {message}")
+        if args.json:
+            print(json.dumps({"image": str(path), "error": message}, ensure_ascii=False), flush=True)
+
+    items = load_inputs(args.images)
+    for item in items:  # unreadable inputs are reported at once, before the (slow) model loads
+        if item.error:
+            failures += 1
+            report_error(item.path, item.error)
+    todo = [it for it in items if it.error is None]
+    if todo:  # nothing readable: no reason to load a model
+        assistant = load_assistant(args.model if mode == "model" else None, args.device, args.max_new_tokens)
+        inspector = Inspector(assistant, ref_images, args.batch_size)
+    if args.save_maps:
+        args.save_maps.mkdir(parents=True, exist_ok=True)
+    written: set[Path] = set()
+    n_done = n_anomalous = 0
+
+    for item, finding, error in inspector(todo) if todo else []:
+        if error:
+            failures += 1
+            report_error(item.path, error)
+            continue
+        finding.image_path = str(item.path)
+        n_done += 1
+        n_anomalous += finding.is_anomalous
+        extra = {}
+        if args.save_maps:
+            if finding.anomaly_map is None:
+                warn(f"{item.path}: no anomaly map to save")
+            else:
+                out = unique_path(args.save_maps, item.path.stem + "_map", ".png", written)
+                overlay_map(item.image, finding).save(out)
+                extra["map_path"] = str(out)
+        if args.json:
+            print(json.dumps(finding_record(finding, **extra), ensure_ascii=False), flush=True)
+        else:
+            print(format_finding(finding), flush=True)
+
+    summary = f"{n_done} image{'s' * (n_done != 1)} inspected: {n_anomalous} anomalous, {n_done - n_anomalous} normal"
+    if failures:
+        summary += f"; {failures} input{'s' * (failures != 1)} failed"
+    print(summary, file=sys.stderr if args.json else sys.stdout, flush=True)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def main(argv: list[str] | None = None, command: str = "inspect") -> int:
+    args = build_parser(f"anomaly-assistant {command}").parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        warn(f"anomaly-assistant {command}: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        warn("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
