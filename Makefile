@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 run: install
-	$(BIN)/anomaly-assistant demo
+	S=$$($(PY) -c 'from anomaly_assistant.resources import samples_dir; print(samples_dir())') && $(BIN)/anomaly-assistant inspect --expert-only --references "$$S/good" -- "$$S/test"
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -38,7 +38,7 @@ from anomaly_assistant.finding import Finding
 EXAMPLES = """examples:
   anomaly-assistant inspect part.png --references good/            # expert-only screening, no model needed
   anomaly-assistant inspect test/ --model tiny --json              # JSON lines, one object per image
-  anomaly-assistant inspect --expert-only --references good/ -- test/ --save-maps maps/
+  anomaly-assistant inspect --expert-only --save-maps maps/ --references good/ -- test/
 
 exit codes: 0 all images inspected, 1 some input could not be read or inspected, 2 usage error, 130 interrupted"""
 
