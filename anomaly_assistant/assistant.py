@@ -13,8 +13,10 @@ and without a trained expert there is no meaningful map, and the Finding says so
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +73,7 @@ class AnomalyAssistant:
         self.generation = generation or GenerationSettings()
         self._screener_config = screener_config
         self._source = None  # EfficientNet-Lite0, shared by every reference screener of this assistant
+        self._screeners: OrderedDict[str, Any] = OrderedDict()  # fitted screeners by reference content (LRU)
         if processor is not None:
             processor.tokenizer.padding_side = "left"  # batched generation appends to the right
 
@@ -115,17 +118,33 @@ class AnomalyAssistant:
         self.processor.save_pretrained(directory)
 
     # -- references -----------------------------------------------------------------------------------------------
-    def reference_screener(self, references: Sequence[ImageLike]):
-        """A training-free screener fitted on the reference normals (EfficientNet-Lite0 features)."""
+    def reference_screener(self, references: Sequence[ImageLike], cache_size: int = 8):
+        """A training-free screener fitted on the reference normals (EfficientNet-Lite0 features).
+
+        Fitted screeners are cached by the references' pixels, so sessions (UI users, batch jobs) that share a
+        reference set fit it once.
+        """
         from .expert.reference import ReferenceScreener, ScreenerConfig
         from .expert.sources import EfficientNetLite0Source
 
         refs = [load_image(r) for r in references]
         if not refs:
             raise ValueError("reference matching needs at least one reference image")
+        digest = hashlib.sha256()
+        for im in refs:
+            digest.update(repr(im.size).encode())
+            digest.update(im.tobytes())
+        key = digest.hexdigest()
+        if key in self._screeners:
+            self._screeners.move_to_end(key)
+            return self._screeners[key]
         if self._source is None:
             self._source = EfficientNetLite0Source()
-        return ReferenceScreener(self._source, self._screener_config or ScreenerConfig()).fit(refs)
+        screener = ReferenceScreener(self._source, self._screener_config or ScreenerConfig()).fit(refs)
+        self._screeners[key] = screener
+        while len(self._screeners) > cache_size:
+            self._screeners.popitem(last=False)
+        return screener
 
     # -- sessions and batch APIs ------------------------------------------------------------------------------------
     def chat(self, references: Sequence[ImageLike] | None = None, image: ImageLike | None = None) -> ChatSession:
