@@ -1,0 +1,75 @@
+"""`anomaly-assistant chat`: inspection first, then questions from a pipe, streamed answers, in-chat commands."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from cli_helpers import run_cli
+
+from anomaly_assistant.commands import chat as chat_cmd
+
+FINDING_KEYS = {"image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source"}
+
+
+def _json_rows(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def test_chat_through_a_pipe(sample_paths):
+    """Two questions, /finding, /quit; the /finding after /quit must never run."""
+    script = "What is the defect?\n/finding\nWhere exactly is it?\n/reset\n/quit\n/finding\n"
+    proc = run_cli("chat", sample_paths["scratch"], "--model", "tiny", "--max-new-tokens", "8",
+                   "--references", sample_paths["good"], stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith(f"{sample_paths['scratch']}: ")  # the inspection's Finding comes first
+    assert "> " not in proc.stdout.splitlines()[1:2]  # no prompt when stdin is not a terminal
+    (finding,) = _json_rows(proc.stdout)  # exactly one /finding answered: /quit stopped the loop
+    assert FINDING_KEYS <= set(finding)
+    assert finding["image"] == str(sample_paths["scratch"])
+    assert f"score {finding['score']:.3f}" in first and finding["verdict"].upper() in first
+    assert "(conversation reset" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_session(sample_paths):
+    args = chat_cmd.build_parser().parse_args([str(sample_paths["clean"]), "--model", "tiny",
+                                               "--max-new-tokens", "6"])
+    return chat_cmd._start(args)
+
+
+def test_every_question_sees_the_history_and_reset_clears_it(tiny_session):
+    session, finding = tiny_session
+    assert len(session.turns) == 2  # the inspection prompt and its answer
+    out = io.StringIO()
+    chat_cmd.converse(session, finding, io.StringIO("first question\nsecond question\n"), out)
+    assert [t.role for t in session.turns] == ["user", "assistant"] * 3
+    assert [t.text for t in session.turns[2::2]] == ["first question", "second question"]
+    answers = [t.text for t in session.turns[3::2]]
+    assert out.getvalue() == "".join(a + "\n" for a in answers)  # streamed pieces add up to the recorded replies
+    chat_cmd.converse(session, finding, io.StringIO("/reset\n\n/bogus\n"), io.StringIO())
+    assert session.turns == []
+    chat_cmd.converse(session, finding, io.StringIO("after reset\n"), io.StringIO())
+    assert [t.text for t in session.turns[::2]] == ["after reset"]
+
+
+def test_expert_only_chat_is_refused_with_a_pointer(sample_paths, capsys):
+    assert chat_cmd.main([str(sample_paths["scratch"]), "--references", str(sample_paths["good"])]) == 2
+    err = capsys.readouterr().err
+    assert "chat needs a language model" in err and "inspect IMAGE --expert-only" in err
+
+
+def test_chat_on_an_unreadable_image_exits_1(bad_inputs, capsys):
+    assert chat_cmd.main([str(bad_inputs["empty"]), "--model", "tiny"]) == 1
+    assert "empty file" in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""`anomaly-assistant inspect` end to end: expert-only screening of the bundled samples, a tiny model, bad inputs,
+usage errors, interruption. Runs the real entry point (`cli.main`) in-process; stdout and stderr are checked apart."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import pytest
+from cli_helpers import json_lines
+from PIL import Image
+
+from anomaly_assistant import cli
+from anomaly_assistant.commands import _common
+from anomaly_assistant.commands import inspect as inspect_cmd
+from anomaly_assistant.finding import VERDICTS, Box, Finding
+
+KEYS = {"image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source"}
+# Where make_samples.py draws the defects on the 160² crops: the scratch's line and the stain's disc (x1, y1, x2, y2).
+SCRATCH_BOX = Box(40, 48, 120, 104)
+STAIN_CENTRE = (80, 88)
+
+
+def run_main(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = cli.main(["inspect", *map(str, args)])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def expert_run(sample_paths, tmp_path_factory):
+    """Expert-only JSON screening of samples/test against samples/good, overlays saved (the `make run` command)."""
+    maps = tmp_path_factory.mktemp("maps")
+    test_dir = sample_paths["clean"].parent
+    rc, out, err = run_main("--json", "--expert-only", "--save-maps", maps, "--references", sample_paths["good"],
+                            "--", test_dir)
+    return rc, json_lines(out), err, maps
+
+
+def test_expert_only_screens_bundled_samples(expert_run):
+    rc, rows, err, _ = expert_run
+    assert rc == 0, err
+    by_stem = {row["image"].rsplit("/", 1)[-1].removesuffix(".png"): row for row in rows}
+    assert set(by_stem) == {"clean", "scratch", "stain"}
+    for row in rows:
+        assert KEYS <= set(row), set(row)
+        assert "anomaly_map" not in row and "error" not in row
+        assert row["source"] == "expert" and row["rationale"] == "" and row["parse_error"] is None
+    assert by_stem["clean"]["verdict"] == "normal" and by_stem["clean"]["boxes"] == []
+    assert by_stem["scratch"]["verdict"] == "anomalous" and by_stem["stain"]["verdict"] == "anomalous"
+    assert by_stem["clean"]["score"] < 0.5 < min(by_stem["scratch"]["score"], by_stem["stain"]["score"])
+    # the boxes sit on the planted defects
+    assert max(Box(*b).iou(SCRATCH_BOX) for b in by_stem["scratch"]["boxes"]) > 0.5
+    x1, y1, x2, y2 = by_stem["stain"]["boxes"][0]
+    assert x1 <= STAIN_CENTRE[0] <= x2 and y1 <= STAIN_CENTRE[1] <= y2
+    assert "3 images inspected: 2 anomalous, 1 normal" in err  # the summary goes to stderr with --json
+
+
+def test_saved_overlays_show_map_and_boxes(expert_run, sample_paths):
+    _, rows, _, maps = expert_run
+    assert sorted(p.name for p in maps.iterdir()) == ["clean_map.png", "scratch_map.png", "stain_map.png"]
+    row = next(r for r in rows if r["image"].endswith("scratch.png"))
+    overlay = np.asarray(Image.open(row["map_path"]))
+    plain = np.asarray(Image.open(sample_paths["scratch"]).convert("RGB"))
+    assert overlay.shape == plain.shape == (160, 160, 3)
+    x1, y1, x2, y2 = (int(v) for v in row["boxes"][0])
+    assert (overlay[y1, x1:x2] == 255).all()  # the box's top edge is drawn in white
+    inside = overlay[y1 + 5:y2 - 5, x1 + 5:x2 - 5].astype(int)
+    assert (inside[..., 0] - inside[..., 2]).mean() > (overlay[:30, :30, 0].astype(int) - overlay[:30, :30, 2]).mean()
+
+
+def test_references_alone_fall_back_to_expert_and_bad_inputs_are_skipped(sample_paths, bad_inputs):
+    rc, out, err = run_main(bad_inputs["empty"], sample_paths["scratch"], bad_inputs["text"], bad_inputs["missing"],
+                            "--references", sample_paths["good"])
+    assert rc == 1
+    assert "note: no --model given" in err and "Traceback" not in err
+    assert f"{bad_inputs['empty']}: empty file" in err
+    assert f"{bad_inputs['text']}: not a readable image" in err
+    assert f"{bad_inputs['missing']}: no such file" in err
+    lines = out.splitlines()
+    assert len(lines) == 2, out  # one line for the readable image, one summary line
+    assert lines[0].startswith(f"{sample_paths['scratch']}: ANOMALOUS") and "score 0.5" in lines[0]
+    assert "boxes [" in lines[0] and "map source: reference" in lines[0]
+    assert lines[1] == "1 image inspected: 1 anomalous, 0 normal; 3 inputs failed"
+
+
+def test_tiny_model_json_schema_with_bad_inputs(sample_paths, bad_inputs):
+    """A random tiny model cannot answer in the grammar: the Finding records the parse error and falls back to the
+    expert's reference-matching verdict; broken inputs come out as {image, error} objects."""
+    rc, out, err = run_main("--json", "--model", "tiny", "--max-new-tokens", "12", sample_paths["scratch"],
+                            bad_inputs["empty"], bad_inputs["text"], bad_inputs["missing"], sample_paths["clean"],
+                            "--references", sample_paths["good"])
+    assert rc == 1, err
+    rows = json_lines(out)
+    errors = {r["image"]: r["error"] for r in rows if "error" in r}
+    assert set(errors) == {str(p) for p in bad_inputs.values()}
+    findings = [r for r in rows if "error" not in r]
+    assert [r["image"] for r in findings] == [str(sample_paths["scratch"]), str(sample_paths["clean"])]
+    for row in findings:
+        assert KEYS <= set(row)
+        assert row["verdict"] in VERDICTS
+        assert all(len(b) == 4 for b in row["boxes"])
+        assert row["parse_error"] is None or isinstance(row["parse_error"], str)
+        if row["parse_error"]:  # fell back to the expert: its verdict follows the calibrated score
+            assert row["source"] == "expert"
+            assert row["verdict"] == ("anomalous" if row["score"] >= 0.5 else "normal")
+        Finding.from_json(row)  # the line round-trips into the library type
+    assert "Loaded pretrained" not in out
+    assert "2 images inspected" in err and "3 inputs failed" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["part.png"], "pass --model PATH_OR_ID"),
+    (["--references", "good", "part.png"], "put IMAGE... first"),
+    (["part.png", "--expert-only"], "--expert-only needs --references"),
+    (["part.png", "--expert-only", "--model", "tiny", "--references", "good"], "drop --model"),
+])
+def test_usage_errors_exit_2_and_say_what_to_pass(args, message):
+    rc, out, err = run_main(*args)
+    assert rc == 2 and out == ""
+    assert message in err
+
+
+def test_unreadable_references_are_a_usage_error(bad_inputs, sample_paths):
+    rc, _, err = run_main(sample_paths["clean"], "--references", bad_inputs["empty"], bad_inputs["text"])
+    assert rc == 2
+    assert "none of the --references could be read" in err and "empty file" in err
+
+
+def test_ctrl_c_exits_130(sample_paths, monkeypatch):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_cmd, "load_assistant", interrupted)
+    rc, _, err = run_main(sample_paths["clean"], "--references", sample_paths["good"])
+    assert rc == 130 and "interrupted" in err
+
+
+def test_jet_ramp_and_overlay_boxes():
+    ramp = _common.jet(np.array([[0.0, 0.5, 1.0]]))
+    assert ramp[0, 0, 2] > ramp[0, 0, 0] and ramp[0, 2, 0] > ramp[0, 2, 2] and ramp[0, 1, 1] == 255
+    image = Image.new("RGB", (40, 30), (0, 0, 0))
+    finding = Finding(verdict="anomalous", anomaly_map=np.zeros((30, 40), np.float32), boxes=[Box(5, 6, 20, 16)])
+    out = np.asarray(_common.overlay_map(image, finding))
+    assert out.shape == (30, 40, 3)
+    assert (out[6, 5:20] == 255).all() and (out[15, 5:20] == 255).all()  # top and bottom edges (x2/y2 exclusive)
+    assert not (out[20, 25] == 255).all()
