@@ -58,11 +58,14 @@ def predict(assistant: Any, records: Sequence[Any], references: Sequence[str], b
             expert_only: bool = False) -> list[dict[str, Any]]:
     """One prediction dict per record (score, verdict, map), spread over the launched processes."""
     refs = list(references) or None
+    use_expert = expert_only or not assistant.has_llm
+    # The references are fitted once per process; every batch is screened against the same bank.
+    screener = assistant.reference_screener(refs) if use_expert and refs else None
 
     def run(batch: list[Any]) -> list[dict[str, Any]]:
         images = [r.image_path for r in batch]
-        if expert_only or not assistant.has_llm:
-            findings = assistant.screen(images, references=refs)
+        if use_expert:
+            findings = assistant.screen(images, screener=screener)
         else:
             findings = assistant.inspect_batch(images, references=refs)
         return [_prediction(r, f) for r, f in zip(batch, findings)]

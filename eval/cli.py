@@ -90,8 +90,9 @@ class ModelArgs:
 
     model: str | None = field(default=None, metadata={"help": "checkpoint directory or hub id"})
     expert_only: bool = field(default=False, metadata={"help": "no LLM: the expert screens (no --model needed)"})
-    feature_source: str = field(default="efficientnet_lite0", metadata={
-        "help": "expert feature source", "choices": ["efficientnet_lite0", "backbone"]})
+    feature_source: str | None = field(default=None, metadata={
+        "help": "expert feature source (expert-only: efficientnet_lite0; a model: its own, or the one given when "
+                "wrapping a plain backbone)", "choices": ["efficientnet_lite0", "backbone"]})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only N items spread over the set (quick runs)"})
 
@@ -141,17 +142,17 @@ def build_assistant(cfg: ModelArgs) -> Any:
     from anomaly_assistant import AnomalyAssistant
 
     if cfg.expert_only:
-        kwargs: dict[str, Any] = {"feature_source": cfg.feature_source}
-        if cfg.model:
-            kwargs["model"] = cfg.model
-        return AnomalyAssistant.expert_only(**kwargs)
+        return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0")
     if not cfg.model:
-        raise SystemExit("--model is required unless --expert-only is given")
-    return AnomalyAssistant.from_pretrained(cfg.model, device=cfg.device)
+        raise SystemExit("--model is required unless --expert-only is given (`--model tiny` builds a toy model)")
+    kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
+    return AnomalyAssistant.from_pretrained(cfg.model, device=cfg.device, **kwargs)
 
 
 def mode(cfg: ModelArgs) -> str:
-    return f"expert-only ({cfg.feature_source})" if cfg.expert_only else f"assistant ({cfg.model})"
+    if cfg.expert_only:
+        return f"expert-only ({cfg.feature_source or 'efficientnet_lite0'})"
+    return f"assistant ({cfg.model})"
 
 
 def write_json(result: dict[str, Any], out: str | Path) -> Path:
@@ -171,7 +172,18 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def _finish(result: dict[str, Any], cfg: ModelArgs, write_report) -> int:
+def write_rows(rows: list[dict[str, Any]], out: str | Path) -> Path:
+    """Per-item predictions next to the result (`X_predictions.jsonl`), arrays left out."""
+    path = Path(out).with_suffix("")
+    path = path.with_name(path.name + "_predictions.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            keep = {k: v for k, v in row.items() if not hasattr(v, "shape")}
+            fh.write(json.dumps(keep, ensure_ascii=False, default=_jsonable) + "\n")
+    return path
+
+
+def _finish(result: dict[str, Any], cfg: ModelArgs, write_report, rows: list[dict[str, Any]]) -> int:
     from anomaly_assistant.eval import distributed
 
     if not distributed.is_main_process():
@@ -180,7 +192,7 @@ def _finish(result: dict[str, Any], cfg: ModelArgs, write_report) -> int:
                    **distributed.main_process_info()})
     out = Path(cfg.out)  # type: ignore[attr-defined]
     md, html = write_report(result, out)
-    result["report"] = {"markdown": md.name, "html": html.name}
+    result["report"] = {"markdown": md.name, "html": html.name, "predictions": write_rows(rows, out).name}
     write_json(result, out)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, default=_jsonable))
     print(f"wrote {out}, {md}, {html}", file=sys.stderr)
@@ -194,7 +206,7 @@ def run_ad(cfg: ADConfig) -> int:
     result, records, preds = ad.evaluate(assistant, cfg.data, cfg.category, cfg.shots, batch_size=cfg.batch_size,
                                          expert_only=cfg.expert_only, limit=cfg.limit)
     title = f"AD metrics: {cfg.category} ({cfg.shots}-shot, {mode(cfg)})"
-    return _finish(result, cfg, lambda res, out: ad.write_report(res, records, preds, out, title))
+    return _finish(result, cfg, lambda res, out: ad.write_report(res, records, preds, out, title), preds)
 
 
 def run_detect(cfg: DetectConfig) -> int:
@@ -204,7 +216,7 @@ def run_detect(cfg: DetectConfig) -> int:
     result, preds = detection.evaluate(assistant, cfg.data, cfg.category, cfg.references, expert_only=cfg.expert_only,
                                        max_new_tokens=cfg.max_new_tokens, image_root=cfg.image_root, limit=cfg.limit)
     title = f"Detection (VisA-D&R protocol): {Path(cfg.data).name} ({mode(cfg)})"
-    return _finish(result, cfg, lambda res, out: detection.write_report(res, preds, out, title))
+    return _finish(result, cfg, lambda res, out: detection.write_report(res, preds, out, title), preds)
 
 
 def run_reasoning(cfg: ReasoningConfig) -> int:
@@ -218,7 +230,7 @@ def run_reasoning(cfg: ReasoningConfig) -> int:
                                        category=cfg.category, max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
     result["judge"] = config_dict(judge_cfg) if judge else None
     title = f"Reasoning (VisA-D&R protocol): {Path(cfg.data).name} ({mode(cfg)})"
-    return _finish(result, cfg, lambda res, out: reasoning.write_report(res, turns, out, title))
+    return _finish(result, cfg, lambda res, out: reasoning.write_report(res, turns, out, title), turns)
 
 
 def run_mmad(cfg: MMADConfig) -> int:
@@ -228,7 +240,7 @@ def run_mmad(cfg: MMADConfig) -> int:
     result, rows = mmad.evaluate(assistant, cfg.data, image_root=cfg.image_root, use_reference=not cfg.no_reference,
                                  max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
     title = f"MMAD-style multiple choice: {Path(cfg.data).name} ({mode(cfg)})"
-    return _finish(result, cfg, lambda res, out: mmad.write_report(res, rows, out, title))
+    return _finish(result, cfg, lambda res, out: mmad.write_report(res, rows, out, title), rows)
 
 
 SUBCOMMANDS = {

@@ -17,8 +17,7 @@ from typing import Any
 
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
-
-DETECTION_PROMPT = "Are there any defects for the object in the image? Please reply with 'Yes' or 'No'."
+from anomaly_assistant.prompts import DETECTION_PROMPT  # the protocol's question; one home for prompts
 
 
 def is_yes(reply: str) -> bool:
@@ -69,7 +68,7 @@ def predict(assistant: Any, records: Sequence[Any], refs: dict[str, list[str]], 
         for rec in batch:
             ref = refs.get(rec.category) or None
             score = None
-            if use_expert:
+            if use_expert:  # the assistant caches the fitted reference bank of each class
                 finding = assistant.screen([rec.image_path], references=ref)[0]
                 reply, score = ("Yes" if finding.is_anomalous else "No"), finding.score
             else:

@@ -1,0 +1,287 @@
+"""`anomaly-assistant bench`: speed and memory, all measured in one run on the same images.
+
+1. Expert-only screening (no LLM): images/s at 256 px against 4 references, and the time split between
+   feature extraction (EfficientNet-Lite0) and matching (memory-bank nearest neighbours, calibration).
+2. Inspection latency with the expert ÷ without it: the same anomaly model, the same images and exactly the same
+   number of generated tokens (min = max new tokens); "with" is a full `ChatSession.inspect` (vision tower +
+   expert + reference map + anomaly tokens + generation), "without" is the same weights asked the same question
+   through the plain backbone processor (no anomaly block, so the expert never runs).
+3. Tokens/s of that generation and the process's peak resident memory (plus peak GPU memory on a GPU).
+
+By default the model is the tiny Qwen2.5-VL built in code. `--real-widths` builds a randomly initialised model at
+Qwen2.5-VL-3B widths (text 2048 × 36 layers, vision 1280 × 32 blocks, real vocabulary; no weights needed) so the
+same ratios can be read at real size, on a GPU when one is present (bfloat16 there; `--llm-layers` trims the
+depth where memory is short, and the JSON records what was built).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio", "tokens_per_s", "peak_rss_mb")
+
+
+@dataclass
+class BenchConfig:
+    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
+    images: int = field(default=16, metadata={"help": "test images (SynthInspect, mixed normal/defective)"})
+    image_size: int = field(default=256, metadata={"help": "image side in pixels"})
+    references: int = field(default=4, metadata={"help": "reference normals"})
+    new_tokens: int = field(default=32, metadata={"help": "generated tokens per inspection (forced exactly)"})
+    inspections: int = field(default=4, metadata={"help": "images timed for the latency ratio"})
+    real_widths: bool = field(default=False, metadata={"help": "random model at Qwen2.5-VL-3B widths"})
+    llm_layers: int | None = field(default=None, metadata={"help": "override the LLM depth (real widths: 36)"})
+    feature_source: str = field(default="backbone", metadata={
+        "help": "feature source of the model's expert", "choices": ["backbone", "efficientnet_lite0"]})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    category: str = field(default="woven", metadata={"help": "SynthInspect category of the images"})
+    seed: int = field(default=0, metadata={"help": "image and weight seed"})
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def bench_images(cfg: BenchConfig) -> tuple[list[Any], list[Any]]:
+    """(test images, reference normals) from SynthInspect, deterministic in the seed."""
+    from PIL import Image
+
+    from anomaly_assistant.data_builders.synth_inspect import render
+
+    refs = [Image.fromarray(render(cfg.category, 10_000 + i, seed=cfg.seed, size=cfg.image_size,
+                                   anomalous=False).image) for i in range(cfg.references)]
+    tests = [Image.fromarray(render(cfg.category, i, seed=cfg.seed, size=cfg.image_size, anomalous=bool(i % 2)).image)
+             for i in range(cfg.images)]
+    return tests, refs
+
+
+def bench_screening(tests: list[Any], refs: list[Any]) -> dict[str, Any]:
+    """Expert-only screening throughput and its extraction / matching split (warm, references fitted once)."""
+    from anomaly_assistant import AnomalyAssistant
+
+    expert = AnomalyAssistant.expert_only(feature_source="efficientnet_lite0")
+    t0 = time.perf_counter()
+    screener = expert.reference_screener(refs)
+    fit_s = time.perf_counter() - t0
+    expert.screen(tests[:1], screener=screener)  # warm-up
+    before = dict(screener.timings)
+    t0 = time.perf_counter()
+    findings = expert.screen(tests, screener=screener)
+    total = time.perf_counter() - t0
+    extract = screener.timings["extract"] - before["extract"]
+    match = screener.timings["match"] - before["match"]
+    return {
+        "screening_img_per_s": len(tests) / total,
+        "matching_over_extraction": match / extract if extract > 0 else None,
+        "screening": {"seconds": total, "images": len(tests), "extract_s": extract, "match_s": match,
+                      "other_s": total - extract - match, "reference_fit_s": fit_s,
+                      "anomalous_verdicts": sum(f.is_anomalous for f in findings)},
+    }
+
+
+QWEN25_VL_3B = {
+    "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+             "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 128000,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}},
+    "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+               "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 2048,
+               "fullatt_block_indexes": [7, 15, 23, 31]},
+}
+
+
+def build_model(cfg: BenchConfig, device: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(anomaly model, anomaly processor, plain processor, description), random weights, built in code."""
+    import torch
+
+    from anomaly_assistant import modeling, tiny
+    from anomaly_assistant.backbones import qwen2_5_vl
+    from anomaly_assistant.processing import anomaly_processor
+
+    family = "qwen2_5_vl"
+    torch.manual_seed(cfg.seed)
+    if not cfg.real_widths:
+        backbone, plain = tiny.build_tiny(family, seed=cfg.seed)
+        model, processor = modeling.from_backbone(backbone, plain, feature_source=cfg.feature_source)
+        dtype = torch.float32
+    else:
+        from transformers import Qwen2_5_VLConfig
+
+        tokenizer = tiny.build_tokenizer(family)
+        plain = qwen2_5_vl.build_processor(tokenizer, min_pixels=56 * 56, max_pixels=1024 * 1024)
+        text = dict(QWEN25_VL_3B["text"], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=None, tie_word_embeddings=True)
+        if cfg.llm_layers:
+            text["num_hidden_layers"] = cfg.llm_layers
+        ids = tokenizer.convert_tokens_to_ids
+        base = Qwen2_5_VLConfig(
+            text_config=text, vision_config=dict(QWEN25_VL_3B["vision"]), tie_word_embeddings=True,
+            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        )
+        expert, levels, source = modeling.default_expert_config(base, family, cfg.feature_source)
+        config = modeling.anomaly_config(base, family, tokenizer, expert, levels, source)
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = modeling.MODEL_CLASSES[family](config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.expert.reset_parameters()
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        processor = anomaly_processor(plain, family, expert.num_tokens, (source or {}).get("image_size"))
+    model = model.to(device).eval()
+    text_cfg = model.config.text_config
+    info = {
+        "family": family, "real_widths": cfg.real_widths, "dtype": str(dtype).replace("torch.", ""),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "expert_parameters": sum(p.numel() for p in model.expert.parameters()),
+        "text_hidden": text_cfg.hidden_size, "text_layers": text_cfg.num_hidden_layers,
+        "vision_hidden": model.config.vision_config.hidden_size, "vision_depth": model.config.vision_config.depth,
+        "feature_source": cfg.feature_source,
+    }
+    return model, processor, plain, info
+
+
+def _timed(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device: str) -> dict[str, Any]:
+    """Inspection latency with the expert vs the same weights without it, same generated length."""
+    import torch
+
+    from anomaly_assistant import AnomalyAssistant
+    from anomaly_assistant.prompts import INSPECTION_PROMPT
+
+    model, processor, plain, info = build_model(cfg, device)
+    assistant = AnomalyAssistant(model, processor, device=device)
+    n = cfg.new_tokens
+    gen = {"min_new_tokens": n, "max_new_tokens": n}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    images = tests[: max(1, cfg.inspections)]
+    session = assistant.chat(references=refs)  # references fitted once per session, as in use
+
+    def with_expert(im):
+        return lambda: session.inspect(im, **gen)
+
+    plain.tokenizer.padding_side = "left"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
+    prompt = plain.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    out_len: list[int] = []
+
+    def without_expert(im):
+        def run():
+            batch = plain(images=[im], text=[prompt], return_tensors="pt").to(device)
+            with torch.no_grad():
+                seq = model.generate(**batch, do_sample=False, **gen)
+            out_len.append(seq.shape[1] - batch["input_ids"].shape[1])
+        return run
+
+    with_expert(images[0])()  # warm-up both paths
+    without_expert(images[0])()
+    out_len.clear()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t_with = [_timed(with_expert(im), sync) for im in images]
+    t_without = [_timed(without_expert(im), sync) for im in images]
+    if any(k != n for k in out_len):
+        raise RuntimeError(f"generation length differs from {n}: {out_len}")
+    med_with, med_without = statistics.median(t_with), statistics.median(t_without)
+    out = {
+        "expert_latency_ratio": med_with / med_without,
+        "tokens_per_s": n / med_with,
+        "inspection": {"with_expert_s": t_with, "without_expert_s": t_without, "median_with_s": med_with,
+                       "median_without_s": med_without, "new_tokens": n, "tokens_per_s_without_expert": n / med_without,
+                       "model": info},
+    }
+    if device.startswith("cuda"):
+        out["inspection"]["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    t0 = time.perf_counter()
+    tests, refs = bench_images(cfg)
+    result: dict[str, Any] = {}
+    result.update(bench_screening(tests, refs))
+    result.update(bench_inspection(cfg, tests, refs, device))
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["seconds"] = time.perf_counter() - t0
+    result["config"] = asdict(cfg)
+    result["machine"] = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    if device.startswith("cuda"):
+        result["machine"]["gpu"] = torch.cuda.get_device_name()
+    return {**{k: result.pop(k) for k in KEYS}, **result}
+
+
+def write_report(result: dict[str, Any], out_json: Path) -> tuple[Path, Path]:
+    from anomaly_assistant.eval import report as R
+
+    rep = R.Report("Speed and memory benchmark", out_json)
+    rep.heading("Summary")
+    rep.table([{k: result[k] for k in KEYS}])
+    m = result["inspection"]["model"]
+    rep.text(f"Model: {m['family']} {'at Qwen2.5-VL-3B widths' if m['real_widths'] else 'tiny'} "
+             f"({m['parameters'] / 1e6:.1f} M parameters, expert {m['expert_parameters'] / 1e6:.2f} M, "
+             f"text {m['text_hidden']}×{m['text_layers']}, vision {m['vision_hidden']}×{m['vision_depth']}, "
+             f"{m['dtype']}), device {result['machine']['device']}, {result['machine']['threads']} threads.")
+    s = result["screening"]
+    rep.heading("Expert-only screening")
+    rep.table([{"images": s["images"], "seconds": s["seconds"], "img/s": result["screening_img_per_s"],
+                "extract_s": s["extract_s"], "match_s": s["match_s"], "other_s": s["other_s"]}])
+    i = result["inspection"]
+    rep.heading("Inspection latency")
+    rep.table([{"path": "with expert", "median_s": i["median_with_s"], "tokens/s": result["tokens_per_s"]},
+               {"path": "without expert", "median_s": i["median_without_s"],
+                "tokens/s": i["tokens_per_s_without_expert"]}])
+    rep.heading("Figures")
+    rep.figure(R.plot_bars({"screening": {"extract_s": s["extract_s"], "match_s": s["match_s"],
+                                          "other_s": s["other_s"]},
+                            "inspection": {"with expert": i["median_with_s"], "without expert": i["median_without_s"]}},
+                           ["extract_s", "match_s", "other_s", "with expert", "without expert"],
+                           rep.figure_path("times.png"), title="seconds", ylim=None),
+               "Screening time split (all images) and median inspection latency per image")
+    return rep.save()
+
+
+def main(argv: list[str] | None = None, command: str = "bench") -> int:
+    from anomaly_assistant.eval import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = cli.parse_config(BenchConfig, argv, f"anomaly-assistant {command}", __doc__.splitlines()[0])
+    if not cfg.out:
+        print(f"anomaly-assistant {command}: required: --out", file=sys.stderr)
+        return 2
+    result = run(cfg)
+    out = Path(cfg.out)
+    md, html = write_report(result, out)
+    result["report"] = {"markdown": md.name, "html": html.name}
+    cli.write_json(result, out)
+    print(json.dumps({k: result[k] for k in KEYS}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
