@@ -9,6 +9,7 @@ conversation, keep image and references), /help, /quit (or end of input).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -78,13 +79,24 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any]:
 def converse(session: Any, finding: Any, stdin: TextIO, stdout: TextIO) -> None:
     """The read-answer loop: one question per line until /quit or end of input."""
     interactive = stdin.isatty()
+    use_input = interactive and stdin is sys.stdin and stdout is sys.stdout
+    if use_input:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
     while True:
-        if interactive:
-            stdout.write("> ")
-            stdout.flush()
-        line = stdin.readline()
-        if not line:  # end of input
-            break
+        if use_input:
+            try:
+                line = input("> ")
+            except EOFError:  # Ctrl-D
+                stdout.write("\n")
+                break
+        else:
+            if interactive:
+                stdout.write("> ")
+                stdout.flush()
+            line = stdin.readline()
+            if not line:  # end of input
+                break
         question = line.strip()
         if not question:
             continue
