@@ -38,10 +38,12 @@ class BuildConfig:
     synth_categories: list[str] = field(default_factory=lambda: list(CATEGORIES), metadata={"help": "SynthInspect categories"})
     defects: int = field(default=0, metadata={"help": "defects synthesised on normal images of the sources"})
     textures: int = field(default=0, metadata={"help": "crops of scikit-image's CC0 textures (half given defects)"})
-    backbone: str = field(default="qwen2_5_vl", metadata={"help": f"box frame of the targets: {', '.join(BACKBONES)}"})
+    backbone: str = field(default="qwen2_5_vl", metadata={"help": "box frame of the targets", "choices": BACKBONES})
+    processor: str = field(default="", metadata={"help": "checkpoint folder or hub id whose processor sets the box "
+                                                       "frame (default: the real checkpoint's resize settings)"})
     kinds: list[str] = field(default_factory=lambda: list(conversations.SAMPLE_KINDS),
                              metadata={"help": "conversation kinds per image"})
-    sft_format: str = field(default="messages", metadata={"help": "messages or prompt_completion"})
+    sft_format: str = field(default="messages", metadata={"help": "SFT columns", "choices": ("messages", "prompt_completion")})
     fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "train/val/test"})
     keep_splits: bool = field(default=False, metadata={"help": "keep the sources' own train/test splits"})
     seed: int = field(default=0, metadata={"help": "random seed (everything is deterministic given it)"})
@@ -187,6 +189,14 @@ def build(cfg: BuildConfig) -> BuildResult:
         rewrite = Teacher.from_env(cache_dir=out / ".teacher_cache")
         if rewrite is None:
             skips.add("teacher", "teacher disabled: ANOMALY_TEACHER_BASE_URL is not set (templated texts kept)")
+    processor = None
+    if cfg.processor:
+        from transformers import AutoProcessor
+
+        from anomaly_assistant import backbones
+
+        backbones.get(cfg.backbone)  # registers the image-only processor classes with AutoProcessor
+        processor = AutoProcessor.from_pretrained(cfg.processor)
     frames: dict[tuple[int, int], object] = {}
     samples: dict[str, list[conversations.Sample]] = {}
     for sp, recs in splits.items():
@@ -194,7 +204,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         for i, rec in enumerate(bar(recs, desc=f"conversations {sp}", unit="img")):
             size = tuple(rec.image_size)
             if size not in frames:
-                frames[size] = input_frame(cfg.backbone, size)
+                frames[size] = input_frame(cfg.backbone, size, processor)
             srng = np.random.default_rng([cfg.seed, hash_group(rec.group), i])
             samples[sp] += conversations.build_samples(rec, frames[size], srng, cfg.kinds, rewrite=rewrite)
     timings["conversations_s"] = time.perf_counter() - t0

@@ -71,6 +71,15 @@ def yx_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
 
 
+def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Dilate a boolean mask by `radius` pixels (square): two separable 1-D max filters (fast at any radius)."""
+    from scipy.ndimage import maximum_filter1d
+
+    m = mask.astype(np.uint8)
+    m = maximum_filter1d(maximum_filter1d(m, 2 * radius + 1, axis=0), 2 * radius + 1, axis=1)
+    return m > 0
+
+
 def _pick_center(h: int, w: int, rng: np.random.Generator, region: np.ndarray | None, margin: float = 0.1) -> tuple[int, int]:
     if region is not None and region.any():
         ys, xs = np.nonzero(region)
@@ -323,6 +332,10 @@ def synthesize(
         mask = alpha > 0.5
         if mask.sum() >= min_area:
             break
+    # soft edges may leave faint alpha far from the mask (isolated noise specks): keep the image exactly
+    # unchanged there, so every altered pixel lies in or right next to the mask
+    near = grow_mask(mask, 3)
+    out = np.where(near[..., None], out, img)
     out_u8 = np.clip(out, 0, 255).astype(np.uint8)
     boxes = mask_to_boxes(mask, min_area=max(4, min_area // 2), merge_gap=2)
     return Defect(out_u8, mask, DEFECT_TYPE_NAMES[kind], kind, boxes)

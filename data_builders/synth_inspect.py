@@ -73,8 +73,17 @@ class SynthSample:
 # Each renderer: (size, rng) -> (float32 image [H, W, 3] in 0..255, foreground mask or None, defect region or None)
 
 
+_GRAIN_BANK: dict[tuple[int, int], np.ndarray] = {}
+
+
 def _grain(h: int, w: int, rng: np.random.Generator, amount: float) -> np.ndarray:
-    return rng.standard_normal((h, w, 1), dtype=np.float32) * np.float32(amount)
+    """Sensor-like grain: a randomly shifted window of a fixed unit-noise field (drawing fresh noise per image
+    costs more than the rest of a render). [H, W, 1]"""
+    bank = _GRAIN_BANK.get((h, w))
+    if bank is None:
+        bank = _GRAIN_BANK[(h, w)] = np.random.default_rng(12345).standard_normal((2 * h, 2 * w, 1), dtype=np.float32)
+    y, x = int(rng.integers(h)), int(rng.integers(w))
+    return bank[y : y + h, x : x + w] * np.float32(amount)
 
 
 def _woven(s: int, rng: np.random.Generator):

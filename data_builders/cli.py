@@ -1,0 +1,207 @@
+"""`anomaly-assistant data {build,inspect,synth}`: thin wrappers over `build.build`, the readers and SynthInspect.
+
+Each sub-command has one dataclass config; flags come from its fields and `--config file.yaml` supplies any of
+them (flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomaly_assistant.data_builders.build import BuildConfig
+
+PROG = "anomaly-assistant data"
+# flag names that read better singular on the command line (repeatable)
+_FLAG_NAMES = {"sources": "source", "kinds": "kind", "synth_categories": "synth-category", "categories": "category"}
+
+
+@dataclass
+class InspectConfig:
+    """Counts per split / category / defect type / label, and an image grid with boxes and masks drawn."""
+
+    path: str = field(default="", metadata={"help": "a build output folder, a dataset folder or KIND:PATH", "positional": True})
+    grid: str = field(default="", metadata={"help": "PNG to write (default: <path>/preview.png or ./preview.png)"})
+    n: int = field(default=16, metadata={"help": "samples in the grid"})
+    seed: int = field(default=0, metadata={"help": "which samples"})
+    split: str = field(default="", metadata={"help": "only this split of a build output"})
+
+
+@dataclass
+class SynthCommandConfig:
+    """Write SynthInspect as an MVTec-layout folder (readable by every MVTec tool and by `data build`)."""
+
+    out: str = field(default="runs/synth_inspect", metadata={"help": "output folder"})
+    n_train: int = field(default=20, metadata={"help": "normal training images per category"})
+    n_test: int = field(default=20, metadata={"help": "test images per category (about half anomalous)"})
+    size: int = field(default=256, metadata={"help": "image side in pixels"})
+    categories: list[str] = field(default_factory=list, metadata={"help": "categories (default: all)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+
+def _flag(name: str) -> str:
+    return "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
+
+
+def _parser_for(cls: type, prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, help_text = hints[f.name], f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+        elif tp is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            parser.add_argument(_flag(f.name), dest=f.name, type=item, nargs="+", action="extend",
+                                default=argparse.SUPPRESS, metavar=_FLAG_NAMES.get(f.name, f.name).upper(), help=f"{help_text} (default: {default}; repeatable)")
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=argparse.SUPPRESS,
+                                choices=f.metadata.get("choices"), help=f"{help_text} (default: {default})")
+    return parser
+
+
+def parse_config(cls: type, argv: list[str], prog: str) -> Any:
+    """Flags > `--config` YAML > dataclass defaults."""
+    parser = _parser_for(cls, prog)
+    ns = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = ns.pop("config", None)
+    if config_path:
+        import yaml
+
+        values.update(yaml.safe_load(Path(config_path).read_text()) or {})
+    values.update(ns)
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        parser.error(f"unknown option(s) in the config: {', '.join(sorted(unknown))}")
+    return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_build(cfg: BuildConfig) -> int:
+    from anomaly_assistant.data_builders.build import build
+
+    if not cfg.sources and not (cfg.synth or cfg.textures):
+        print(f"{PROG} build: nothing to build: give --source, --synth or --textures", file=sys.stderr)
+        return 2
+    import datasets
+
+    datasets.disable_progress_bars()
+    result = build(cfg)
+    print(result.summary_table())
+    print(f"\nwrote {result.out}/ (sft, grpo, expert, records, README.md, summary.json); "
+          f"timings: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    return 0
+
+
+def _load_for_inspect(cfg: InspectConfig):
+    from anomaly_assistant.data_builders.export import read_records_jsonl
+    from anomaly_assistant.data_builders.records import SkipLog
+    from anomaly_assistant.data_builders.sources import read_source
+
+    path = Path(cfg.path)
+    skips = SkipLog()
+    if (path / "records").is_dir():
+        files = sorted((path / "records").glob("*.jsonl"))
+        if cfg.split:
+            files = [f for f in files if f.stem == cfg.split]
+        records = [r for f in files for r in read_records_jsonl(f)]
+    else:
+        records = read_source(cfg.path, skips)
+    return records, skips
+
+
+def cmd_inspect(cfg: InspectConfig) -> int:
+    from anomaly_assistant.data_builders.preview import render_grid
+    from anomaly_assistant.data_builders.records import summarize
+
+    if not cfg.path:
+        print(f"{PROG} inspect: give a PATH", file=sys.stderr)
+        return 2
+    if not Path(cfg.path.split(":", 1)[-1] if not Path(cfg.path).exists() else cfg.path).exists():
+        print(f"{PROG} inspect: {cfg.path} does not exist", file=sys.stderr)
+        return 2
+    records, skips = _load_for_inspect(cfg)
+    counts = summarize(records)
+    n1 = sum(r.gt_label for r in records)
+    print(f"{len(records)} images: {len(records) - n1} normal, {n1} anomalous")
+    for name in ("split", "source", "category", "defect_type"):
+        items = sorted(counts[name].items(), key=lambda kv: (-kv[1], str(kv[0])))
+        width = max((len(str(k)) for k, _ in items), default=4)
+        print(f"\n{name}:")
+        for k, v in items:
+            print(f"  {str(k).ljust(width)}  {v:6d}")
+    if len(skips):
+        print("\n" + skips.format(limit=20))
+    if records:
+        target = Path(cfg.grid) if cfg.grid else (Path(cfg.path) / "preview.png" if (Path(cfg.path) / "records").is_dir()
+                                                   else Path("preview.png"))
+        render_grid(records, target, n=cfg.n, seed=cfg.seed)
+        print(f"\ngrid of {min(cfg.n, len(records))} samples (boxes red, masks yellow): {target}")
+    return 0
+
+
+def cmd_synth(cfg: SynthCommandConfig) -> int:
+    import time
+
+    from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, SynthConfig, SynthInspect
+
+    cats = tuple(cfg.categories) or CATEGORIES
+    gen = SynthInspect(SynthConfig(size=cfg.size, categories=cats, seed=cfg.seed))
+    t0 = time.perf_counter()
+    recs = gen.write_mvtec(cfg.out, cfg.n_train, cfg.n_test, progress=True)
+    dt = time.perf_counter() - t0
+    n1 = sum(r.gt_label for r in recs)
+    print(json.dumps({"out": cfg.out, "images": len(recs), "anomalous": n1, "categories": list(cats),
+                      "images_per_s": round(len(recs) / max(dt, 1e-9), 1)}))
+    return 0
+
+
+COMMANDS = {
+    "build": (BuildConfig, cmd_build, "build SFT / GRPO / expert datasets from sources and synthetic data"),
+    "inspect": (InspectConfig, cmd_inspect, "print counts and save an image grid with boxes and masks"),
+    "synth": (SynthCommandConfig, cmd_synth, "write SynthInspect images in the MVTec AD layout"),
+}
+
+
+def main(argv: list[str] | None = None, command: str = "data") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog=PROG, description="Build and inspect training / evaluation data.")
+    sub = top.add_subparsers(dest="sub", metavar="SUBCOMMAND")
+    for name, (_, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        top.print_usage(sys.stderr)
+        print(f"{PROG}: unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    cls, fn, _ = COMMANDS[name]
+    try:
+        cfg = parse_config(cls, rest, f"{PROG} {name}")
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        return int(fn(cfg) or 0)
+    except ValueError as exc:  # configuration errors (unknown backbone, bad fractions): a message, not a traceback
+        print(f"{PROG} {name}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
