@@ -192,7 +192,7 @@ def _followups(f: dict[str, Any], boxes_input: list[list[int]], rng: np.random.G
     box_text = ", ".join(str(b) for b in boxes_input[:4])
     where = f"the {f['where']}" if f["where"] else "the marked region"
     causes, effects, prevention = fam.causes, fam.effects, fam.prevention
-    return [
+    turns = [
         ("low_level", _pick(rng, ("Where exactly is the defect?", "Where is the anomaly located?",
                                   "Can you point to the defect?")),
          f"It is at {where} of the image" + (f", inside {box_text} in input pixels." if box_text else ".")),
@@ -209,6 +209,7 @@ def _followups(f: dict[str, Any], boxes_input: list[list[int]], rng: np.random.G
                                 "How do we stop this from happening again?")),
          "; ".join(prevention[:2]).capitalize() + "."),
     ]
+    return turns if boxes_input else turns[1:]  # without a box there is no "where" to answer
 
 
 # --------------------------------------------------------------------------------------------- samples

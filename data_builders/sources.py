@@ -379,7 +379,8 @@ def read_llava_json(
             if isinstance(t, dict):
                 role = _ROLE.get(str(t.get("from", t.get("role", ""))).lower(), "user")
                 text = str(t.get("value", t.get("content", ""))).replace("<image>", "").strip()
-                turns.append({"role": role, "content": text})
+                extra = {k: v for k, v in t.items() if k not in ("from", "value", "role", "content")}
+                turns.append({"role": role, "content": text, **extra})  # keep per-turn tags (e.g. "type")
         label = _json_label(meta_in, turns, image)
         if label is None:
             skips.add(img, "unlabelled: no metadata.anomaly, detection answer or good/defect folder")
@@ -623,8 +624,9 @@ def read_manifest(
         defect = (row.get("defect_type") or None) if label else None
         rec = Record(
             image_path=str(img), gt_label=label, gt_mask=mask_path, gt_boxes=boxes if label else [],
-            defect_type=(defect or "anomaly") if label else None, category=str(row.get("category") or ""),
+            defect_type=(defect or "anomaly") if label else None, category=str(row.get("category") or root.name),
             source=source, split=str(row.get("split") or ""), reference_path=ref, image_size=size,
+            meta={"label_raw": raw_label} if str(raw_label).strip().lower() not in ("0", "1") else {},
         )
         rec = _with_mask(rec, size, skips, with_boxes)
         if rec is not None:

@@ -165,3 +165,14 @@ def test_teacher_rewrites_through_openai_endpoint_with_cache(tmp_path, monkeypat
     dead = Teacher(base_url="http://127.0.0.1:9/v1", model="m", cache_dir=tmp_path / "c2", timeout_s=2)
     assert dead("rationale", "A scratch.", {}) == "A scratch." and dead.stats["failed"] == 1
     assert np.isfinite(len(answer))
+
+
+def test_anomalous_without_boxes_never_invents_a_location():
+    rec = Record("cell.png", 1, defect_type="anomaly", category="elpv", image_size=(300, 300))
+    frame = input_frame("qwen2_5_vl", rec.image_size)
+    for i in range(20):
+        for s in build_samples(rec, frame, rng=i):
+            parsed = parse_answer(s.answer)
+            assert parsed.ok and parsed.verdict == "anomalous" and parsed.boxes == []
+            text = " ".join(m["content"] for m in s.messages)
+            assert "marked region" not in text and "Where" not in text

@@ -168,3 +168,27 @@ def test_real_deeppcb():
     assert {t for r in tests for t in r.meta["box_types"]} <= set(DEEPPCB_TYPES.values())
     assert all(0 <= b[0] < b[2] <= 640 and 0 <= b[1] < b[3] <= 640 for r in tests for b in r.gt_boxes)
     assert np.mean([len(r.gt_boxes) for r in tests]) > 2
+
+
+@pytest.mark.skipif(not (REAL_DEV / "elpv").is_dir(), reason="real-dev data not present")
+def test_real_elpv_through_the_generic_reader():
+    """ELPV's labels.csv (image, defect_probability, cell_type) is a generic manifest: probability >= 0.5 = defective."""
+    skips = SkipLog()
+    recs = read_folder(REAL_DEV / "elpv", skips=skips, source="elpv")
+    assert len(recs) == 300 and len(skips) == 0
+    assert all(r.category == "elpv" and r.gt_boxes == [] for r in recs)
+    probs = {r.image_path: float(r.meta.get("label_raw", r.gt_label)) for r in recs}
+    assert all((p >= 0.5) == bool(r.gt_label) for r in recs for p in [probs[r.image_path]])
+    assert 0 < sum(r.gt_label for r in recs) < 300
+
+
+def test_llava_turn_tags_are_kept(llava_root, tmp_path):
+    """Per-turn tags (VisA-D&R marks low-level / complex questions) reach `meta["conversations"]`."""
+    import json
+
+    item = {"id": "t", "image": str(llava_root / "images" / "bottle" / "test" / "crack" / "000.png"),
+            "conversations": [{"from": "human", "value": "<image>\nWhy?", "type": "complex"},
+                              {"from": "gpt", "value": "Heat."}], "metadata": {"anomaly": True}}
+    (llava_root / "tagged.json").write_text(json.dumps([item | {"image": "images/bottle/test/crack/000.png"}]))
+    (rec,) = read_visa_dr(llava_root / "tagged.json")
+    assert rec.meta["conversations"][0] == {"role": "user", "content": "Why?", "type": "complex"}
