@@ -23,6 +23,9 @@ class ExpertConfig:
     feature_source: where the level grids come from: "backbone" (the LLM's vision tower, Anomaly-OV's way) or
         "efficientnet_lite0" (the pretrained CNN of `expert/sources.py`). Only recorded here; the expert itself
         accepts any level grids whose channel counts match `level_dims`.
+    source_options: keyword arguments that rebuild the feature source with the settings the expert was trained
+        on, e.g. `EfficientNetLite0Config(**source_options)` ({"image_size": 256, "blocks": [4, 10], "pad": 16}),
+        or the backbone's `levels` for "backbone". Saved with the expert so a checkpoint knows its features.
     level_dims: channels C_l of each level grid (Anomaly-OV: 4 x 1152 SigLIP widths).
     token_dim: D, width of the visual tokens v° the LLM sees (the selector's values and the output tokens).
     embed_dim: width of the matching space (Aᵢ, Gᵢ, e±, the selector's Q/K). Anomaly-OV: 512.
@@ -45,6 +48,7 @@ class ExpertConfig:
     """
 
     feature_source: str = "backbone"
+    source_options: dict[str, Any] = field(default_factory=dict)
     level_dims: list[int] = field(default_factory=lambda: [1152, 1152, 1152, 1152])
     token_dim: int = 1152
     embed_dim: int = 512
@@ -62,6 +66,9 @@ class ExpertConfig:
 
     def __post_init__(self) -> None:
         self.level_dims = [int(d) for d in self.level_dims]
+        self.source_options = json.loads(
+            json.dumps(dict(self.source_options))
+        )  # JSON types only (tuples -> lists)
         self.level_thresholds = [float(t) for t in self.level_thresholds]
         self.level_words = [str(w) for w in self.level_words]
         if self.feature_source not in FEATURE_SOURCES:

@@ -315,15 +315,25 @@ class AnomalyExpert(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", **overrides: Any
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        **overrides: Any,
     ) -> AnomalyExpert:
-        """Rebuild from `save_pretrained`'s files; `overrides` patch config fields that do not change shapes."""
+        """Rebuild from `save_pretrained`'s files, in eval mode.
+
+        dtype: None keeps the saved floating dtype; `overrides` patch config fields that do not change shapes.
+        """
         from safetensors.torch import load_file
 
         d = Path(directory)
         config = ExpertConfig.load(d / CONFIG_NAME)
         if overrides:
             config = ExpertConfig.from_dict({**config.to_dict(), **overrides})
-        model = cls(config)
-        model.load_state_dict(load_file(str(d / WEIGHTS_NAME), device=str(device)), strict=True)
-        return model.to(device).eval()
+        state = load_file(str(d / WEIGHTS_NAME), device=str(device))
+        if dtype is None:
+            dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        model = cls(config).to(device=device, dtype=dtype)
+        model.load_state_dict(state, strict=True)
+        return model.eval()

@@ -313,9 +313,13 @@ def test_save_and_reload_is_exact(tmp_path):
     assert a.level_word == b.level_word and b.map_source == "ltfm"
 
 
-def test_untrained_flag_survives_reload(tmp_path):
-    _expert().save_pretrained(tmp_path)
-    assert not AnomalyExpert.from_pretrained(tmp_path).is_trained
+def test_untrained_flag_and_dtype_survive_reload(tmp_path):
+    _expert().to(torch.bfloat16).save_pretrained(tmp_path)
+    again = AnomalyExpert.from_pretrained(tmp_path)
+    assert not again.is_trained and again.projector.linear.weight.dtype == torch.bfloat16
+    assert (
+        AnomalyExpert.from_pretrained(tmp_path, dtype=torch.float32).ltfm.descriptors.dtype == torch.float32
+    )
 
 
 def test_config_json_round_trip_and_validation():
@@ -410,7 +414,8 @@ def effnet_source():
     pytest.importorskip("efficientnet_lite_pytorch")
     from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
 
-    return EfficientNetLite0Source(EfficientNetLite0Config(image_size=128, blocks=(4, 10)))
+    options = {"image_size": 128, "blocks": (4, 10)}
+    return EfficientNetLite0Source(EfficientNetLite0Config(**options)), options
 
 
 def _real_image(size=(160, 120)):
@@ -420,13 +425,20 @@ def _real_image(size=(160, 120)):
     return Image.fromarray(data.coffee()).resize(size)
 
 
-def test_efficientnet_source_feeds_the_expert(effnet_source):
-    [levels] = effnet_source([_real_image()])
+def test_efficientnet_source_feeds_the_expert(effnet_source, tmp_path):
+    from anomaly_assistant.expert.sources import EfficientNetLite0Config
+
+    source, options = effnet_source
+    [levels] = source([_real_image()])
     assert [tuple(g.shape) for g in levels] == [(16, 16, 40), (8, 8, 112)]
     # Standalone screening: no LLM, the last level doubles as v°.
-    alone = AnomalyExpert(
-        ExpertConfig.tiny(feature_source="efficientnet_lite0", level_dims=[40, 112], token_dim=112)
+    cfg = ExpertConfig.tiny(
+        feature_source="efficientnet_lite0", source_options=options, level_dims=source.channels, token_dim=112
     )
+    alone = AnomalyExpert(cfg)
+    alone.save_pretrained(tmp_path)  # the checkpoint records how to rebuild its source
+    saved = AnomalyExpert.from_pretrained(tmp_path).config.source_options
+    assert EfficientNetLite0Config(**saved).blocks == [4, 10] and saved["image_size"] == 128
     out = alone.mark_trained()(levels)
     assert out.anomaly_map.shape == (8, 8) and out.tokens.shape == (5, 112)
     # Beside an LLM: CNN levels, v° from the backbone on its own (coarser) token grid.
