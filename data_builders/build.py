@@ -171,9 +171,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     if cfg.synth > 0:
         cats = tuple(cfg.synth_categories)
         gen = SynthInspect(SynthConfig(size=cfg.synth_size, categories=cats, seed=cfg.seed))
-        per_cat = -(-cfg.synth // len(cats))
-        synth = gen.write_mvtec(out / "images" / "synth_inspect", n_train=0, n_test=per_cat, progress=cfg.progress)
-        records += synth[: cfg.synth]
+        records += gen.write_mvtec(out / "images" / "synth_inspect", n_train=0, n_test=0, total=cfg.synth,
+                                   progress=cfg.progress)
     normals = [r for r in records if r.gt_label == 0 and r.source != "synth_inspect"]
     records += synth_defect_records(normals, cfg.defects, out / "images" / "defects", rng, skips, cfg.progress)
     records += texture_records(cfg.textures, out / "images" / "textures", rng, progress=cfg.progress)
@@ -226,8 +225,11 @@ def build(cfg: BuildConfig) -> BuildResult:
     kinds_per_split = {sp: Counter(s.kind for s in ss) for sp, ss in samples.items()}
     notes = [f"boxes in the answer targets and `solution_boxes` are in the {cfg.backbone} input frame; "
              "`gt_boxes` are original pixels", f"seed {cfg.seed}"]
-    if any(r.source.startswith(("magnetic", "deeppcb", "elpv")) for recs in splits.values() for r in recs):
-        notes.append("contains real development images: keep their attribution and licences (see their folders)")
+    notes += [f"source: `{spec}`" for spec in cfg.sources]
+    if any("real-dev" in r.image_path or r.source.startswith(("magnetic", "deeppcb", "elpv"))
+           for recs in splits.values() for r in recs):
+        notes.append("contains real development images (magnetic tiles, DeepPCB, ELPV): keep their attribution and "
+                     "licences (ELPV is non-commercial); do not train a released default model on them")
     (out / "README.md").write_text(export.dataset_card(splits, kinds_per_split, skips, notes=notes))
     result = BuildResult(splits, samples, skips, timings, out)
     summary = {

@@ -92,7 +92,7 @@ def expert_row(rec: Record) -> dict[str, Any]:
         "mask": _image_value(rec.gt_mask) if rec.gt_mask and Path(rec.gt_mask).is_file() else None,
         "gt_label": rec.gt_label, "gt_boxes": [list(map(float, b)) for b in rec.gt_boxes],
         "category": rec.category, "defect_type": rec.defect_type, "source": rec.source,
-        "image_path": rec.image_path,
+        "image_path": rec.image_path, "reference_path": rec.reference_path,
     }
 
 
@@ -114,7 +114,7 @@ def _features(kind: str, fmt: str = "messages"):
     if kind == "expert":
         return ds.Features({
             "image": ds.Image(), "mask": ds.Image(), "gt_boxes": boxes, "defect_type": ds.Value("string"),
-            "image_path": ds.Value("string"), **common,
+            "image_path": ds.Value("string"), "reference_path": ds.Value("string"), **common,
         })
     raise ValueError(kind)
 

@@ -721,4 +721,6 @@ def read_source(spec: str, skips: SkipLog | None = None) -> list[Record]:
         return reader(path, extra or None, skips=skips)
     if kind == "manifest":
         return reader(path, extra or None, skips=skips)
+    if kind in ("mvtec", "folder"):  # name the source after its folder (mpdd, btad, magnetic_tile, …)
+        return reader(path, skips=skips, source=Path(path).resolve().name.lower() or kind)
     return reader(path, skips=skips)

@@ -302,18 +302,21 @@ class SynthInspect:
         for i in range(start, start + n):
             yield self.sample(i)
 
-    def write_mvtec(self, out_dir: str | Path, n_train: int, n_test: int, progress: bool = False) -> list[Record]:
+    def write_mvtec(self, out_dir: str | Path, n_train: int, n_test: int, progress: bool = False,
+                    total: int | None = None) -> list[Record]:
         """Write `<out>/<category>/{train/good,test/<defect>,ground_truth/<defect>}` (MVTec AD layout).
 
-        `n_train` normal and `n_test` mixed images per category; returns the written records."""
+        `n_train` normal and `n_test` mixed images per category, or, with `total`, `total` mixed test images
+        spread over the categories as evenly as possible; returns the written records."""
         from tqdm.auto import tqdm
 
         out = Path(out_dir)
         records: list[Record] = []
         cfg = self.config
-        total = len(cfg.categories) * (n_train + n_test)
-        bar = tqdm(total=total, desc="SynthInspect", disable=not progress, unit="img")
-        for cat in cfg.categories:
+        n_cats = len(cfg.categories)
+        tests = [n_test] * n_cats if total is None else [total // n_cats + (k < total % n_cats) for k in range(n_cats)]
+        bar = tqdm(total=n_cats * n_train + sum(tests), desc="SynthInspect", disable=not progress, unit="img")
+        for cat, n_test in zip(cfg.categories, tests):
             for i in range(n_train):
                 smp = render(cat, i, cfg.seed, cfg.size, anomalous=False)
                 path = out / cat / "train" / "good" / f"{i:03d}.png"
