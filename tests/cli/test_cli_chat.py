@@ -31,15 +31,17 @@ def test_chat_through_a_pipe(sample_paths):
     proc = run_cli("chat", sample_paths["scratch"], "--model", "tiny", "--max-new-tokens", "8",
                    "--references", sample_paths["good"], stdin=script)
     assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr, proc.stderr
     first = proc.stdout.splitlines()[0]
     assert first.startswith(f"{sample_paths['scratch']}: ")  # the inspection's Finding comes first
     assert "> " not in proc.stdout.splitlines()[1:2]  # no prompt when stdin is not a terminal
-    (finding,) = _json_rows(proc.stdout)  # exactly one /finding answered: /quit stopped the loop
+    rows = _json_rows(proc.stdout)
+    assert len(rows) == 1, proc.stdout  # exactly one /finding answered: /quit stopped the loop
+    finding = rows[0]
     assert FINDING_KEYS <= set(finding)
     assert finding["image"] == str(sample_paths["scratch"])
     assert f"score {finding['score']:.3f}" in first and finding["verdict"].upper() in first
-    assert "(conversation reset" in proc.stdout
+    assert "(conversation reset" in proc.stdout, proc.stdout
 
 
 @pytest.fixture(scope="module")
