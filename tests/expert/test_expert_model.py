@@ -76,6 +76,15 @@ def toy_backbone():
     return ToyBackbone()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shapes and K bookkeeping
 # ---------------------------------------------------------------------------------------------------------------
