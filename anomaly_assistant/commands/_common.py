@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -145,6 +146,13 @@ def format_finding(finding: Finding, name: str | None = None) -> str:
     if finding.notes:
         parts.append(f"notes: {'; '.join(finding.notes)}")
     return "  ".join(parts)
+
+
+def json_line(obj: Any) -> str:
+    """One JSON object on one line: besides \\n (always escaped by json), the Unicode line separators that
+    `str.splitlines` and some readers split on (U+0085, U+2028, U+2029) are escaped too; other text stays readable."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def finding_record(finding: Finding, **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +24,7 @@ from anomaly_assistant.commands._common import (
     add_model_arguments,
     finding_record,
     format_finding,
+    json_line,
     load_assistant,
     load_inputs,
     quiet_stdout,
@@ -105,7 +105,7 @@ def converse(session: Any, finding: Any, stdin: TextIO, stdout: TextIO) -> None:
         if question == "/help":
             print(COMMANDS_HELP, file=stdout, flush=True)
         elif question == "/finding":
-            print(json.dumps(finding_record(finding), ensure_ascii=False), file=stdout, flush=True)
+            print(json_line(finding_record(finding)), file=stdout, flush=True)
         elif question == "/reset":
             session.reset()
             print("(conversation reset; the image and references stay)", file=stdout, flush=True)

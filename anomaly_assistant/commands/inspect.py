@@ -9,7 +9,6 @@ the references (training-free), which gives verdict, calibrated score, map and b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from anomaly_assistant.commands._common import (
     finding_record,
     fit_screener,
     format_finding,
+    json_line,
     load_assistant,
     load_inputs,
     overlay_map,
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     def report_error(path: Path, message: str) -> None:
         warn(f"error: {message}")
         if args.json:
-            print(json.dumps({"image": str(path), "error": message}, ensure_ascii=False), flush=True)
+            print(json_line({"image": str(path), "error": message}), flush=True)
 
     items = load_inputs(args.images)
     for item in items:  # unreadable inputs are reported at once, before the (slow) model loads
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 overlay_map(item.image, finding).save(out)
                 extra["map_path"] = str(out)
         if args.json:
-            print(json.dumps(finding_record(finding, **extra), ensure_ascii=False), flush=True)
+            print(json_line(finding_record(finding, **extra)), flush=True)
         else:
             print(format_finding(finding), flush=True)
 

@@ -4,6 +4,7 @@ usage errors, interruption. Runs the real entry point (`cli.main`) in-process; s
 from __future__ import annotations
 
 import io
+import json
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
@@ -147,3 +148,10 @@ def test_jet_ramp_and_overlay_boxes():
     assert out.shape == (30, 40, 3)
     assert (out[6, 5:20] == 255).all() and (out[15, 5:20] == 255).all()  # top and bottom edges (x2/y2 exclusive)
     assert not (out[20, 25] == 255).all()
+
+
+def test_json_line_survives_unicode_line_separators():
+    text = "crack\u2028left edge\x85and\nbelow, é"
+    line = _common.json_line({"rationale": text})
+    assert len(line.splitlines()) == 1 and "é" in line
+    assert json.loads(line) == {"rationale": text}
