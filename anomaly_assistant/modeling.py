@@ -1,6 +1,7 @@
 """Anomaly*ForConditionalGeneration: each backbone family with the anomaly expert inside its forward.
 
-On a forward that carries images and anomaly blocks (the first forward of `generate`, every training step):
+On a forward of the inner model (`model.model`) that carries images and anomaly blocks (the first forward of
+`generate`, every training step, trainers that call the backbone directly):
 
 1. the vision tower runs once (`backbones.<family>.vision_features`): multi-level grids + v° + the image embeddings;
 2. the expert reads the levels (backbone source) or EfficientNet-Lite0 levels of `expert_pixel_values`
@@ -30,10 +31,13 @@ from transformers import (
     AutoModelForImageTextToText,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaModel,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
 )
 
 from . import backbones
@@ -77,18 +81,35 @@ class AnomalyLlavaConfig(LlavaConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The shared mechanism.
+# The shared mechanism. The injection lives in the INNER model (`model.model`, what `base_model` returns), so every
+# caller of the backbone gets it: the family's own forward and `generate`, and trainers that call the backbone
+# directly and apply the LM head themselves (TRL's fused log-prob head does exactly that).
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class AnomalyContext:
-    """Per-call state: the reference bank to match against and the expert outputs of the last image forward."""
+    """Per-call state: the reference to match against and the expert outputs of the last image forward."""
 
-    reference: Any = None  # a fitted expert.reference.MemoryBank (same feature source) or None
+    reference: Any = None  # a fitted expert.reference.MemoryBank, or one ReferenceMatch (or None) per image
     outputs: list[ExpertOutput] | None = None
 
 
-class AnomalyMixin:
-    """The expert inside a family's ForConditionalGeneration (see the module docstring)."""
+@dataclass
+class _FamilyView:
+    """What `backbones.<family>.vision_features` reads of a model: `.model` (the inner model) and `.config`."""
+
+    model: Any
+    config: Any
+
+
+def _skip_expert_init(owner: Any, module: nn.Module) -> bool:
+    """True for modules inside the expert: it keeps its own init (identity projector, descriptor scale)."""
+    inner = getattr(owner, "model", owner)
+    expert = getattr(inner, "expert", None) if isinstance(inner, nn.Module) else None
+    return expert is not None and any(module is m for m in expert.modules())
+
+
+class AnomalyInnerMixin:
+    """The expert inside a family's inner model (`Qwen2_5_VLModel`, `LlavaOnevisionModel`, `LlavaModel`)."""
 
     family: str
     config: Any
@@ -97,36 +118,13 @@ class AnomalyMixin:
         if not config.expert:
             raise ValueError("an anomaly config needs `expert` (ExpertConfig.to_dict())")
         self.expert = AnomalyExpert(ExpertConfig.from_dict(config.expert))
-        self._anomaly_context = AnomalyContext()
+        self.anomaly_state = AnomalyContext()
         self._cnn_source = None  # built lazily: the pretrained EfficientNet-Lite0 is not part of the checkpoint
 
-    @property
-    def expert_config(self) -> ExpertConfig:
-        return self.expert.config
-
     def _init_weights(self, module: nn.Module) -> None:
-        """The family's init everywhere but inside the expert, which keeps its own (identity projector etc.)."""
-        expert = getattr(self, "expert", None)  # the family's __init__ runs post_init before the expert exists
-        if expert is not None and any(module is m for m in expert.modules()):
-            return
-        super()._init_weights(module)
+        if not _skip_expert_init(self, module):
+            super()._init_weights(module)
 
-    def _supports_mm_encoder_outputs(self) -> bool:
-        """Keep `generate` from pre-encoding images: the expert needs the tower's intermediate levels, so the
-        prefill forward must receive `pixel_values` itself."""
-        return False
-
-    @contextlib.contextmanager
-    def anomaly_context(self, reference: Any = None) -> Iterator[AnomalyContext]:
-        """Match against `reference` during the calls inside; read the expert outputs from the yielded context."""
-        previous = self._anomaly_context
-        self._anomaly_context = AnomalyContext(reference=reference)
-        try:
-            yield self._anomaly_context
-        finally:
-            self._anomaly_context = previous
-
-    # -- feature sources ------------------------------------------------------------------------------------------
     def cnn_source(self):
         """The pretrained EfficientNet-Lite0 source (efficientnet feature source only), built on first use."""
         if self._cnn_source is None:
@@ -139,41 +137,36 @@ class AnomalyMixin:
 
     def expert_levels_from(self, features: backbones.VisionFeatures, expert_pixel_values: torch.Tensor | None):
         """Per image, the level grids the expert reads, from the configured source."""
-        if self.expert_config.feature_source == "backbone":
+        if self.expert.config.feature_source == "backbone":
             return features.level_grids
         if expert_pixel_values is None:
             raise ValueError("the efficientnet feature source needs `expert_pixel_values` from the anomaly processor")
-        source = self.cnn_source()
         with torch.no_grad():
-            levels = source.forward_tensor(expert_pixel_values.float().cpu())  # L x [B, C_l, H_l, W_l]
+            levels = self.cnn_source().forward_tensor(expert_pixel_values.float().cpu())  # L x [B, C_l, H_l, W_l]
         device = features.v0[0].device
         return [[lv[i].permute(1, 2, 0).to(device) for lv in levels] for i in range(len(features))]
 
-    def vision_inputs(self, **inputs: Any) -> dict:
-        return {k: v for k, v in inputs.items() if v is not None}
-
     def run_expert(self, inputs: dict, reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
-        """Vision features and expert outputs for a processor batch (no LLM). Used by forward and for screening."""
+        """Vision features and expert outputs for a processor batch (no LLM): one vision-tower pass."""
         module = backbones.get(self.family)
-        features = module.vision_features(self, inputs, levels=self.config.expert_levels)
+        features = module.vision_features(_FamilyView(self, self.config), inputs, levels=self.config.expert_levels)
         levels = self.expert_levels_from(features, inputs.get("expert_pixel_values"))
-        outputs = self.expert.forward_batch(levels, features.v0, reference=reference)
-        return features, outputs
+        return features, self.expert.forward_batch(levels, features.v0, reference=reference)
 
     def _level_embedding(self, output: ExpertOutput, table: nn.Embedding) -> torch.Tensor | None:
         if output.level_word is None or not self.config.level_word_token_ids:
             return None
-        index = list(self.expert_config.level_words).index(output.level_word)
+        index = list(self.expert.config.level_words).index(output.level_word)
         ids = torch.tensor(self.config.level_word_token_ids[index], device=table.weight.device)
         return table(ids).mean(0)  # [D]
 
-    def _anomaly_embeds(self, input_ids: torch.Tensor, inputs: dict) -> torch.Tensor:
+    def anomaly_embeds(self, input_ids: torch.Tensor, inputs: dict) -> torch.Tensor:
         """inputs_embeds with images and anomaly blocks filled in (steps 1-3 of the module docstring)."""
-        features, outputs = self.run_expert(inputs, reference=self._anomaly_context.reference)
-        self._anomaly_context.outputs = outputs
+        features, outputs = self.run_expert(inputs, reference=self.anomaly_state.reference)
+        self.anomaly_state.outputs = outputs
         embeds = backbones.embed_inputs(self, input_ids, features.image_embeds)  # [B, T, D]
         pad_mask = input_ids == self.config.anomaly_pad_token_id  # [B, T]
-        k = self.expert_config.num_tokens
+        k = self.expert.config.num_tokens
         if int(pad_mask.sum()) != k * len(outputs):
             raise ValueError(
                 f"{int(pad_mask.sum())} anomaly placeholders for {len(outputs)} images x K={k}: "
@@ -182,59 +175,88 @@ class AnomalyMixin:
         tokens = torch.cat([o.projected_tokens for o in outputs]).to(embeds.dtype)  # [n_images*K, D]
         embeds = embeds.masked_scatter(pad_mask[..., None].expand_as(embeds), tokens)
         level_positions = (input_ids == self.config.anomaly_level_token_id).nonzero().tolist()
-        table = self.get_input_embeddings()
         if len(level_positions) == len(outputs):
-            embeds = embeds.clone()
-            for (b, t), out in zip(level_positions, outputs):
-                word = self._level_embedding(out, table)
-                if word is not None:
-                    embeds[b, t] = word.to(embeds.dtype)
+            table = self.get_input_embeddings()
+            words = [self._level_embedding(out, table) for out in outputs]
+            if any(w is not None for w in words):
+                embeds = embeds.clone()
+                for (b, t), word in zip(level_positions, words):
+                    if word is not None:
+                        embeds[b, t] = word.to(embeds.dtype)
         return embeds
 
-    def _anomaly_forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
-                         expert_pixel_values: torch.Tensor | None = None, **kwargs: Any):
-        has_blocks = (
-            input_ids is not None and pixel_values is not None and kwargs.get("inputs_embeds") is None
-            and bool((input_ids == self.config.anomaly_pad_token_id).any())
-        )
-        if has_blocks is False and kwargs.get("mm_encoder_outputs") and input_ids is not None and bool(
-            (input_ids == self.config.anomaly_pad_token_id).any()
-        ):
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                expert_pixel_values: torch.Tensor | None = None, **kwargs: Any):
+        has_pads = input_ids is not None and bool((input_ids == self.config.anomaly_pad_token_id).any())
+        if has_pads and pixel_values is None and kwargs.get("mm_encoder_outputs"):
             raise ValueError("anomaly models encode images themselves: pass pixel_values, not mm_encoder_outputs")
-        if not has_blocks:
+        if not (has_pads and pixel_values is not None and kwargs.get("inputs_embeds") is None):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         vision_keys = ("image_grid_thw", "image_sizes", "batch_num_images", "mm_token_type_ids", "attention_mask")
         inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "expert_pixel_values": expert_pixel_values}
         inputs |= {k: kwargs[k] for k in vision_keys if kwargs.get(k) is not None}
-        embeds = self._anomaly_embeds(input_ids, inputs)
-        module = backbones.get(self.family)
-        forward_kwargs = module.embeds_forward_kwargs(inputs, embeds)
-        rest = {k: v for k, v in kwargs.items() if k not in forward_kwargs and k not in ("image_sizes", "batch_num_images")}
+        embeds = self.anomaly_embeds(input_ids, inputs)
+        forward_kwargs = backbones.get(self.family).embeds_forward_kwargs(inputs, embeds)
+        forward_kwargs.setdefault("input_ids", None)
+        dropped = ("image_sizes", "batch_num_images", "inputs_embeds", "mm_encoder_outputs")
+        rest = {k: v for k, v in kwargs.items() if k not in forward_kwargs and k not in dropped}
         return super().forward(**forward_kwargs, **rest)
 
 
+class AnomalyOuterMixin:
+    """The ForConditionalGeneration side: the inner model with the expert, the generate fix, convenience access."""
+
+    family: str
+    model: Any
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if not _skip_expert_init(self, module):
+            super()._init_weights(module)
+
+    @property
+    def expert(self) -> AnomalyExpert:
+        return self.model.expert
+
+    def run_expert(self, inputs: dict, reference: Any = None):
+        """Vision features and expert outputs for a processor batch, without the LLM (screening)."""
+        return self.model.run_expert(inputs, reference=reference)
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        """Keep `generate` from pre-encoding images: the expert needs the tower's intermediate levels, so the
+        prefill forward must receive `pixel_values` itself."""
+        return False
+
+    @contextlib.contextmanager
+    def anomaly_context(self, reference: Any = None) -> Iterator[AnomalyContext]:
+        """Match against `reference` during the calls inside; read the expert outputs from the yielded context."""
+        inner = self.model
+        previous = inner.anomaly_state
+        inner.anomaly_state = AnomalyContext(reference=reference)
+        try:
+            yield inner.anomaly_state
+        finally:
+            inner.anomaly_state = previous
+
+
 def _forward_like(family_cls: type):
-    """`forward` with the family's full signature plus `expert_pixel_values`: `generate` validates model kwargs
-    against the forward signature, so it must name every input the family accepts."""
+    """The family's forward under a signature that also names `expert_pixel_values`: `generate` validates its
+    model kwargs against the forward signature. The value travels to the inner model through **kwargs."""
 
     def forward(self, *args: Any, **kwargs: Any):
-        if args:  # positional calls follow the family's own order
-            names = list(inspect.signature(family_cls.forward).parameters)[1:]
-            kwargs.update(zip(names, args))
-        return AnomalyMixin._anomaly_forward(self, **kwargs)
+        if kwargs.get("expert_pixel_values") is None:
+            kwargs.pop("expert_pixel_values", None)
+        return family_cls.forward(self, *args, **kwargs)
 
     base = inspect.signature(family_cls.forward)
     params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     extra = inspect.Parameter("expert_pixel_values", inspect.Parameter.KEYWORD_ONLY, default=None)
     tail = [p for p in base.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
     forward.__signature__ = base.replace(parameters=params + [extra] + tail)
-    forward.__doc__ = AnomalyMixin.__doc__
+    forward.__doc__ = family_cls.forward.__doc__
     return forward
 
 
-class AnomalyQwen2_5_VLForConditionalGeneration(AnomalyMixin, Qwen2_5_VLForConditionalGeneration):
-    forward = _forward_like(Qwen2_5_VLForConditionalGeneration)
-    config_class = AnomalyQwen2_5_VLConfig
+class AnomalyQwen2_5_VLModel(AnomalyInnerMixin, Qwen2_5_VLModel):
     family = "qwen2_5_vl"
 
     def __init__(self, config: AnomalyQwen2_5_VLConfig):
@@ -243,9 +265,7 @@ class AnomalyQwen2_5_VLForConditionalGeneration(AnomalyMixin, Qwen2_5_VLForCondi
         self.post_init()
 
 
-class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyMixin, LlavaOnevisionForConditionalGeneration):
-    forward = _forward_like(LlavaOnevisionForConditionalGeneration)
-    config_class = AnomalyLlavaOnevisionConfig
+class AnomalyLlavaOnevisionModel(AnomalyInnerMixin, LlavaOnevisionModel):
     family = "llava_onevision"
 
     def __init__(self, config: AnomalyLlavaOnevisionConfig):
@@ -254,14 +274,45 @@ class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyMixin, LlavaOnevision
         self.post_init()
 
 
-class AnomalyLlavaForConditionalGeneration(AnomalyMixin, LlavaForConditionalGeneration):
-    forward = _forward_like(LlavaForConditionalGeneration)
-    config_class = AnomalyLlavaConfig
+class AnomalyLlavaModel(AnomalyInnerMixin, LlavaModel):
     family = "llava"
 
     def __init__(self, config: AnomalyLlavaConfig):
         super().__init__(config)
         self._init_anomaly(config)
+        self.post_init()
+
+
+class AnomalyQwen2_5_VLForConditionalGeneration(AnomalyOuterMixin, Qwen2_5_VLForConditionalGeneration):
+    config_class = AnomalyQwen2_5_VLConfig
+    family = "qwen2_5_vl"
+    forward = _forward_like(Qwen2_5_VLForConditionalGeneration)
+
+    def __init__(self, config: AnomalyQwen2_5_VLConfig):
+        super().__init__(config)
+        self.model = AnomalyQwen2_5_VLModel(config)
+        self.post_init()
+
+
+class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyOuterMixin, LlavaOnevisionForConditionalGeneration):
+    config_class = AnomalyLlavaOnevisionConfig
+    family = "llava_onevision"
+    forward = _forward_like(LlavaOnevisionForConditionalGeneration)
+
+    def __init__(self, config: AnomalyLlavaOnevisionConfig):
+        super().__init__(config)
+        self.model = AnomalyLlavaOnevisionModel(config)
+        self.post_init()
+
+
+class AnomalyLlavaForConditionalGeneration(AnomalyOuterMixin, LlavaForConditionalGeneration):
+    config_class = AnomalyLlavaConfig
+    family = "llava"
+    forward = _forward_like(LlavaForConditionalGeneration)
+
+    def __init__(self, config: AnomalyLlavaConfig):
+        super().__init__(config)
+        self.model = AnomalyLlavaModel(config)
         self.post_init()
 
 
@@ -340,7 +391,7 @@ def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
     config = anomaly_config(model.config, family, processor.tokenizer, expert, chosen, source)
     anomaly = MODEL_CLASSES[family](config)
     missing, unexpected = anomaly.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("expert.") for k in missing):
+    if unexpected or any(not k.startswith("model.expert.") for k in missing):
         raise RuntimeError(f"backbone weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     anomaly.expert.reset_parameters()
     anomaly.generation_config = model.generation_config
