@@ -153,6 +153,10 @@ def build(cfg: BuildConfig) -> BuildResult:
     skips = SkipLog()
     timings: dict[str, float] = {}
     bar = _tqdm(cfg.progress)
+    if not cfg.progress:
+        import datasets
+
+        datasets.disable_progress_bars()
 
     t0 = time.perf_counter()
     records: list[Record] = []
@@ -177,6 +181,10 @@ def build(cfg: BuildConfig) -> BuildResult:
     records += synth_defect_records(normals, cfg.defects, out / "images" / "defects", rng, skips, cfg.progress)
     records += texture_records(cfg.textures, out / "images" / "textures", rng, progress=cfg.progress)
     timings["synthesis_s"] = time.perf_counter() - t0
+    prefix = str(out) + "/"
+    for rec in records:  # generated images: groups relative to the output, so splits do not depend on --out
+        if rec.group.startswith(prefix):
+            rec.group = rec.group[len(prefix):]
 
     splits = export.split_records(records, cfg.fractions, cfg.seed, keep_existing=cfg.keep_splits)
 
@@ -204,7 +212,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             size = tuple(rec.image_size)
             if size not in frames:
                 frames[size] = input_frame(cfg.backbone, size, processor)
-            srng = np.random.default_rng([cfg.seed, hash_group(rec.group), i])
+            srng = np.random.default_rng([cfg.seed, hash_group(rec.group), i])  # order- and --out-independent
             samples[sp] += conversations.build_samples(rec, frames[size], srng, cfg.kinds, rewrite=rewrite)
     timings["conversations_s"] = time.perf_counter() - t0
 

@@ -89,3 +89,25 @@ def test_dataset_card_counts(built):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["splits"]["train"]["images"] == n["train"]
     assert "train" in result.summary_table()
+
+
+def test_build_is_deterministic_and_follows_a_saved_processor(tmp_path, tiny_models):
+    """Same config -> same records and targets; `--processor DIR` puts boxes in that processor's frame."""
+    from anomaly_assistant import backbones
+    from anomaly_assistant.data_builders.build import BuildConfig, build
+
+    _, processor = tiny_models["qwen2_5_vl"]
+    processor.save_pretrained(tmp_path / "proc")
+    runs = []
+    for name in ("a", "b"):
+        cfg = BuildConfig(synth=9, synth_size=320, textures=2, out=str(tmp_path / name), seed=5, kinds=["inspect"],
+                          progress=False, processor=str(tmp_path / "proc"))
+        runs.append(build(cfg))
+    a, b = runs
+    for sp in a.splits:
+        assert [(r.gt_label, r.defect_type, r.gt_boxes) for r in a.splits[sp]] == [
+            (r.gt_label, r.defect_type, r.gt_boxes) for r in b.splits[sp]]
+        assert [s.answer for s in a.samples[sp]] == [s.answer for s in b.samples[sp]]
+    sample = next(s for ss in a.samples.values() for s in ss)
+    expected = backbones.get("qwen2_5_vl").input_frame(processor, (320, 320))
+    assert sample.frame == expected and max(expected.input_size) <= 224  # the tiny 224x224 pixel budget
