@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
 

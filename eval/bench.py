@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio", "tokens_per_s", "peak_rss_mb")
 
 
@@ -37,7 +36,7 @@ class BenchConfig:
     image_size: int = field(default=256, metadata={"help": "image side in pixels"})
     references: int = field(default=4, metadata={"help": "reference normals"})
     new_tokens: int = field(default=32, metadata={"help": "generated tokens per inspection (forced exactly)"})
-    inspections: int = field(default=4, metadata={"help": "images timed for the latency ratio"})
+    inspections: int = field(default=8, metadata={"help": "images timed for the latency ratio (median)"})
     real_widths: bool = field(default=False, metadata={"help": "random model at Qwen2.5-VL-3B widths"})
     llm_layers: int | None = field(default=None, metadata={"help": "override the LLM depth (real widths: 36)"})
     feature_source: str = field(default="backbone", metadata={
@@ -55,9 +54,8 @@ def peak_rss_mb() -> float:
 
 def bench_images(cfg: BenchConfig) -> tuple[list[Any], list[Any]]:
     """(test images, reference normals) from SynthInspect, deterministic in the seed."""
-    from PIL import Image
-
     from anomaly_assistant.data_builders.synth_inspect import render
+    from PIL import Image
 
     refs = [Image.fromarray(render(cfg.category, 10_000 + i, seed=cfg.seed, size=cfg.image_size,
                                    anomalous=False).image) for i in range(cfg.references)]
@@ -200,8 +198,10 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
     out_len.clear()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_with = [_timed(with_expert(im), sync) for im in images]
-    t_without = [_timed(without_expert(im), sync) for im in images]
+    t_with, t_without = [], []
+    for im in images:  # interleaved, so both paths see the same machine load
+        t_with.append(_timed(with_expert(im), sync))
+        t_without.append(_timed(without_expert(im), sync))
     if any(k != n for k in out_len):
         raise RuntimeError(f"generation length differs from {n}: {out_len}")
     med_with, med_without = statistics.median(t_with), statistics.median(t_without)

@@ -18,7 +18,6 @@ from typing import Any
 
 from anomaly_assistant.eval.judge import JudgeConfig
 
-
 # ------------------------------------------------------------------------------ dataclass <-> argparse
 
 

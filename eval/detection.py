@@ -17,6 +17,7 @@ from typing import Any
 
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
+
 from anomaly_assistant.prompts import DETECTION_PROMPT  # the protocol's question; one home for prompts
 
 

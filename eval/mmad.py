@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from anomaly_assistant.eval import distributed
 from anomaly_assistant.eval import report as R
 

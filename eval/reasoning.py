@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from anomaly_assistant.eval import distributed
 from anomaly_assistant.eval import report as R
 from anomaly_assistant.eval.judge import Judge
@@ -43,7 +43,7 @@ def qa_pairs(record: Any) -> list[tuple[str, str, str]]:
     """(question, reference answer, kind) from `record.meta["conversations"]`; turns may carry their own kind."""
     turns = record.meta.get("conversations") or []
     pairs = []
-    for q, a in zip(turns, turns[1:]):
+    for q, a in pairwise(turns):
         if q.get("role") == "user" and a.get("role") == "assistant":
             kind = q.get("kind") or q.get("type")
             kind = kind if kind in (*KINDS, "detection") else question_kind(q["content"])

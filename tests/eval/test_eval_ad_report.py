@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from anomaly_assistant.data_builders.records import load_mask
 from anomaly_assistant.eval import ad
 from anomaly_assistant.eval import report as R
+from PIL import Image
 
 
 def _oracle_predictions(records, noise=0.0, seed=0):

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
-
 from anomaly_assistant.eval import metrics as M
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def test_image_auroc_ap_match_sklearn_on_random_data():

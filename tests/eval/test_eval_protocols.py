@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from anomaly_assistant.eval import detection, mmad, reasoning
 
 

@@ -6,7 +6,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
-
 from anomaly_assistant.eval import judge as J
 from anomaly_assistant.eval import text_metrics as T
 
@@ -56,10 +55,10 @@ def test_parse_scores():
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):
-    requests: list = []
+    requests: list = []  # noqa: RUF012 (reset per test by the fixture)
     fail_first = 0
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         if type(self).fail_first > 0:
@@ -131,8 +130,8 @@ def test_openai_judge_retries_server_errors_then_fails(server, tmp_path):
 def _tiny_local_lm(path):
     """A byte-level tokenizer with a chat template and a 2-layer Qwen2 LM, saved like any checkpoint."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
     from tokenizers import pre_tokenizers
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token=None, pad_token=None)
