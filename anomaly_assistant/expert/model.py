@@ -75,19 +75,35 @@ class DistanceBank(Protocol):
 Reference = Union[ReferenceMatch, DistanceBank]  # noqa: UP007 (a runtime alias; py3.10 has no | on Protocols)
 
 
-def match_reference(reference: Reference, levels: list[torch.Tensor]) -> ReferenceMatch:
-    """A fitted memory bank (or a precomputed `ReferenceMatch`) -> calibrated map and score in [0, 1].
+def match_reference(reference: Any, levels: list[torch.Tensor]) -> ReferenceMatch:
+    """A reference cue -> calibrated map and score in [0, 1].
 
-    Uses the bank's leave-one-out calibration (z = distance / tau, z²/(1+z²)), so 0.5 means "as unusual as the
-    least typical reference looks to the others", on the same scale as the LTFM's probabilities.
+    Accepts a fitted `reference.MemoryBank` (matched here against this image's levels, so it must be fitted on the
+    same feature source), a `ReferenceScreener` (its bank), a `ReferenceMatch`, or any result with `anomaly_map`
+    and `score` (e.g. a `reference.ScreenResult` computed on the original image, whatever features the expert
+    reads). Bank distances use the bank's leave-one-out calibration (z = distance / tau, z²/(1+z²)): 0.5 means
+    "as unusual as the least typical reference looks to the others", on the LTFM probabilities' scale.
     """
     if isinstance(reference, ReferenceMatch):
         return reference
+    bank = getattr(reference, "bank", reference)
+    if not hasattr(bank, "distance_map"):
+        if hasattr(reference, "anomaly_map") and hasattr(reference, "score"):
+            amap = torch.as_tensor(reference.anomaly_map, dtype=torch.float32)
+            return ReferenceMatch(amap, float(reference.score))
+        raise TypeError(f"not a reference: {type(reference).__name__}")
     from .reference import calibrate
 
-    dist = reference.distance_map([lv.detach().float() for lv in levels])  # [H, W]
-    tau = max(float(reference.tau), 1e-12)
-    return ReferenceMatch(calibrate(dist / tau), float(calibrate(reference.score(dist) / tau)))
+    feats = getattr(bank, "features", None)
+    width = sum(int(lv.shape[-1]) for lv in levels)
+    if feats is not None and feats.shape[-1] != width:
+        raise ValueError(
+            f"the reference bank holds {feats.shape[-1]}-d patches but this image's levels give {width}: "
+            "fit the bank on the same feature source (and levels) as the expert reads"
+        )
+    dist = bank.distance_map([lv.detach().float() for lv in levels])  # [H, W]
+    tau = max(float(bank.tau), 1e-12)
+    return ReferenceMatch(calibrate(dist / tau), float(calibrate(bank.score(dist) / tau)))
 
 
 @dataclass

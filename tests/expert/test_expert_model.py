@@ -106,7 +106,8 @@ def single_thread():
 def test_shapes_and_token_count(g, level_shapes, v0_shape, dims, llm_dim):
     expert = _expert(query_grid=g, level_dims=list(dims), llm_dim=llm_dim).mark_trained()
     levels, v0 = _inputs(level_shapes, v0_shape, dims)
-    out = expert(levels, v0)
+    with torch.no_grad():
+        out = expert(levels, v0)
     K = 1 + g * g
     h, w = v0_shape[:2]
     assert expert.num_tokens == K == expert.config.num_tokens
@@ -295,6 +296,21 @@ def test_memory_bank_reference_finds_the_planted_patch(toy_backbone):
     gt = resize_mask(query_masks[0], (4, 4)) > 0.25
     amap = outs[0].anomaly_map
     assert float(amap[gt].mean()) > float(amap[~gt].mean()) + 0.2
+
+
+def test_screen_results_and_mismatched_banks():
+    """A screener's result (map at original resolution) is accepted; a bank on other features is refused clearly."""
+    from anomaly_assistant.expert.reference import MemoryBank, ScreenResult
+
+    levels, v0 = _inputs([(8, 8), (4, 4)], (4, 4, 32))
+    amap = np.zeros((120, 160), np.float32)
+    amap[90:120, 0:40] = 0.95  # bottom-left token of the 4x4 grid
+    out = _expert()(levels, v0, reference=ScreenResult(0.9, amap, True))
+    assert out.map_source == "reference" and float(out.score) == pytest.approx(0.9)
+    assert tuple(np.unravel_index(int(out.anomaly_map.argmax()), (4, 4))) == (3, 0)
+    other = MemoryBank().fit([[torch.randn(6, 6, 40)], [torch.randn(6, 6, 40)]])
+    with pytest.raises(ValueError, match="same feature source"):
+        _expert()(levels, v0, reference=other)
 
 
 # ---------------------------------------------------------------------------------------------------------------
