@@ -187,6 +187,9 @@ def stain(img: np.ndarray, rng: np.random.Generator, region: np.ndarray | None =
     alpha = _soften(_blob(h, w, cx, cy, r, r * rng.uniform(0.5, 1.0), rng, rough=0.5), 1.0)
     palette = np.array([[90, 60, 30], [150, 90, 40], [40, 40, 40], [170, 160, 60], [120, 40, 40]], np.float32)
     colour = palette[int(rng.integers(len(palette)))]
+    local = float(img[max(0, cy - 8) : cy + 8, max(0, cx - 8) : cx + 8].mean())
+    if local < 90:  # on a dark surface a stain shows as a lighter residue
+        colour = np.clip(colour * 1.6 + 50, 0, 255)
     paint = 0.45 * img + 0.55 * colour
     return _composite(img, alpha * rng.uniform(0.6, 0.9), paint), alpha
 
@@ -354,4 +357,6 @@ def foreground(image: np.ndarray | Image.Image) -> np.ndarray | None:
         return None
     fg = dist > threshold_otsu(dist)
     frac = fg.mean()
-    return fg if 0.05 < frac < 0.9 else None
+    border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]]).mean()
+    # an object sits inside the frame; a pattern that runs off every edge (a PCB, a texture) is not one
+    return fg if 0.05 < frac < 0.9 and border < 0.05 else None

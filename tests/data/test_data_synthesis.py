@@ -118,3 +118,16 @@ def test_every_defect_kind_on_real_images(kind):
         diff = np.abs(d.image.astype(np.int16) - img.astype(np.int16)).sum(-1)
         inside, outside = diff[d.mask].mean(), diff[~d.mask].mean()
         assert inside > 5 * max(outside, 0.2), (kind, i, inside, outside)
+
+
+def test_foreground_finds_objects_not_patterns():
+    nut = render("nut", 0, seed=0, size=128, anomalous=False).image
+    fg = foreground(nut)
+    assert fg is not None and 0.1 < fg.mean() < 0.6 and not fg[0].any() and not fg[:, 0].any()
+    for cat in ("woven", "grid", "wood"):
+        assert foreground(render(cat, 0, seed=0, size=128, anomalous=False).image) is None, cat
+    for p in skimage_texture_paths():
+        assert foreground(np.asarray(Image.open(p).convert("RGB"))) is None, p.name
+    pcb = REAL_DEV / "deeppcb"
+    if pcb.is_dir():  # a real board runs off every edge: no object mask
+        assert foreground(np.asarray(Image.open(next(pcb.rglob("*_temp.jpg"))).convert("RGB"))) is None
