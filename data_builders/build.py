@@ -12,6 +12,7 @@ Output folder:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -195,7 +196,7 @@ def build(cfg: BuildConfig) -> BuildResult:
 
         rewrite = Teacher.from_env(cache_dir=out / ".teacher_cache")
         if rewrite is None:
-            skips.add("teacher", "teacher disabled: ANOMALY_TEACHER_BASE_URL is not set (templated texts kept)")
+            print("teacher requested but ANOMALY_TEACHER_BASE_URL is not set: templated texts kept", file=sys.stderr)
     processor = None
     if cfg.processor:
         from transformers import AutoProcessor
@@ -247,8 +248,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         "skipped": [{"path": p, "reason": why} for p, why in skips.items],
         "skipped_counts": dict(skips.reasons()),
     }
-    if rewrite is not None:
-        summary["teacher"] = rewrite.stats
+    if cfg.teacher:
+        summary["teacher"] = rewrite.stats if rewrite is not None else "not configured (ANOMALY_TEACHER_BASE_URL unset)"
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return result
 

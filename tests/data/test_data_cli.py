@@ -60,3 +60,28 @@ def test_synth_build_inspect_end_to_end(tmp_path, capsys):
     assert main(["inspect", f"mvtec:{synth}", "--grid", str(tmp_path / "g2.png")]) == 0
     assert "8 images" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_build_with_teacher_endpoint(tmp_path, monkeypatch, capsys):
+    """--teacher rewrites through ANOMALY_TEACHER_*; without it configured the build still completes."""
+    import threading
+    from http.server import HTTPServer
+
+    from test_data_conversations import _FakeOpenAI
+
+    monkeypatch.delenv("ANOMALY_TEACHER_BASE_URL", raising=False)
+    assert main(["build", "--synth", "3", "--synth-size", "64", "--kind", "inspect", "--out", str(tmp_path / "a"),
+                 "--teacher", "--no-progress"]) == 0
+    assert "not configured" in json.loads((tmp_path / "a" / "summary.json").read_text())["teacher"]
+    server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("ANOMALY_TEACHER_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        assert main(["build", "--synth", "3", "--synth-size", "64", "--kind", "inspect", "--out", str(tmp_path / "b"),
+                     "--teacher", "--no-progress"]) == 0
+    finally:
+        server.shutdown()
+    stats = json.loads((tmp_path / "b" / "summary.json").read_text())["teacher"]
+    assert stats["calls"] == 6 and stats["failed"] == 0  # think + rationale for 3 images
+    conv = json.loads((tmp_path / "b" / "anomaly_instruct.json").read_text())
+    assert all("Rewritten: " in c["conversations"][1]["value"] for c in conv)
