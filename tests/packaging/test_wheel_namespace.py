@@ -28,6 +28,8 @@ def test_wheel_has_a_single_top_level_package(wheel):
     assert top == {"anomaly_assistant"}, top
     for sub in ("train", "serve", "eval", "data_builders"):
         assert f"anomaly_assistant/{sub}/__init__.py" in names
+    samples = {"anomaly_assistant/resources/samples/good/good_1.png", "anomaly_assistant/resources/samples/test/scratch.png"}
+    assert samples <= set(names)  # `make run` inspects them after a plain install
 
 
 def test_installed_wheel_does_not_shadow_a_users_train_py(wheel, tmp_path):
