@@ -36,9 +36,14 @@ def bench_synth(n: int, size: int) -> dict[str, float]:
         t1 = time.perf_counter()
         written = gen.write_mvtec(tmp, n_train=0, n_test=per_cat)
         dt_write = time.perf_counter() - t1
-    return {"synth_images": n, "synth_anomalous": anomalous, "synth_size": size,
-            "synth_images_per_s": round(n / dt, 1),
-            "synth_images_per_cpu_s": round(n / cpu, 1), "synth_images_per_s_with_png": round(len(written) / dt_write, 1)}
+    return {
+        "synth_images": n,
+        "synth_anomalous": anomalous,
+        "synth_size": size,
+        "synth_images_per_s": round(n / dt, 1),
+        "synth_images_per_cpu_s": round(n / cpu, 1),
+        "synth_images_per_s_with_png": round(len(written) / dt_write, 1),
+    }
 
 
 def bench_conversations(rows: int) -> dict[str, float]:
@@ -51,9 +56,17 @@ def bench_conversations(rows: int) -> dict[str, float]:
         img = Path(tmp) / "x.png"
         Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(img)
         frame = input_frame("qwen2_5_vl", (256, 256))
-        recs = [Record(str(img), i % 2, gt_boxes=[[10, 20, 60 + i % 50, 90]] if i % 2 else [],
-                       defect_type="scratch" if i % 2 else None, category="nut", image_size=(256, 256))
-                for i in range(max(1, rows // 4))]
+        recs = [
+            Record(
+                str(img),
+                i % 2,
+                gt_boxes=[[10, 20, 60 + i % 50, 90]] if i % 2 else [],
+                defect_type="scratch" if i % 2 else None,
+                category="nut",
+                image_size=(256, 256),
+            )
+            for i in range(max(1, rows // 4))
+        ]
         t0 = time.perf_counter()
         samples = [s for i, r in enumerate(recs) for s in build_samples(r, frame, rng=i)]
         dt = time.perf_counter() - t0
@@ -61,18 +74,26 @@ def bench_conversations(rows: int) -> dict[str, float]:
         for s in samples:
             sft_row(s)
         dt_rows = time.perf_counter() - t1
-    return {"conversation_rows": len(samples), "conversation_rows_per_s": round(len(samples) / dt, 1),
-            "sft_rows_per_s_with_image_bytes": round(len(samples) / dt_rows, 1)}
+    return {
+        "conversation_rows": len(samples),
+        "conversation_rows_per_s": round(len(samples) / dt, 1),
+        "sft_rows_per_s_with_image_bytes": round(len(samples) / dt_rows, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anomaly_assistant.data_builders.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m anomaly_assistant.data_builders.bench", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--n", type=int, default=270, help="SynthInspect images to time")
     parser.add_argument("--size", type=int, default=256, help="SynthInspect image side")
     parser.add_argument("--rows", type=int, default=2000, help="conversation rows to time")
     args = parser.parse_args(argv)
-    out = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "load_avg_1m": round(os.getloadavg()[0], 2)}
+    out = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
     out |= bench_synth(args.n, args.size)
     out |= bench_conversations(args.rows)
     print(json.dumps(out))

@@ -32,23 +32,44 @@ from PIL import Image
 class BuildConfig:
     """What `anomaly-assistant data build` makes (YAML keys = these field names)."""
 
-    sources: list[str] = field(default_factory=list, metadata={"help": "KIND:PATH[:IMAGE_ROOT] or PATH (kind detected)"})
+    sources: list[str] = field(
+        default_factory=list, metadata={"help": "KIND:PATH[:IMAGE_ROOT] or PATH (kind detected)"}
+    )
     out: str = field(default="runs/data", metadata={"help": "output folder"})
     synth: int = field(default=0, metadata={"help": "number of SynthInspect images (half anomalous)"})
     synth_size: int = field(default=256, metadata={"help": "SynthInspect image side in pixels"})
-    synth_categories: list[str] = field(default_factory=lambda: list(CATEGORIES), metadata={"help": "SynthInspect categories"})
+    synth_categories: list[str] = field(
+        default_factory=lambda: list(CATEGORIES), metadata={"help": "SynthInspect categories"}
+    )
     defects: int = field(default=0, metadata={"help": "defects synthesised on normal images of the sources"})
-    textures: int = field(default=0, metadata={"help": "crops of scikit-image's CC0 textures (half given defects)"})
-    backbone: str = field(default="qwen2_5_vl", metadata={"help": "box frame of the targets", "choices": BACKBONES})
-    processor: str = field(default="", metadata={"help": "checkpoint folder or hub id whose processor sets the box "
-                                                       "frame (default: the real checkpoint's resize settings)"})
-    kinds: list[str] = field(default_factory=lambda: list(conversations.SAMPLE_KINDS),
-                             metadata={"help": "conversation kinds per image"})
-    sft_format: str = field(default="messages", metadata={"help": "SFT columns", "choices": ("messages", "prompt_completion")})
-    fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "train/val/test"})
+    textures: int = field(
+        default=0, metadata={"help": "crops of scikit-image's CC0 textures (half given defects)"}
+    )
+    backbone: str = field(
+        default="qwen2_5_vl", metadata={"help": "box frame of the targets", "choices": BACKBONES}
+    )
+    processor: str = field(
+        default="",
+        metadata={
+            "help": "checkpoint folder or hub id whose processor sets the box "
+            "frame (default: the real checkpoint's resize settings)"
+        },
+    )
+    kinds: list[str] = field(
+        default_factory=lambda: list(conversations.SAMPLE_KINDS),
+        metadata={"help": "conversation kinds per image"},
+    )
+    sft_format: str = field(
+        default="messages", metadata={"help": "SFT columns", "choices": ("messages", "prompt_completion")}
+    )
+    fractions: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "train/val/test"}
+    )
     keep_splits: bool = field(default=False, metadata={"help": "keep the sources' own train/test splits"})
     seed: int = field(default=0, metadata={"help": "random seed (everything is deterministic given it)"})
-    teacher: bool = field(default=False, metadata={"help": "rewrite texts with the ANOMALY_TEACHER_* endpoint"})
+    teacher: bool = field(
+        default=False, metadata={"help": "rewrite texts with the ANOMALY_TEACHER_* endpoint"}
+    )
     max_images: int = field(default=0, metadata={"help": "cap on source images (0 = all)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -65,9 +86,14 @@ class BuildResult:
         rows = [("split", "images", "normal", "anomalous", "samples")]
         for sp, recs in self.splits.items():
             n1 = sum(r.gt_label for r in recs)
-            rows.append((sp, str(len(recs)), str(len(recs) - n1), str(n1), str(len(self.samples.get(sp, [])))))
+            rows.append(
+                (sp, str(len(recs)), str(len(recs) - n1), str(n1), str(len(self.samples.get(sp, []))))
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         cats = Counter()
         for recs in self.splits.values():
@@ -83,8 +109,14 @@ def _tqdm(progress: bool):
     return lambda it=None, **kw: tqdm(it, disable=not progress, **kw)
 
 
-def synth_defect_records(normals: list[Record], n: int, out_dir: Path, rng: np.random.Generator,
-                         skips: SkipLog, progress: bool = False) -> list[Record]:
+def synth_defect_records(
+    normals: list[Record],
+    n: int,
+    out_dir: Path,
+    rng: np.random.Generator,
+    skips: SkipLog,
+    progress: bool = False,
+) -> list[Record]:
     """`n` defects synthesised on randomly chosen normal records; each new record keeps its original's group."""
     if not normals or n <= 0:
         return []
@@ -104,14 +136,26 @@ def synth_defect_records(normals: list[Record], n: int, out_dir: Path, rng: np.r
         ipath, mpath = out_dir / f"{i:06d}.png", out_dir / f"{i:06d}_mask.png"
         Image.fromarray(d.image).save(ipath, compress_level=1)
         Image.fromarray(d.mask.astype(np.uint8) * 255).save(mpath, compress_level=1)
-        made.append(Record(str(ipath), 1, str(mpath), d.boxes, d.defect_type, src.category, f"{src.source}+defects",
-                           image_size=(img.shape[1], img.shape[0]), group=src.group,
-                           meta={"original": src.image_path, "kind": d.kind}))
+        made.append(
+            Record(
+                str(ipath),
+                1,
+                str(mpath),
+                d.boxes,
+                d.defect_type,
+                src.category,
+                f"{src.source}+defects",
+                image_size=(img.shape[1], img.shape[0]),
+                group=src.group,
+                meta={"original": src.image_path, "kind": d.kind},
+            )
+        )
     return made
 
 
-def texture_records(n: int, out_dir: Path, rng: np.random.Generator, size: int = 256,
-                    progress: bool = False) -> list[Record]:
+def texture_records(
+    n: int, out_dir: Path, rng: np.random.Generator, size: int = 256, progress: bool = False
+) -> list[Record]:
     """Random crops of scikit-image's CC0 texture photos, half of them with a synthesised defect.
     All crops of one photo share a group (they overlap), so one photo never straddles two splits."""
     paths = skimage_texture_paths()
@@ -127,20 +171,42 @@ def texture_records(n: int, out_dir: Path, rng: np.random.Generator, size: int =
         h, w = photo.shape[:2]
         side = int(min(h, w) * rng.uniform(0.4, 0.8))
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = np.asarray(Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR))
+        crop = np.asarray(
+            Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
+        )
         ipath = out_dir / f"{p.stem}_{i:06d}.png"
         category = p.stem
         if rng.random() < 0.5:
             Image.fromarray(crop).save(ipath, compress_level=1)
-            made.append(Record(str(ipath), 0, category=category, source="skimage_textures", image_size=(size, size),
-                               group=f"skimage:{p.stem}"))
+            made.append(
+                Record(
+                    str(ipath),
+                    0,
+                    category=category,
+                    source="skimage_textures",
+                    image_size=(size, size),
+                    group=f"skimage:{p.stem}",
+                )
+            )
             continue
         d = synthesize(crop, rng=rng)
         mpath = out_dir / f"{p.stem}_{i:06d}_mask.png"
         Image.fromarray(d.image).save(ipath, compress_level=1)
         Image.fromarray(d.mask.astype(np.uint8) * 255).save(mpath, compress_level=1)
-        made.append(Record(str(ipath), 1, str(mpath), d.boxes, d.defect_type, category, "skimage_textures",
-                           image_size=(size, size), group=f"skimage:{p.stem}", meta={"kind": d.kind}))
+        made.append(
+            Record(
+                str(ipath),
+                1,
+                str(mpath),
+                d.boxes,
+                d.defect_type,
+                category,
+                "skimage_textures",
+                image_size=(size, size),
+                group=f"skimage:{p.stem}",
+                meta={"kind": d.kind},
+            )
+        )
     return made
 
 
@@ -176,16 +242,19 @@ def build(cfg: BuildConfig) -> BuildResult:
     if cfg.synth > 0:
         cats = tuple(cfg.synth_categories)
         gen = SynthInspect(SynthConfig(size=cfg.synth_size, categories=cats, seed=cfg.seed))
-        records += gen.write_mvtec(out / "images" / "synth_inspect", n_train=0, n_test=0, total=cfg.synth,
-                                   progress=cfg.progress)
+        records += gen.write_mvtec(
+            out / "images" / "synth_inspect", n_train=0, n_test=0, total=cfg.synth, progress=cfg.progress
+        )
     normals = [r for r in records if r.gt_label == 0 and r.source != "synth_inspect"]
-    records += synth_defect_records(normals, cfg.defects, out / "images" / "defects", rng, skips, cfg.progress)
+    records += synth_defect_records(
+        normals, cfg.defects, out / "images" / "defects", rng, skips, cfg.progress
+    )
     records += texture_records(cfg.textures, out / "images" / "textures", rng, progress=cfg.progress)
     timings["synthesis_s"] = time.perf_counter() - t0
     prefix = str(out) + "/"
     for rec in records:  # generated images: groups relative to the output, so splits do not depend on --out
         if rec.group.startswith(prefix):
-            rec.group = rec.group[len(prefix):]
+            rec.group = rec.group[len(prefix) :]
 
     splits = export.split_records(records, cfg.fractions, cfg.seed, keep_existing=cfg.keep_splits)
 
@@ -196,7 +265,10 @@ def build(cfg: BuildConfig) -> BuildResult:
 
         rewrite = Teacher.from_env(cache_dir=out / ".teacher_cache")
         if rewrite is None:
-            print("teacher requested but ANOMALY_TEACHER_BASE_URL is not set: templated texts kept", file=sys.stderr)
+            print(
+                "teacher requested but ANOMALY_TEACHER_BASE_URL is not set: templated texts kept",
+                file=sys.stderr,
+            )
     processor = None
     if cfg.processor:
         from transformers import AutoProcessor
@@ -232,24 +304,37 @@ def build(cfg: BuildConfig) -> BuildResult:
     timings["export_s"] = time.perf_counter() - t0
 
     kinds_per_split = {sp: Counter(s.kind for s in ss) for sp, ss in samples.items()}
-    notes = [f"boxes in the answer targets and `solution_boxes` are in the {cfg.backbone} input frame; "
-             "`gt_boxes` are original pixels", f"seed {cfg.seed}"]
+    notes = [
+        f"boxes in the answer targets and `solution_boxes` are in the {cfg.backbone} input frame; "
+        "`gt_boxes` are original pixels",
+        f"seed {cfg.seed}",
+    ]
     notes += [f"source: `{spec}`" for spec in cfg.sources]
-    if any("real-dev" in r.image_path or r.source.startswith(("magnetic", "deeppcb", "elpv"))
-           for recs in splits.values() for r in recs):
-        notes.append("contains real development images (magnetic tiles, DeepPCB, ELPV): keep their attribution and "
-                     "licences (ELPV is non-commercial); do not train a released default model on them")
+    if any(
+        "real-dev" in r.image_path or r.source.startswith(("magnetic", "deeppcb", "elpv"))
+        for recs in splits.values()
+        for r in recs
+    ):
+        notes.append(
+            "contains real development images (magnetic tiles, DeepPCB, ELPV): keep their attribution and "
+            "licences (ELPV is non-commercial); do not train a released default model on them"
+        )
     (out / "README.md").write_text(export.dataset_card(splits, kinds_per_split, skips, notes=notes))
     result = BuildResult(splits, samples, skips, timings, out)
     summary = {
-        "config": asdict(cfg), "timings": timings,
-        "splits": {sp: {"images": len(r), "anomalous": sum(x.gt_label for x in r), "samples": len(samples[sp])}
-                   for sp, r in splits.items()},
+        "config": asdict(cfg),
+        "timings": timings,
+        "splits": {
+            sp: {"images": len(r), "anomalous": sum(x.gt_label for x in r), "samples": len(samples[sp])}
+            for sp, r in splits.items()
+        },
         "skipped": [{"path": p, "reason": why} for p, why in skips.items],
         "skipped_counts": dict(skips.reasons()),
     }
     if cfg.teacher:
-        summary["teacher"] = rewrite.stats if rewrite is not None else "not configured (ANOMALY_TEACHER_BASE_URL unset)"
+        summary["teacher"] = (
+            rewrite.stats if rewrite is not None else "not configured (ANOMALY_TEACHER_BASE_URL unset)"
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return result
 

@@ -19,15 +19,25 @@ from anomaly_assistant.data_builders.build import BuildConfig
 
 PROG = "anomaly-assistant data"
 # flag names that read better singular on the command line (repeatable)
-_FLAG_NAMES = {"sources": "source", "kinds": "kind", "synth_categories": "synth-category", "categories": "category"}
+_FLAG_NAMES = {
+    "sources": "source",
+    "kinds": "kind",
+    "synth_categories": "synth-category",
+    "categories": "category",
+}
 
 
 @dataclass
 class InspectConfig:
     """Counts per split / category / defect type / label, and an image grid with boxes and masks drawn."""
 
-    path: str = field(default="", metadata={"help": "a build output folder, a dataset folder or KIND:PATH", "positional": True})
-    grid: str = field(default="", metadata={"help": "PNG to write (default: <path>/preview.png or ./preview.png)"})
+    path: str = field(
+        default="",
+        metadata={"help": "a build output folder, a dataset folder or KIND:PATH", "positional": True},
+    )
+    grid: str = field(
+        default="", metadata={"help": "PNG to write (default: <path>/preview.png or ./preview.png)"}
+    )
     n: int = field(default=16, metadata={"help": "samples in the grid"})
     seed: int = field(default=0, metadata={"help": "which samples"})
     split: str = field(default="", metadata={"help": "only this split of a build output"})
@@ -59,15 +69,34 @@ def _parser_for(cls: type, prog: str) -> argparse.ArgumentParser:
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         elif tp is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: {default})",
+            )
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            parser.add_argument(_flag(f.name), dest=f.name, type=item, nargs="+", action="extend",
-                                default=argparse.SUPPRESS, metavar=_FLAG_NAMES.get(f.name, f.name).upper(), help=f"{help_text} (default: {default}; repeatable)")
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=item,
+                nargs="+",
+                action="extend",
+                default=argparse.SUPPRESS,
+                metavar=_FLAG_NAMES.get(f.name, f.name).upper(),
+                help=f"{help_text} (default: {default}; repeatable)",
+            )
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=tp,
+                default=argparse.SUPPRESS,
+                choices=f.metadata.get("choices"),
+                help=f"{help_text} (default: {default})",
+            )
     return parser
 
 
@@ -102,8 +131,10 @@ def cmd_build(cfg: BuildConfig) -> int:
     datasets.disable_progress_bars()
     result = build(cfg)
     print(result.summary_table())
-    print(f"\nwrote {result.out}/ (sft, grpo, expert, records, README.md, summary.json); "
-          f"timings: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    print(
+        f"\nwrote {result.out}/ (sft, grpo, expert, records, README.md, summary.json); "
+        f"timings: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items())
+    )
     return 0
 
 
@@ -147,8 +178,15 @@ def cmd_inspect(cfg: InspectConfig) -> int:
     if len(skips):
         print("\n" + skips.format(limit=20))
     if records:
-        target = Path(cfg.grid) if cfg.grid else (Path(cfg.path) / "preview.png" if (Path(cfg.path) / "records").is_dir()
-                                                   else Path("preview.png"))
+        target = (
+            Path(cfg.grid)
+            if cfg.grid
+            else (
+                Path(cfg.path) / "preview.png"
+                if (Path(cfg.path) / "records").is_dir()
+                else Path("preview.png")
+            )
+        )
         render_grid(records, target, n=cfg.n, seed=cfg.seed)
         print(f"\ngrid of {min(cfg.n, len(records))} samples (boxes red, masks yellow): {target}")
     return 0
@@ -165,8 +203,17 @@ def cmd_synth(cfg: SynthCommandConfig) -> int:
     recs = gen.write_mvtec(cfg.out, cfg.n_train, cfg.n_test, progress=True)
     dt = time.perf_counter() - t0
     n1 = sum(r.gt_label for r in recs)
-    print(json.dumps({"out": cfg.out, "images": len(recs), "anomalous": n1, "categories": list(cats),
-                      "images_per_s": round(len(recs) / max(dt, 1e-9), 1)}))
+    print(
+        json.dumps(
+            {
+                "out": cfg.out,
+                "images": len(recs),
+                "anomalous": n1,
+                "categories": list(cats),
+                "images_per_s": round(len(recs) / max(dt, 1e-9), 1),
+            }
+        )
+    )
     return 0
 
 
@@ -198,7 +245,9 @@ def main(argv: list[str] | None = None, command: str = "data") -> int:
         return int(exc.code or 0)
     try:
         return int(fn(cfg) or 0)
-    except ValueError as exc:  # configuration errors (unknown backbone, bad fractions): a message, not a traceback
+    except (
+        ValueError
+    ) as exc:  # configuration errors (unknown backbone, bad fractions): a message, not a traceback
         print(f"{PROG} {name}: {exc}", file=sys.stderr)
         return 2
 

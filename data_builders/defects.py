@@ -19,12 +19,25 @@ from anomaly_assistant.data_builders.records import mask_to_boxes
 from PIL import Image, ImageDraw, ImageFilter
 
 DEFECT_KINDS = (
-    "cut_paste", "scratch", "crack", "stain", "hole", "missing_part", "foreign_object", "perlin_blend",
+    "cut_paste",
+    "scratch",
+    "crack",
+    "stain",
+    "hole",
+    "missing_part",
+    "foreign_object",
+    "perlin_blend",
 )
 # the defect_type written into records for each synthesiser (snake_case like MVTec's folder names)
 DEFECT_TYPE_NAMES = {
-    "cut_paste": "misplaced_patch", "scratch": "scratch", "crack": "crack", "stain": "stain", "hole": "hole",
-    "missing_part": "missing_part", "foreign_object": "foreign_object", "perlin_blend": "surface_irregularity",
+    "cut_paste": "misplaced_patch",
+    "scratch": "scratch",
+    "crack": "crack",
+    "stain": "stain",
+    "hole": "hole",
+    "missing_part": "missing_part",
+    "foreign_object": "foreign_object",
+    "perlin_blend": "surface_irregularity",
 }
 SKIMAGE_TEXTURES = ("brick.png", "grass.png", "gravel.png")  # CC0, shipped inside scikit-image's wheel
 
@@ -80,7 +93,9 @@ def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     return m > 0
 
 
-def _pick_center(h: int, w: int, rng: np.random.Generator, region: np.ndarray | None, margin: float = 0.1) -> tuple[int, int]:
+def _pick_center(
+    h: int, w: int, rng: np.random.Generator, region: np.ndarray | None, margin: float = 0.1
+) -> tuple[int, int]:
     if region is not None and region.any():
         ys, xs = np.nonzero(region)
         i = int(rng.integers(len(ys)))
@@ -89,8 +104,9 @@ def _pick_center(h: int, w: int, rng: np.random.Generator, region: np.ndarray | 
     return int(rng.integers(mx, max(mx + 1, w - mx))), int(rng.integers(my, max(my + 1, h - my)))
 
 
-def _blob(h: int, w: int, cx: float, cy: float, rx: float, ry: float, rng: np.random.Generator,
-          rough: float = 0.35) -> np.ndarray:
+def _blob(
+    h: int, w: int, cx: float, cy: float, rx: float, ry: float, rng: np.random.Generator, rough: float = 0.35
+) -> np.ndarray:
     """An irregular filled blob around (cx, cy) with radii (rx, ry): ellipse warped by smooth noise. [H, W] float 0..1"""
     yy, xx = yx_grid(h, w)
     angle = rng.uniform(0, math.pi)
@@ -98,11 +114,16 @@ def _blob(h: int, w: int, cx: float, cy: float, rx: float, ry: float, rng: np.ra
     dx, dy = xx - cx, yy - cy
     u, v = (dx * ca + dy * sa) / max(rx, 1.0), (-dx * sa + dy * ca) / max(ry, 1.0)
     dist = np.sqrt(u * u + v * v)
-    dist = dist + rough * (smooth_noise(h, w, rng, cells=max(2, int(w / max(rx, 1.0) / 1.5)), octaves=2) - 0.5) * 2
+    dist = (
+        dist
+        + rough * (smooth_noise(h, w, rng, cells=max(2, int(w / max(rx, 1.0) / 1.5)), octaves=2) - 0.5) * 2
+    )
     return np.clip((1.0 - dist) * 4.0, 0.0, 1.0)
 
 
-def _polyline(cx: float, cy: float, length: float, rng: np.random.Generator, wiggle: float, step: float = 4.0):
+def _polyline(
+    cx: float, cy: float, length: float, rng: np.random.Generator, wiggle: float, step: float = 4.0
+):
     """A random-walk curve centred near (cx, cy)."""
     n = max(3, int(length / step))
     heading = rng.uniform(0, 2 * math.pi)
@@ -117,7 +138,9 @@ def _polyline(cx: float, cy: float, length: float, rng: np.random.Generator, wig
     return [(cx + x - mx, cy + y - my) for x, y in pts]
 
 
-def _stroke_alpha(h: int, w: int, lines: list[list[tuple[float, float]]], widths: list[int], blur: float = 0.6) -> np.ndarray:
+def _stroke_alpha(
+    h: int, w: int, lines: list[list[tuple[float, float]]], widths: list[int], blur: float = 0.6
+) -> np.ndarray:
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
     for pts, width in zip(lines, widths):
@@ -130,7 +153,9 @@ def _stroke_alpha(h: int, w: int, lines: list[list[tuple[float, float]]], widths
 def _soften(alpha: np.ndarray, radius: float) -> np.ndarray:
     if radius <= 0:
         return alpha
-    im = Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8), mode="L").filter(ImageFilter.GaussianBlur(radius))
+    im = Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8), mode="L").filter(
+        ImageFilter.GaussianBlur(radius)
+    )
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
@@ -255,7 +280,11 @@ def cut_paste(img: np.ndarray, rng: np.random.Generator, region: np.ndarray | No
     pw, ph = int(rng.uniform(0.08, 0.2) * s) + 2, int(rng.uniform(0.06, 0.18) * s) + 2
     sx, sy = int(rng.integers(0, max(1, w - pw))), int(rng.integers(0, max(1, h - ph)))
     patch = img[sy : sy + ph, sx : sx + pw]
-    patch = np.clip(patch * rng.uniform(0.85, 1.15, 3)[None, None, :] * rng.uniform(0.7, 1.3) + rng.uniform(-25, 25), 0, 255)
+    patch = np.clip(
+        patch * rng.uniform(0.85, 1.15, 3)[None, None, :] * rng.uniform(0.7, 1.3) + rng.uniform(-25, 25),
+        0,
+        255,
+    )
     angle = float(rng.uniform(-60, 60))
     pim = Image.fromarray(patch.astype(np.uint8)).rotate(angle, expand=True, resample=Image.BILINEAR)
     pmask = Image.new("L", (pw, ph), 255).rotate(angle, expand=True, resample=Image.BILINEAR)
@@ -278,7 +307,9 @@ def _texture_source(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         p = paths[int(rng.integers(len(paths)))]
         key = (str(p), h, w)
         if key not in _TEXTURE_CACHE:
-            _TEXTURE_CACHE[key] = np.asarray(Image.open(p).convert("RGB").resize((w, h), Image.BILINEAR), np.float32)
+            _TEXTURE_CACHE[key] = np.asarray(
+                Image.open(p).convert("RGB").resize((w, h), Image.BILINEAR), np.float32
+            )
         return _TEXTURE_CACHE[key]
     n = smooth_noise(h, w, rng, cells=8, octaves=3)[..., None]
     colour_a, colour_b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
@@ -302,8 +333,14 @@ def perlin_blend(img: np.ndarray, rng: np.random.Generator, region: np.ndarray |
 
 
 SYNTHESISERS = {
-    "cut_paste": cut_paste, "scratch": scratch, "crack": crack, "stain": stain, "hole": hole,
-    "missing_part": missing_part, "foreign_object": foreign_object, "perlin_blend": perlin_blend,
+    "cut_paste": cut_paste,
+    "scratch": scratch,
+    "crack": crack,
+    "stain": stain,
+    "hole": hole,
+    "missing_part": missing_part,
+    "foreign_object": foreign_object,
+    "perlin_blend": perlin_blend,
 }
 
 

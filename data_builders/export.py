@@ -21,13 +21,18 @@ from typing import Any
 
 from anomaly_assistant.data_builders.conversations import Sample
 from anomaly_assistant.data_builders.records import Record, SkipLog, summarize
+
 from anomaly_assistant.prompts import INSPECTION_PROMPT
 
 SPLITS = ("train", "validation", "test")
 
 
-def split_records(records: Sequence[Record], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
-                  keep_existing: bool = False) -> dict[str, list[Record]]:
+def split_records(
+    records: Sequence[Record],
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    keep_existing: bool = False,
+) -> dict[str, list[Record]]:
     """Assign train/validation/test by group: groups are ordered by a seeded hash (independent of input order)
     and cut by `fractions`. `keep_existing` keeps a record's own `split` when it is one of the three names."""
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
@@ -46,7 +51,10 @@ def split_records(records: Sequence[Record], fractions: Sequence[float] = (0.8, 
     if n >= 3:  # every split gets at least one group when there are enough
         n_val = max(1, n_val)
         n_train = min(n_train, n - n_val - (1 if fractions[2] > 0 else 0))
-    where = {g: ("train" if i < n_train else "validation" if i < n_train + n_val else "test") for i, g in enumerate(groups)}
+    where = {
+        g: ("train" if i < n_train else "validation" if i < n_train + n_val else "test")
+        for i, g in enumerate(groups)
+    }
     for rec in free:
         rec.split = where[rec.group]
         out[rec.split].append(rec)
@@ -60,8 +68,13 @@ def _image_value(path: str) -> dict[str, Any]:
 
 def sft_row(sample: Sample, fmt: str = "messages") -> dict[str, Any]:
     rec = sample.record
-    base = {"images": [_image_value(rec.image_path)], "kind": sample.kind, "category": rec.category,
-            "gt_label": rec.gt_label, "source": rec.source}
+    base = {
+        "images": [_image_value(rec.image_path)],
+        "kind": sample.kind,
+        "category": rec.category,
+        "gt_label": rec.gt_label,
+        "source": rec.source,
+    }
     if fmt == "messages":
         return base | {"messages": sample.messages}
     if fmt == "prompt_completion":
@@ -90,9 +103,13 @@ def expert_row(rec: Record) -> dict[str, Any]:
     return {
         "image": _image_value(rec.image_path),
         "mask": _image_value(rec.gt_mask) if rec.gt_mask and Path(rec.gt_mask).is_file() else None,
-        "gt_label": rec.gt_label, "gt_boxes": [list(map(float, b)) for b in rec.gt_boxes],
-        "category": rec.category, "defect_type": rec.defect_type, "source": rec.source,
-        "image_path": rec.image_path, "reference_path": rec.reference_path,
+        "gt_label": rec.gt_label,
+        "gt_boxes": [list(map(float, b)) for b in rec.gt_boxes],
+        "category": rec.category,
+        "defect_type": rec.defect_type,
+        "source": rec.source,
+        "image_path": rec.image_path,
+        "reference_path": rec.reference_path,
     }
 
 
@@ -106,16 +123,31 @@ def _features(kind: str, fmt: str = "messages"):
         conv = {"messages": msg} if fmt == "messages" else {"prompt": msg, "completion": msg}
         return ds.Features({"images": ds.List(ds.Image()), **conv, "kind": ds.Value("string"), **common})
     if kind == "grpo":
-        return ds.Features({
-            "image": ds.Image(), "prompt": msg, "verdict": ds.Value("string"), "defect_type": ds.Value("string"),
-            "solution_boxes": boxes, "gt_boxes": boxes, "frame": ds.Value("string"), "answer": ds.Value("string"),
-            **common,
-        })
+        return ds.Features(
+            {
+                "image": ds.Image(),
+                "prompt": msg,
+                "verdict": ds.Value("string"),
+                "defect_type": ds.Value("string"),
+                "solution_boxes": boxes,
+                "gt_boxes": boxes,
+                "frame": ds.Value("string"),
+                "answer": ds.Value("string"),
+                **common,
+            }
+        )
     if kind == "expert":
-        return ds.Features({
-            "image": ds.Image(), "mask": ds.Image(), "gt_boxes": boxes, "defect_type": ds.Value("string"),
-            "image_path": ds.Value("string"), "reference_path": ds.Value("string"), **common,
-        })
+        return ds.Features(
+            {
+                "image": ds.Image(),
+                "mask": ds.Image(),
+                "gt_boxes": boxes,
+                "defect_type": ds.Value("string"),
+                "image_path": ds.Value("string"),
+                "reference_path": ds.Value("string"),
+                **common,
+            }
+        )
     raise ValueError(kind)
 
 
@@ -150,29 +182,52 @@ def expert_dataset(records: Iterable[Record]):
     return to_dataset((expert_row(r) for r in records), "expert")
 
 
-def dataset_card(splits: dict[str, list[Record]], samples_per_split: dict[str, Counter] | None = None,
-                 skips: SkipLog | None = None, title: str = "anomaly-assistant data build",
-                 notes: Sequence[str] = ()) -> str:
+def dataset_card(
+    splits: dict[str, list[Record]],
+    samples_per_split: dict[str, Counter] | None = None,
+    skips: SkipLog | None = None,
+    title: str = "anomaly-assistant data build",
+    notes: Sequence[str] = (),
+) -> str:
     """A Markdown dataset card: counts per split × category / defect type / label, sources, skipped input."""
     lines = [f"# {title}", ""]
-    lines += ["Built by `anomaly-assistant data build`. Splits never share a source image (split by group).", ""]
+    lines += [
+        "Built by `anomaly-assistant data build`. Splits never share a source image (split by group).",
+        "",
+    ]
     lines += ["## Images per split", "", "| split | images | normal | anomalous |", "|---|---:|---:|---:|"]
     for sp, recs in splits.items():
         n1 = sum(r.gt_label for r in recs)
         lines.append(f"| {sp} | {len(recs)} | {len(recs) - n1} | {n1} |")
-    for field_name, heading in (("category", "Category"), ("defect_type", "Defect type"), ("source", "Source")):
+    for field_name, heading in (
+        ("category", "Category"),
+        ("defect_type", "Defect type"),
+        ("source", "Source"),
+    ):
         keys = sorted({k for recs in splits.values() for k in summarize(recs)[field_name]}, key=str)
-        lines += ["", f"## {heading}", "", "| " + heading.lower() + " | " + " | ".join(splits) + " |",
-                  "|---|" + "---:|" * len(splits)]
+        lines += [
+            "",
+            f"## {heading}",
+            "",
+            "| " + heading.lower() + " | " + " | ".join(splits) + " |",
+            "|---|" + "---:|" * len(splits),
+        ]
         per = {sp: summarize(recs)[field_name] for sp, recs in splits.items()}
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(str(per[sp].get(k, 0)) for sp in splits) + " |")
     if samples_per_split:
         kinds = sorted({k for c in samples_per_split.values() for k in c})
-        lines += ["", "## Conversation samples", "", "| kind | " + " | ".join(samples_per_split) + " |",
-                  "|---|" + "---:|" * len(samples_per_split)]
+        lines += [
+            "",
+            "## Conversation samples",
+            "",
+            "| kind | " + " | ".join(samples_per_split) + " |",
+            "|---|" + "---:|" * len(samples_per_split),
+        ]
         for k in kinds:
-            lines.append(f"| {k} | " + " | ".join(str(c.get(k, 0)) for c in samples_per_split.values()) + " |")
+            lines.append(
+                f"| {k} | " + " | ".join(str(c.get(k, 0)) for c in samples_per_split.values()) + " |"
+            )
     if skips is not None:
         lines += ["", "## Skipped input", "", "```", skips.format(limit=50), "```"]
     if notes:

@@ -39,5 +39,6 @@ def input_frame(backbone: str, original_size: tuple[int, int], processor: Any = 
     from anomaly_assistant import backbones
 
     module = backbones.get(backbone)
-    return module.input_frame(processor if processor is not None else default_image_processor(backbone),
-                              tuple(original_size))
+    return module.input_frame(
+        processor if processor is not None else default_image_processor(backbone), tuple(original_size)
+    )

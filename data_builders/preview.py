@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from anomaly_assistant.data_builders.records import Record, load_mask
+from PIL import Image, ImageDraw
 
 BOX_COLOUR = (255, 40, 40)
 MASK_COLOUR = np.array([255, 200, 0], np.float32)
@@ -42,8 +41,9 @@ def draw_record(rec: Record, tile: int = 224) -> Image.Image:
     return canvas
 
 
-def render_grid(records: Sequence[Record], path: str | Path, n: int = 16, seed: int = 0, tile: int = 224,
-                cols: int = 4) -> Path:
+def render_grid(
+    records: Sequence[Record], path: str | Path, n: int = 16, seed: int = 0, tile: int = 224, cols: int = 4
+) -> Path:
     """Save a grid of `n` records (anomalous first, then normal, sampled by `seed`) as a PNG."""
     rng = np.random.default_rng(seed)
     bad = [r for r in records if r.gt_label]

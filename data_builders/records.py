@@ -127,7 +127,9 @@ def open_image_checked(path: str | os.PathLike) -> tuple[Image.Image | None, str
         return None, f"unreadable image: {type(exc).__name__}: {exc}"[:300]
 
 
-def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> tuple[np.ndarray | None, str | None]:
+def load_mask(
+    path: str | os.PathLike, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray | None, str | None]:
     """A boolean mask (non-zero = defect: MVTec 0/255, VisA class indices), checked against the image size.
 
     A folder of masks (MVTec LOCO: one mask per defect of an image) is read as the union of its masks.
@@ -169,7 +171,10 @@ def mask_to_boxes(mask: np.ndarray, min_area: int = 4, merge_gap: int = 0) -> li
     struct = np.ones((3, 3), dtype=bool)
     if merge_gap > 0:  # square dilation by merge_gap pixels, as two separable 1-D max filters
         k = 2 * merge_gap + 1
-        work = ndimage.maximum_filter1d(ndimage.maximum_filter1d(mask.astype(np.uint8), k, axis=0), k, axis=1) > 0
+        work = (
+            ndimage.maximum_filter1d(ndimage.maximum_filter1d(mask.astype(np.uint8), k, axis=0), k, axis=1)
+            > 0
+        )
     else:
         work = mask
     labels, n = ndimage.label(work, structure=struct)
@@ -192,7 +197,9 @@ def mask_to_boxes(mask: np.ndarray, min_area: int = 4, merge_gap: int = 0) -> li
     return boxes
 
 
-def validate_records(records: Iterable[Record], skips: SkipLog, boxes_from_masks: bool = True) -> list[Record]:
+def validate_records(
+    records: Iterable[Record], skips: SkipLog, boxes_from_masks: bool = True
+) -> list[Record]:
     """Open every image (and mask) once; keep the readable ones, fill `image_size` and mask boxes, log the rest."""
     kept = []
     for rec in records:
@@ -219,7 +226,9 @@ def validate_records(records: Iterable[Record], skips: SkipLog, boxes_from_masks
 
 def summarize(records: Iterable[Record]) -> dict[str, Counter]:
     """Counts per category, defect type, label, split and source (dataset card and CLI summary)."""
-    out: dict[str, Counter] = {k: Counter() for k in ("category", "defect_type", "gt_label", "split", "source")}
+    out: dict[str, Counter] = {
+        k: Counter() for k in ("category", "defect_type", "gt_label", "split", "source")
+    }
     for rec in records:
         out["category"][rec.category or "-"] += 1
         out["defect_type"][rec.defect_type or ("good" if rec.gt_label == 0 else "anomaly")] += 1

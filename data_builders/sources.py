@@ -124,12 +124,18 @@ def read_mvtec(
                     size = _header_size(img, skips)
                     if size is None:
                         continue
-                    mask = None if is_good else _find_mask(cat_dir / "ground_truth" / defect_dir.name, img.stem)
+                    mask = (
+                        None if is_good else _find_mask(cat_dir / "ground_truth" / defect_dir.name, img.stem)
+                    )
                     rec = Record(
-                        image_path=str(img), gt_label=0 if is_good else 1,
+                        image_path=str(img),
+                        gt_label=0 if is_good else 1,
                         gt_mask=str(mask) if mask else None,
                         defect_type=None if is_good else defect_dir.name,
-                        category=cat_dir.name, source=source, split=sp, image_size=size,
+                        category=cat_dir.name,
+                        source=source,
+                        split=sp,
+                        image_size=size,
                     )
                     rec = _with_mask(rec, size, skips, with_boxes)
                     if rec is not None:
@@ -143,7 +149,9 @@ def read_mvtec(
 def _read_csv_rows(path: Path, skips: SkipLog) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)]
+            return [
+                {(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)
+            ]
     except Exception as exc:
         skips.add(path, f"unreadable manifest: {type(exc).__name__}: {exc}"[:300])
         return []
@@ -171,7 +179,12 @@ def read_visa(
                 anno[row["image"]] = row.get("label", "")
     records = []
     for i, row in enumerate(_read_csv_rows(csv_file, skips)):
-        obj, sp, label, image = row.get("object", ""), row.get("split", ""), row.get("label", ""), row.get("image", "")
+        obj, sp, label, image = (
+            row.get("object", ""),
+            row.get("split", ""),
+            row.get("label", ""),
+            row.get("image", ""),
+        )
         if category is not None and obj != category:
             continue
         if split is not None and sp != split:
@@ -206,8 +219,14 @@ def read_visa(
             desc = anno.get(image, "")
             defect = desc if desc and desc.lower() != "normal" else "anomaly"
         rec = Record(
-            image_path=str(img), gt_label=int(is_anomalous), gt_mask=mask_path, defect_type=defect,
-            category=obj, source="visa", split=sp, image_size=size,
+            image_path=str(img),
+            gt_label=int(is_anomalous),
+            gt_mask=mask_path,
+            defect_type=defect,
+            category=obj,
+            source="visa",
+            split=sp,
+            image_size=size,
         )
         rec = _with_mask(rec, size, skips, with_boxes)
         if rec is not None:
@@ -234,8 +253,12 @@ def _parse_box_file(path: Path, skips: SkipLog) -> list[tuple[list[float], str]]
         except ValueError:
             skips.add(f"{path}:{n}", f"bad box line: {line.strip()[:60]!r}")
             continue
-        out.append(([float(min(x1, x2)), float(min(y1, y2)), float(max(x1, x2)), float(max(y1, y2))],
-                    DEEPPCB_TYPES.get(t, f"type{t}")))
+        out.append(
+            (
+                [float(min(x1, x2)), float(min(y1, y2)), float(max(x1, x2)), float(max(y1, y2))],
+                DEEPPCB_TYPES.get(t, f"type{t}"),
+            )
+        )
     return out
 
 
@@ -273,23 +296,40 @@ def read_deeppcb(
             continue
         boxes = [b for b, _ in parsed]
         types = [t for _, t in parsed]
-        primary = max(sorted(set(types)), key=types.count) if types else None  # the most frequent type names the image
+        primary = (
+            max(sorted(set(types)), key=types.count) if types else None
+        )  # the most frequent type names the image
         temp_size = _header_size(temp, skips) if temp.exists() else None
         if not temp.exists():
             skips.add(temp, "missing file: template of a DeepPCB pair (test image kept without reference)")
         sp = split_of.get(pid, "")
-        records.append(Record(
-            image_path=str(test_img), gt_label=1 if boxes else 0, gt_boxes=boxes,
-            defect_type=primary if boxes else None,
-            category="pcb", source="deeppcb", split=sp, image_size=size,
-            reference_path=str(temp) if temp_size else None, group=group,
-            meta={"box_types": [t for _, t in parsed]},
-        ))
+        records.append(
+            Record(
+                image_path=str(test_img),
+                gt_label=1 if boxes else 0,
+                gt_boxes=boxes,
+                defect_type=primary if boxes else None,
+                category="pcb",
+                source="deeppcb",
+                split=sp,
+                image_size=size,
+                reference_path=str(temp) if temp_size else None,
+                group=group,
+                meta={"box_types": [t for _, t in parsed]},
+            )
+        )
         if include_templates and temp_size:
-            records.append(Record(
-                image_path=str(temp), gt_label=0, category="pcb", source="deeppcb", split=sp,
-                image_size=temp_size, group=group,
-            ))
+            records.append(
+                Record(
+                    image_path=str(temp),
+                    gt_label=0,
+                    category="pcb",
+                    source="deeppcb",
+                    split=sp,
+                    image_size=temp_size,
+                    group=group,
+                )
+            )
     return records
 
 
@@ -387,7 +427,9 @@ def read_llava_json(
             continue
         defect = None
         if label:
-            defect = next((str(meta_in[k]) for k in ("defect_type", "defect", "anomaly_type") if meta_in.get(k)), None)
+            defect = next(
+                (str(meta_in[k]) for k in ("defect_type", "defect", "anomaly_type") if meta_in.get(k)), None
+            )
             defect = defect or _defect_from_path(image) or "anomaly"
         category = next((str(meta_in[k]) for k in ("class", "object", "class_name") if meta_in.get(k)), "")
         if not category:
@@ -404,8 +446,14 @@ def read_llava_json(
                 continue
             mask_path = str(m)
         rec = Record(
-            image_path=str(img), gt_label=label, gt_mask=mask_path, defect_type=defect, category=category,
-            source=source, split="test" if source == "visa_dr" else "train", image_size=size,
+            image_path=str(img),
+            gt_label=label,
+            gt_mask=mask_path,
+            defect_type=defect,
+            category=category,
+            source=source,
+            split="test" if source == "visa_dr" else "train",
+            image_size=size,
             meta={"id": item.get("id", str(i)), "conversations": turns, "domain": meta_in.get("category")},
         )
         rec = _with_mask(rec, size, skips, with_boxes)
@@ -431,14 +479,16 @@ def _json_label(meta: dict[str, Any], turns: list[dict[str, str]], image: str) -
     return _label_from_path(image)
 
 
-def read_visa_dr(json_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                 skips: SkipLog | None = None) -> list[Record]:
+def read_visa_dr(
+    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, skips: SkipLog | None = None
+) -> list[Record]:
     """VisA-D&R (reasoning evaluation): LLaVA JSON; records are split "test"."""
     return read_llava_json(json_path, image_root, source="visa_dr", skips=skips)
 
 
-def read_anomaly_instruct(json_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                          skips: SkipLog | None = None) -> list[Record]:
+def read_anomaly_instruct(
+    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, skips: SkipLog | None = None
+) -> list[Record]:
     """Anomaly-Instruct-125k (training conversations): LLaVA JSON; records are split "train"."""
     return read_llava_json(json_path, image_root, source="anomaly_instruct", skips=skips)
 
@@ -447,7 +497,9 @@ def read_anomaly_instruct(json_path: str | os.PathLike, image_root: str | os.Pat
 
 
 def read_mmad(
-    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, skips: SkipLog | None = None,
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    skips: SkipLog | None = None,
     with_boxes: bool = False,
 ) -> list[Record]:
     """MMAD: `meta["questions"]` holds the multiple-choice items ({Question, Answer, Options, type});
@@ -503,11 +555,18 @@ def read_mmad(
             if m is not None and m.is_file():
                 mask_path = str(m)
             else:
-                skips.add(item["mask_path"], "missing file: mask listed in the MMAD JSON (record kept without mask)")
+                skips.add(
+                    item["mask_path"], "missing file: mask listed in the MMAD JSON (record kept without mask)"
+                )
         rec = Record(
-            image_path=str(img), gt_label=label, gt_mask=mask_path,
+            image_path=str(img),
+            gt_label=label,
+            gt_mask=mask_path,
             defect_type=(_defect_from_path(rel) or "anomaly") if label else None,
-            category=category, source="mmad", split="test", image_size=size,
+            category=category,
+            source="mmad",
+            split="test",
+            image_size=size,
             reference_path=templates[0] if templates else None,
             meta={"questions": questions, "templates": templates, "dataset": parts[0] if parts else ""},
         )
@@ -520,8 +579,23 @@ def read_mmad(
 # --------------------------------------------------------------------------------------------- generic
 
 
-_LABEL_WORDS = {"0": 0, "1": 1, "good": 0, "ok": 0, "normal": 0, "false": 0, "no": 0,
-                "bad": 1, "ng": 1, "anomaly": 1, "anomalous": 1, "defect": 1, "defective": 1, "true": 1, "yes": 1}
+_LABEL_WORDS = {
+    "0": 0,
+    "1": 1,
+    "good": 0,
+    "ok": 0,
+    "normal": 0,
+    "false": 0,
+    "no": 0,
+    "bad": 1,
+    "ng": 1,
+    "anomaly": 1,
+    "anomalous": 1,
+    "defect": 1,
+    "defective": 1,
+    "true": 1,
+    "yes": 1,
+}
 
 
 def _parse_label(value: Any) -> int | None:
@@ -546,7 +620,11 @@ def _parse_boxes(value: Any) -> list[list[float]]:
         if value.startswith("["):
             value = json.loads(value)
         else:  # "x1 y1 x2 y2; x1 y1 x2 y2"
-            value = [[float(v) for v in re.split(r"[,\s]+", part.strip()) if v] for part in value.split(";") if part.strip()]
+            value = [
+                [float(v) for v in re.split(r"[,\s]+", part.strip()) if v]
+                for part in value.split(";")
+                if part.strip()
+            ]
     if value and isinstance(value[0], (int, float)):
         value = [value]
     boxes = []
@@ -558,8 +636,11 @@ def _parse_boxes(value: Any) -> list[list[float]]:
 
 
 def read_manifest(
-    manifest: str | os.PathLike, root: str | os.PathLike | None = None, skips: SkipLog | None = None,
-    source: str = "custom", with_boxes: bool = True,
+    manifest: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    skips: SkipLog | None = None,
+    source: str = "custom",
+    with_boxes: bool = True,
 ) -> list[Record]:
     """A user's CSV or JSONL manifest. Columns: image (or image_path), label (or gt_label / defect_probability),
     optional mask, boxes (JSON or "x1 y1 x2 y2;…"), defect_type, category, split, reference. Paths are relative
@@ -589,7 +670,10 @@ def read_manifest(
         if not img.is_file():
             skips.add(img, "missing file: listed in the manifest")
             continue
-        raw_label = next((row[k] for k in ("label", "gt_label", "defect_probability") if row.get(k) not in (None, "")), None)
+        raw_label = next(
+            (row[k] for k in ("label", "gt_label", "defect_probability") if row.get(k) not in (None, "")),
+            None,
+        )
         label = _parse_label(raw_label) if raw_label is not None else None
         if label is None:
             skips.add(where, f"bad manifest row: unknown label {raw_label!r}")
@@ -618,14 +702,24 @@ def read_manifest(
             ref_rel = str(row.get("reference") or row.get("reference_path"))
             r = resolve_inside(root, ref_rel)
             if r is None or not r.is_file():
-                skips.add(f"{where} {ref_rel}", "path escapes dataset root" if r is None else "missing file: reference")
+                skips.add(
+                    f"{where} {ref_rel}",
+                    "path escapes dataset root" if r is None else "missing file: reference",
+                )
                 continue
             ref = str(r)
         defect = (row.get("defect_type") or None) if label else None
         rec = Record(
-            image_path=str(img), gt_label=label, gt_mask=mask_path, gt_boxes=boxes if label else [],
-            defect_type=(defect or "anomaly") if label else None, category=str(row.get("category") or root.name),
-            source=source, split=str(row.get("split") or ""), reference_path=ref, image_size=size,
+            image_path=str(img),
+            gt_label=label,
+            gt_mask=mask_path,
+            gt_boxes=boxes if label else [],
+            defect_type=(defect or "anomaly") if label else None,
+            category=str(row.get("category") or root.name),
+            source=source,
+            split=str(row.get("split") or ""),
+            reference_path=ref,
+            image_size=size,
             meta={"label_raw": raw_label} if str(raw_label).strip().lower() not in ("0", "1") else {},
         )
         rec = _with_mask(rec, size, skips, with_boxes)
@@ -655,7 +749,9 @@ def read_folder(
     groups = [(root, "")] if has_labels else [(p, p.name) for p in subdirs]
     records = []
     for base, category in groups:
-        for defect_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name not in ("masks", "ground_truth")):
+        for defect_dir in sorted(
+            p for p in base.iterdir() if p.is_dir() and p.name not in ("masks", "ground_truth")
+        ):
             is_good = defect_dir.name.lower() in GOOD_NAMES
             for img in _sorted_images(defect_dir):
                 size = _header_size(img, skips)
@@ -668,9 +764,13 @@ def read_folder(
                         if mask:
                             break
                 rec = Record(
-                    image_path=str(img), gt_label=0 if is_good else 1, gt_mask=str(mask) if mask else None,
-                    defect_type=None if is_good else defect_dir.name, category=category or root.name,
-                    source=source, image_size=size,
+                    image_path=str(img),
+                    gt_label=0 if is_good else 1,
+                    gt_mask=str(mask) if mask else None,
+                    defect_type=None if is_good else defect_dir.name,
+                    category=category or root.name,
+                    source=source,
+                    image_size=size,
                 )
                 rec = _with_mask(rec, size, skips, with_boxes)
                 if rec is not None:
@@ -681,8 +781,14 @@ def read_folder(
 # --------------------------------------------------------------------------------------------- dispatch
 
 READERS: dict[str, Callable[..., list[Record]]] = {
-    "mvtec": read_mvtec, "visa": read_visa, "deeppcb": read_deeppcb, "folder": read_folder,
-    "manifest": read_manifest, "anomaly_instruct": read_anomaly_instruct, "visa_dr": read_visa_dr, "mmad": read_mmad,
+    "mvtec": read_mvtec,
+    "visa": read_visa,
+    "deeppcb": read_deeppcb,
+    "folder": read_folder,
+    "manifest": read_manifest,
+    "anomaly_instruct": read_anomaly_instruct,
+    "visa_dr": read_visa_dr,
+    "mmad": read_mmad,
 }
 
 
@@ -702,7 +808,11 @@ def detect_kind(path: str | os.PathLike) -> str:
         raise ValueError(f"cannot tell the format of {p}")
     if (p / "split_csv").is_dir():
         return "visa"
-    if p.is_dir() and next(p.rglob("*_test.jpg"), None) is not None and next(p.rglob("*_not"), None) is not None:
+    if (
+        p.is_dir()
+        and next(p.rglob("*_test.jpg"), None) is not None
+        and next(p.rglob("*_not"), None) is not None
+    ):
         return "deeppcb"
     if p.is_dir() and _mvtec_categories(p):
         return "mvtec"
@@ -715,7 +825,9 @@ def read_source(spec: str, skips: SkipLog | None = None) -> list[Record]:
     kind, _, rest = spec.partition(":")
     if kind not in READERS or not rest:
         kind, rest = detect_kind(spec), spec
-    path, _, extra = rest.partition(":") if kind in ("anomaly_instruct", "visa_dr", "mmad", "manifest") else (rest, "", "")
+    path, _, extra = (
+        rest.partition(":") if kind in ("anomaly_instruct", "visa_dr", "mmad", "manifest") else (rest, "", "")
+    )
     reader = READERS[kind]
     if kind in ("anomaly_instruct", "visa_dr", "mmad"):
         return reader(path, extra or None, skips=skips)

@@ -26,22 +26,67 @@ CATEGORIES = TEXTURES + OBJECTS
 
 # which synthesisers make sense per category, and what an inspector of that part would call the result
 CATEGORY_DEFECTS: dict[str, dict[str, str]] = {
-    "woven": {"cut_paste": "misweave", "stain": "stain", "hole": "hole", "foreign_object": "thread",
-              "perlin_blend": "colour_variation"},
-    "brushed_metal": {"scratch": "scratch", "stain": "stain", "hole": "pit", "perlin_blend": "corrosion",
-                      "foreign_object": "contamination"},
-    "wood": {"crack": "crack", "hole": "hole", "stain": "stain", "scratch": "scratch", "perlin_blend": "discolouration"},
-    "grid": {"missing_part": "broken_wire", "foreign_object": "contamination", "cut_paste": "bent_wire",
-             "crack": "crack"},
-    "nut": {"scratch": "scratch", "missing_part": "broken_edge", "stain": "stain", "crack": "crack",
-            "foreign_object": "contamination"},
-    "pill": {"crack": "crack", "missing_part": "chip", "stain": "stain", "foreign_object": "contamination",
-             "hole": "pit"},
-    "bottle": {"crack": "crack", "missing_part": "broken_rim", "stain": "contamination", "foreign_object": "foreign_object",
-               "scratch": "scratch"},
-    "screw": {"scratch": "scratch", "missing_part": "damaged_thread", "stain": "stain", "foreign_object": "contamination"},
-    "pcb": {"missing_part": "open", "foreign_object": "short", "hole": "pin-hole", "stain": "contamination",
-            "cut_paste": "spur"},
+    "woven": {
+        "cut_paste": "misweave",
+        "stain": "stain",
+        "hole": "hole",
+        "foreign_object": "thread",
+        "perlin_blend": "colour_variation",
+    },
+    "brushed_metal": {
+        "scratch": "scratch",
+        "stain": "stain",
+        "hole": "pit",
+        "perlin_blend": "corrosion",
+        "foreign_object": "contamination",
+    },
+    "wood": {
+        "crack": "crack",
+        "hole": "hole",
+        "stain": "stain",
+        "scratch": "scratch",
+        "perlin_blend": "discolouration",
+    },
+    "grid": {
+        "missing_part": "broken_wire",
+        "foreign_object": "contamination",
+        "cut_paste": "bent_wire",
+        "crack": "crack",
+    },
+    "nut": {
+        "scratch": "scratch",
+        "missing_part": "broken_edge",
+        "stain": "stain",
+        "crack": "crack",
+        "foreign_object": "contamination",
+    },
+    "pill": {
+        "crack": "crack",
+        "missing_part": "chip",
+        "stain": "stain",
+        "foreign_object": "contamination",
+        "hole": "pit",
+    },
+    "bottle": {
+        "crack": "crack",
+        "missing_part": "broken_rim",
+        "stain": "contamination",
+        "foreign_object": "foreign_object",
+        "scratch": "scratch",
+    },
+    "screw": {
+        "scratch": "scratch",
+        "missing_part": "damaged_thread",
+        "stain": "stain",
+        "foreign_object": "contamination",
+    },
+    "pcb": {
+        "missing_part": "open",
+        "foreign_object": "short",
+        "hole": "pin-hole",
+        "stain": "contamination",
+        "cut_paste": "spur",
+    },
 }
 
 
@@ -81,7 +126,9 @@ def _grain(h: int, w: int, rng: np.random.Generator, amount: float) -> np.ndarra
     costs more than the rest of a render). [H, W, 1]"""
     bank = _GRAIN_BANK.get((h, w))
     if bank is None:
-        bank = _GRAIN_BANK[(h, w)] = np.random.default_rng(12345).standard_normal((2 * h, 2 * w, 1), dtype=np.float32)
+        bank = _GRAIN_BANK[(h, w)] = np.random.default_rng(12345).standard_normal(
+            (2 * h, 2 * w, 1), dtype=np.float32
+        )
     y, x = int(rng.integers(h)), int(rng.integers(w))
     return bank[y : y + h, x : x + w] * np.float32(amount)
 
@@ -135,7 +182,9 @@ def _background(s: int, rng: np.random.Generator):
     return np.full((s, s, 3), level, np.float32) + vignette + _grain(s, s, rng, 2)
 
 
-def _shade(img: np.ndarray, mask: np.ndarray, colour: np.ndarray, cx: float, cy: float, r: float, s: int) -> np.ndarray:
+def _shade(
+    img: np.ndarray, mask: np.ndarray, colour: np.ndarray, cx: float, cy: float, r: float, s: int
+) -> np.ndarray:
     """Paint `colour` inside mask with a radial light falloff (metal/plastic look)."""
     yy, xx = yx_grid(s, s)
     d = np.sqrt((xx - cx + 0.3 * r) ** 2 + (yy - cy + 0.3 * r) ** 2) / max(r, 1.0)
@@ -148,7 +197,9 @@ def _nut(s: int, rng: np.random.Generator):
     cx, cy = s / 2 + rng.uniform(-0.05, 0.05) * s, s / 2 + rng.uniform(-0.05, 0.05) * s
     r = rng.uniform(0.28, 0.38) * s
     rot = rng.uniform(0, math.pi / 3)
-    hexagon = [(cx + r * math.cos(rot + k * math.pi / 3), cy + r * math.sin(rot + k * math.pi / 3)) for k in range(6)]
+    hexagon = [
+        (cx + r * math.cos(rot + k * math.pi / 3), cy + r * math.sin(rot + k * math.pi / 3)) for k in range(6)
+    ]
     canvas = Image.new("L", (s, s), 0)
     draw = ImageDraw.Draw(canvas)
     draw.polygon(hexagon, fill=255)
@@ -206,8 +257,12 @@ def _screw(s: int, rng: np.random.Generator):
     px, py = -uy, ux
     a = (cx - ux * length / 2, cy - uy * length / 2)
     b = (cx + ux * length / 2, cy + uy * length / 2)
-    shaft = [(a[0] + px * half_w, a[1] + py * half_w), (b[0] + px * half_w * 0.5, b[1] + py * half_w * 0.5),
-             (b[0] - px * half_w * 0.5, b[1] - py * half_w * 0.5), (a[0] - px * half_w, a[1] - py * half_w)]
+    shaft = [
+        (a[0] + px * half_w, a[1] + py * half_w),
+        (b[0] + px * half_w * 0.5, b[1] + py * half_w * 0.5),
+        (b[0] - px * half_w * 0.5, b[1] - py * half_w * 0.5),
+        (a[0] - px * half_w, a[1] - py * half_w),
+    ]
     canvas = Image.new("L", (s, s), 0)
     draw = ImageDraw.Draw(canvas)
     draw.polygon(shaft, fill=255)
@@ -221,7 +276,10 @@ def _screw(s: int, rng: np.random.Generator):
     t = hr
     while t < length:
         x, y = a[0] + ux * t, a[1] + uy * t
-        tdraw.line([(x + px * half_w, y + py * half_w), (x - px * half_w + ux * 2, y - py * half_w + uy * 2)], fill=255)
+        tdraw.line(
+            [(x + px * half_w, y + py * half_w), (x - px * half_w + ux * 2, y - py * half_w + uy * 2)],
+            fill=255,
+        )
         t += pitch
     img = np.where((np.asarray(threads) > 0)[..., None] & fg[..., None], img * 0.6, img)
     return img, fg, fg
@@ -247,21 +305,36 @@ def _pcb(s: int, rng: np.random.Generator):
             pr = max(3, s // 40)
             draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=255)
     copper = np.asarray(canvas) > 127
-    img = np.where(copper[..., None], np.array([200, 160, 90], np.float32)[None, None, :] + _grain(s, s, rng, 6), img)
+    img = np.where(
+        copper[..., None], np.array([200, 160, 90], np.float32)[None, None, :] + _grain(s, s, rng, 6), img
+    )
     return img, None, copper
 
 
 RENDERERS = {
-    "woven": _woven, "brushed_metal": _brushed_metal, "wood": _wood, "grid": _grid,
-    "nut": _nut, "pill": _pill, "bottle": _bottle, "screw": _screw, "pcb": _pcb,
+    "woven": _woven,
+    "brushed_metal": _brushed_metal,
+    "wood": _wood,
+    "grid": _grid,
+    "nut": _nut,
+    "pill": _pill,
+    "bottle": _bottle,
+    "screw": _screw,
+    "pcb": _pcb,
 }
 
 
 # --------------------------------------------------------------------------------------------- generator
 
 
-def render(category: str, index: int, seed: int = 0, size: int = 256, anomalous: bool | None = None,
-           anomaly_ratio: float = 0.5) -> SynthSample:
+def render(
+    category: str,
+    index: int,
+    seed: int = 0,
+    size: int = 256,
+    anomalous: bool | None = None,
+    anomaly_ratio: float = 0.5,
+) -> SynthSample:
     """Sample `index` of `category` for `seed`: identical for identical arguments."""
     if category not in RENDERERS:
         raise ValueError(f"unknown SynthInspect category {category!r}; choose from {', '.join(CATEGORIES)}")
@@ -295,15 +368,22 @@ class SynthInspect:
 
     def sample(self, i: int, anomalous: bool | None = None) -> SynthSample:
         cats = self.config.categories
-        return render(cats[i % len(cats)], i // len(cats), self.config.seed, self.config.size, anomalous,
-                      self.config.anomaly_ratio)
+        return render(
+            cats[i % len(cats)],
+            i // len(cats),
+            self.config.seed,
+            self.config.size,
+            anomalous,
+            self.config.anomaly_ratio,
+        )
 
     def generate(self, n: int, start: int = 0) -> Iterator[SynthSample]:
         for i in range(start, start + n):
             yield self.sample(i)
 
-    def write_mvtec(self, out_dir: str | Path, n_train: int, n_test: int, progress: bool = False,
-                    total: int | None = None) -> list[Record]:
+    def write_mvtec(
+        self, out_dir: str | Path, n_train: int, n_test: int, progress: bool = False, total: int | None = None
+    ) -> list[Record]:
         """Write `<out>/<category>/{train/good,test/<defect>,ground_truth/<defect>}` (MVTec AD layout).
 
         `n_train` normal and `n_test` mixed images per category, or, with `total`, `total` mixed test images
@@ -314,7 +394,11 @@ class SynthInspect:
         records: list[Record] = []
         cfg = self.config
         n_cats = len(cfg.categories)
-        tests = [n_test] * n_cats if total is None else [total // n_cats + (k < total % n_cats) for k in range(n_cats)]
+        tests = (
+            [n_test] * n_cats
+            if total is None
+            else [total // n_cats + (k < total % n_cats) for k in range(n_cats)]
+        )
         bar = tqdm(total=n_cats * n_train + sum(tests), desc="SynthInspect", disable=not progress, unit="img")
         for cat, n_test in zip(cfg.categories, tests):
             for i in range(n_train):
@@ -322,8 +406,16 @@ class SynthInspect:
                 path = out / cat / "train" / "good" / f"{i:03d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(smp.image).save(path, compress_level=1)
-                records.append(Record(str(path), 0, category=cat, source="synth_inspect", split="train",
-                                      image_size=(cfg.size, cfg.size)))
+                records.append(
+                    Record(
+                        str(path),
+                        0,
+                        category=cat,
+                        source="synth_inspect",
+                        split="train",
+                        image_size=(cfg.size, cfg.size),
+                    )
+                )
                 bar.update()
             counters: dict[str, int] = {}
             for j in range(n_test):
@@ -340,8 +432,19 @@ class SynthInspect:
                     mpath.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(smp.mask.astype(np.uint8) * 255).save(mpath, compress_level=1)
                     mask_path = str(mpath)
-                records.append(Record(str(path), smp.gt_label, mask_path, smp.gt_boxes, smp.defect_type, cat,
-                                      "synth_inspect", "test", image_size=(cfg.size, cfg.size)))
+                records.append(
+                    Record(
+                        str(path),
+                        smp.gt_label,
+                        mask_path,
+                        smp.gt_boxes,
+                        smp.defect_type,
+                        cat,
+                        "synth_inspect",
+                        "test",
+                        image_size=(cfg.size, cfg.size),
+                    )
+                )
                 bar.update()
         bar.close()
         return records
@@ -354,15 +457,25 @@ class SynthInspect:
             for smp in self.generate(n, start):
                 yield {
                     "image": Image.fromarray(smp.image),
-                    "mask": Image.fromarray(smp.mask.astype(np.uint8) * 255) if smp.mask is not None else None,
-                    "gt_label": smp.gt_label, "gt_boxes": smp.gt_boxes, "defect_type": smp.defect_type,
-                    "category": smp.category, "source": "synth_inspect",
+                    "mask": Image.fromarray(smp.mask.astype(np.uint8) * 255)
+                    if smp.mask is not None
+                    else None,
+                    "gt_label": smp.gt_label,
+                    "gt_boxes": smp.gt_boxes,
+                    "defect_type": smp.defect_type,
+                    "category": smp.category,
+                    "source": "synth_inspect",
                 }
 
-        features = datasets.Features({
-            "image": datasets.Image(), "mask": datasets.Image(), "gt_label": datasets.Value("int64"),
-            "gt_boxes": datasets.List(datasets.List(datasets.Value("float32"))),
-            "defect_type": datasets.Value("string"), "category": datasets.Value("string"),
-            "source": datasets.Value("string"),
-        })
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "mask": datasets.Image(),
+                "gt_label": datasets.Value("int64"),
+                "gt_boxes": datasets.List(datasets.List(datasets.Value("float32"))),
+                "defect_type": datasets.Value("string"),
+                "category": datasets.Value("string"),
+                "source": datasets.Value("string"),
+            }
+        )
         return datasets.Dataset.from_generator(gen, features=features)

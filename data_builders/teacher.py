@@ -29,7 +29,7 @@ PROMPTS = {
     "describe": "Rewrite this description of the inspected image:",
     "low_level": "Rewrite this answer about what and where the defect is:",
     "complex": "Rewrite and, if useful, enrich with one more concrete detail this answer about the defect's cause, "
-               "effect or prevention:",
+    "effect or prevention:",
 }
 
 
@@ -49,8 +49,11 @@ class Teacher:
         base = os.environ.get("ANOMALY_TEACHER_BASE_URL", "").strip()
         if not base:
             return None
-        t = cls(base_url=base.rstrip("/"), model=os.environ.get("ANOMALY_TEACHER_MODEL", "gpt-4o-mini"),
-                api_key=os.environ.get("ANOMALY_TEACHER_API_KEY", ""))
+        t = cls(
+            base_url=base.rstrip("/"),
+            model=os.environ.get("ANOMALY_TEACHER_MODEL", "gpt-4o-mini"),
+            api_key=os.environ.get("ANOMALY_TEACHER_API_KEY", ""),
+        )
         if cache_dir is not None:
             t.cache_dir = Path(cache_dir)
         return t
@@ -69,8 +72,10 @@ class Teacher:
             except (ValueError, KeyError, OSError):
                 pass
         req = urllib.request.Request(
-            f"{self.base_url}/chat/completions", data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+            f"{self.base_url}/chat/completions",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"}
+            | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
         )
         self.stats["calls"] += 1
         try:
@@ -92,9 +97,13 @@ class Teacher:
     def __call__(self, kind: str, text: str, facts: dict[str, Any]) -> str:
         """The `conversations.RewriteFn` interface: rewritten text, or `text` itself if the teacher fails."""
         fact_text = ", ".join(f"{k}={v}" for k, v in sorted(facts.items()) if v not in (None, ""))
-        messages = [{"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": f"{PROMPTS.get(kind, PROMPTS['rationale'])}\n\nFacts: {fact_text}\n\n"
-                                                f"Text: {text}"}]
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {
+                "role": "user",
+                "content": f"{PROMPTS.get(kind, PROMPTS['rationale'])}\n\nFacts: {fact_text}\n\nText: {text}",
+            },
+        ]
         out = self.complete(messages)
         if not out:
             return text

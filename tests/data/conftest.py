@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-from data_fixture_files import write_image, write_mask
-
 from anomaly_assistant.data_builders.build import BuildConfig, build
+from data_fixture_files import write_image, write_mask
 
 
 @pytest.fixture(scope="session")
@@ -28,8 +27,11 @@ def mvtec_root(tmp_path_factory) -> Path:
         for d, defect in enumerate(("broken_large", "contamination")):
             for i in range(2):
                 write_image(root / cat / "test" / defect / f"{i:03d}.png", seed=c * 100 + 20 + d * 5 + i)
-                write_mask(root / cat / "ground_truth" / defect / f"{i:03d}_mask.png", (64, 48),
-                           [(10 + i, 5, 30 + i, 20)] + ([(40, 30, 50, 44)] if d else []))
+                write_mask(
+                    root / cat / "ground_truth" / defect / f"{i:03d}_mask.png",
+                    (64, 48),
+                    [(10 + i, 5, 30 + i, 20)] + ([(40, 30, 50, 44)] if d else []),
+                )
     (root / "license.txt").write_text("fixture")
     return root
 
@@ -97,8 +99,12 @@ def deeppcb_root(tmp_path_factory) -> Path:
     (base / "12000_not").mkdir(parents=True)
     (base / "12000_not" / "12000001.txt").write_text("10 20 30 40 1\n50,60,70,80,2\n5 5 9 9 2\n")
     (base / "12000_not" / "12000002.txt").write_text("1 2 3 4 6\n")
-    (root / "PCBData" / "test.txt").write_text("group12000/12000/12000002.jpg group12000/12000_not/12000002.txt\n")
-    (root / "PCBData" / "trainval.txt").write_text("group12000/12000/12000001.jpg group12000/12000_not/12000001.txt\n")
+    (root / "PCBData" / "test.txt").write_text(
+        "group12000/12000/12000002.jpg group12000/12000_not/12000002.txt\n"
+    )
+    (root / "PCBData" / "trainval.txt").write_text(
+        "group12000/12000/12000001.jpg group12000/12000_not/12000001.txt\n"
+    )
     return root
 
 
@@ -111,19 +117,41 @@ def llava_root(tmp_path_factory) -> Path:
     write_image(root / "images" / "bottle" / "test" / "good" / "001.png", seed=2)
     write_image(root / "images" / "web" / "x.png", seed=3)
     items = [
-        {"id": "a", "image": "images/bottle/test/crack/000.png",
-         "conversations": [{"from": "human", "value": "<image>\nIs there any anomaly in the image?"},
-                           {"from": "gpt", "value": "Yes, there is a crack near the rim."},
-                           {"from": "human", "value": "What could cause it?"},
-                           {"from": "gpt", "value": "Thermal shock."}],
-         "metadata": {"anomaly": True, "mask": "masks/000_mask.png", "category": "industrial"}},
-        {"id": "b", "image": "images/bottle/test/good/001.png",
-         "conversations": [{"from": "human", "value": "<image>\nAre there any defects for the object in the image? "
-                                                       "Please reply with 'Yes' or 'No'."},
-                           {"from": "gpt", "value": "No"}]},
-        {"id": "c", "image": "images/web/x.png",
-         "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A thing."}]},
-        {"id": "d", "conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}]},
+        {
+            "id": "a",
+            "image": "images/bottle/test/crack/000.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nIs there any anomaly in the image?"},
+                {"from": "gpt", "value": "Yes, there is a crack near the rim."},
+                {"from": "human", "value": "What could cause it?"},
+                {"from": "gpt", "value": "Thermal shock."},
+            ],
+            "metadata": {"anomaly": True, "mask": "masks/000_mask.png", "category": "industrial"},
+        },
+        {
+            "id": "b",
+            "image": "images/bottle/test/good/001.png",
+            "conversations": [
+                {
+                    "from": "human",
+                    "value": "<image>\nAre there any defects for the object in the image? "
+                    "Please reply with 'Yes' or 'No'.",
+                },
+                {"from": "gpt", "value": "No"},
+            ],
+        },
+        {
+            "id": "c",
+            "image": "images/web/x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": "A thing."},
+            ],
+        },
+        {
+            "id": "d",
+            "conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}],
+        },
     ]
     (root / "instruct.json").write_text(json.dumps(items))
     return root
@@ -134,25 +162,44 @@ def mmad_root(tmp_path_factory) -> Path:
     """MMAD: mmad.json keyed by image path (DS-MVTec/<cat>/image/<defect>/<file>) with MCQ conversation."""
     root = tmp_path_factory.mktemp("mmad")
     write_image(root / "DS-MVTec" / "bottle" / "image" / "broken_large" / "000.png", seed=1)
-    write_mask(root / "DS-MVTec" / "bottle" / "rbg_mask" / "broken_large" / "000_rbg_mask.png", (64, 48), [(1, 1, 9, 9)])
+    write_mask(
+        root / "DS-MVTec" / "bottle" / "rbg_mask" / "broken_large" / "000_rbg_mask.png",
+        (64, 48),
+        [(1, 1, 9, 9)],
+    )
     write_image(root / "DS-MVTec" / "bottle" / "image" / "good" / "001.png", seed=2)
     write_image(root / "MVTec-AD" / "bottle" / "train" / "good" / "000.png", seed=3)
     q = lambda ans: [
-        {"type": "Anomaly Detection", "Question": "Is there any defect in the object?",
-         "Options": {"A": "Yes.", "B": "No."}, "Answer": ans, "annotation": True},
-        {"type": "Defect Classification", "Question": "What is the type of the defect?",
-         "Options": {"A": "Broken.", "B": "Contamination."}, "Answer": "A", "annotation": True},
+        {
+            "type": "Anomaly Detection",
+            "Question": "Is there any defect in the object?",
+            "Options": {"A": "Yes.", "B": "No."},
+            "Answer": ans,
+            "annotation": True,
+        },
+        {
+            "type": "Defect Classification",
+            "Question": "What is the type of the defect?",
+            "Options": {"A": "Broken.", "B": "Contamination."},
+            "Answer": "A",
+            "annotation": True,
+        },
     ]
     data = {
         "DS-MVTec/bottle/image/broken_large/000.png": {
             "image_path": "DS-MVTec/bottle/image/broken_large/000.png",
             "mask_path": "DS-MVTec/bottle/rbg_mask/broken_large/000_rbg_mask.png",
-            "similar_templates": ["MVTec-AD/bottle/train/good/000.png"], "random_templates": [],
-            "conversation": q("A")},
+            "similar_templates": ["MVTec-AD/bottle/train/good/000.png"],
+            "random_templates": [],
+            "conversation": q("A"),
+        },
         "DS-MVTec/bottle/image/good/001.png": {
-            "image_path": "DS-MVTec/bottle/image/good/001.png", "mask_path": None,
-            "similar_templates": ["MVTec-AD/bottle/train/good/000.png"], "random_templates": [],
-            "conversation": q("B")[:1]},
+            "image_path": "DS-MVTec/bottle/image/good/001.png",
+            "mask_path": None,
+            "similar_templates": ["MVTec-AD/bottle/train/good/000.png"],
+            "random_templates": [],
+            "conversation": q("B")[:1],
+        },
     }
     (root / "mmad.json").write_text(json.dumps(data))
     return root
@@ -172,12 +219,14 @@ def custom_root(tmp_path_factory) -> Path:
     write_mask(man / "img" / "2_mask.png", (64, 48), [(30, 20, 40, 30)])
     write_image(man / "img" / "3.png", seed=5)
     with open(man / "data.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([
-            ("image", "label", "mask", "boxes", "defect_type", "category", "split"),
-            ("img/1.png", "good", "", "", "", "widget", "train"),
-            ("img/2.png", "1", "img/2_mask.png", "", "dent", "widget", "test"),
-            ("img/3.png", "anomalous", "", "[[1, 2, 10, 12]]", "scratch", "widget", "test"),
-        ])
+        csv.writer(fh).writerows(
+            [
+                ("image", "label", "mask", "boxes", "defect_type", "category", "split"),
+                ("img/1.png", "good", "", "", "", "widget", "train"),
+                ("img/2.png", "1", "img/2_mask.png", "", "dent", "widget", "test"),
+                ("img/3.png", "anomalous", "", "[[1, 2, 10, 12]]", "scratch", "widget", "test"),
+            ]
+        )
     return root
 
 
@@ -192,6 +241,14 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, mvtec_root, deeppcb_root):
     out = tmp_path_factory.mktemp("built")
-    cfg = BuildConfig(sources=[str(mvtec_root), str(deeppcb_root)], out=str(out), synth=18, synth_size=96,
-                      defects=6, textures=4, progress=False, seed=1)
+    cfg = BuildConfig(
+        sources=[str(mvtec_root), str(deeppcb_root)],
+        out=str(out),
+        synth=18,
+        synth_size=96,
+        defects=6,
+        textures=4,
+        progress=False,
+        seed=1,
+    )
     return build(cfg), out

@@ -51,23 +51,32 @@ def test_manifest_missing_files_escapes_and_bad_rows(tmp_path):
     write_image(root / "m.png")
     write_mask(root / "m_mask.png", (10, 10), [(0, 0, 2, 2)])
     with open(root / "data.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([
-            ("image", "label", "mask", "boxes"),
-            ("ok.png", "0", "", ""),
-            ("missing.png", "1", "", ""),
-            ("../outside.png", "0", "", ""),
-            (str(tmp_path / "outside.png"), "0", "", ""),
-            ("ok.png", "maybe", "", ""),
-            ("ok.png", "1", "", "[[1, 2, 3]]"),
-            ("m.png", "1", "m_mask.png", ""),
-            ("ok.png", "1", "../outside.png", ""),
-        ])
+        csv.writer(fh).writerows(
+            [
+                ("image", "label", "mask", "boxes"),
+                ("ok.png", "0", "", ""),
+                ("missing.png", "1", "", ""),
+                ("../outside.png", "0", "", ""),
+                (str(tmp_path / "outside.png"), "0", "", ""),
+                ("ok.png", "maybe", "", ""),
+                ("ok.png", "1", "", "[[1, 2, 3]]"),
+                ("m.png", "1", "m_mask.png", ""),
+                ("ok.png", "1", "../outside.png", ""),
+            ]
+        )
     skips = SkipLog()
     recs = read_manifest(root / "data.csv", skips=skips)
     assert [r.image_path.rsplit("/", 1)[1] for r in recs] == ["ok.png"]
     kinds = [r.split(":")[0] for _, r in skips.items]
-    assert kinds == ["missing file", "path escapes dataset root", "path escapes dataset root", "bad manifest row",
-                     "bad manifest row", "mask size mismatch", "path escapes dataset root"]
+    assert kinds == [
+        "missing file",
+        "path escapes dataset root",
+        "path escapes dataset root",
+        "bad manifest row",
+        "bad manifest row",
+        "mask size mismatch",
+        "path escapes dataset root",
+    ]
     assert any(p.endswith("missing.png") for p, _ in skips.items)
 
 
@@ -75,8 +84,12 @@ def test_visa_csv_with_missing_and_escaping_rows(tmp_path, visa_root):
     root = tmp_path / "visa"
     shutil.copytree(visa_root, root)
     with open(root / "split_csv" / "1cls.csv", "a", newline="") as fh:
-        csv.writer(fh).writerows([("candle", "test", "normal", "candle/Data/Images/Normal/9999.JPG", ""),
-                                  ("candle", "test", "normal", "../../etc/passwd", "")])
+        csv.writer(fh).writerows(
+            [
+                ("candle", "test", "normal", "candle/Data/Images/Normal/9999.JPG", ""),
+                ("candle", "test", "normal", "../../etc/passwd", ""),
+            ]
+        )
     skips = SkipLog()
     recs = read_visa(root, skips=skips)
     assert len(recs) == 10
@@ -84,13 +97,25 @@ def test_visa_csv_with_missing_and_escaping_rows(tmp_path, visa_root):
 
 
 def test_build_reports_skips_in_summary(tmp_path, broken_mvtec):
-    cfg = BuildConfig(sources=[str(broken_mvtec), str(tmp_path / "does_not_exist")], out=str(tmp_path / "out"),
-                      kinds=["inspect"], progress=False)
+    cfg = BuildConfig(
+        sources=[str(broken_mvtec), str(tmp_path / "does_not_exist")],
+        out=str(tmp_path / "out"),
+        kinds=["inspect"],
+        progress=False,
+    )
     result = build(cfg)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["skipped_counts"] == {"empty file": 1, "unreadable image": 2, "mask size mismatch": 1,
-                                         "missing file": 1}
-    assert {s["path"].rsplit("/", 1)[1] for s in summary["skipped"]} >= {"zero.png", "truncated.png", "notes.png"}
+    assert summary["skipped_counts"] == {
+        "empty file": 1,
+        "unreadable image": 2,
+        "mask size mismatch": 1,
+        "missing file": 1,
+    }
+    assert {s["path"].rsplit("/", 1)[1] for s in summary["skipped"]} >= {
+        "zero.png",
+        "truncated.png",
+        "notes.png",
+    }
     assert sum(len(v) for v in result.splits.values()) == 9
     card = (tmp_path / "out" / "README.md").read_text()
     assert "skipped 5 item(s)" in card and "truncated.png" in card

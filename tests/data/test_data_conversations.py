@@ -8,7 +8,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
-
 from anomaly_assistant.data_builders import knowledge
 from anomaly_assistant.data_builders.conversations import (
     DETECTION_PROMPT,
@@ -21,6 +20,7 @@ from anomaly_assistant.data_builders.conversations import (
 from anomaly_assistant.data_builders.frames import BACKBONES, input_frame
 from anomaly_assistant.data_builders.records import Record
 from anomaly_assistant.data_builders.teacher import Teacher
+
 from anomaly_assistant.finding import Box
 from anomaly_assistant.grammar import parse_answer
 
@@ -31,9 +31,18 @@ def _records():
     recs = []
     for i, (w, h) in enumerate(SIZES):
         box = [w * 0.1 + i, h * 0.2, w * 0.35, h * 0.5]
-        recs.append(Record(f"a{i}.png", 1, None, [box, [w * 0.7, h * 0.7, w * 0.9, h * 0.95]],
-                           ["scratch", "broken_large", "pin-hole", "chunk of wax missing"][i],
-                           ["nut", "bottle", "pcb", "candle"][i], "fixture", image_size=(w, h)))
+        recs.append(
+            Record(
+                f"a{i}.png",
+                1,
+                None,
+                [box, [w * 0.7, h * 0.7, w * 0.9, h * 0.95]],
+                ["scratch", "broken_large", "pin-hole", "chunk of wax missing"][i],
+                ["nut", "bottle", "pcb", "candle"][i],
+                "fixture",
+                image_size=(w, h),
+            )
+        )
         recs.append(Record(f"n{i}.png", 0, category="wood", source="fixture", image_size=(w, h)))
     return recs
 
@@ -102,14 +111,20 @@ def test_kinds_and_phrasings_vary():
     assert any(s.messages[0]["content"] == DETECTION_PROMPT for s in detect)
     assert {s.messages[1]["content"] for s in detect} == {"Yes"}
     dialogue_questions = {m["content"] for s in samples if s.kind == "dialogue" for m in s.messages[2::2]}
-    assert any("cause" in q.lower() for q in dialogue_questions) and any("where" in q.lower() for q in dialogue_questions)
+    assert any("cause" in q.lower() for q in dialogue_questions) and any(
+        "where" in q.lower() for q in dialogue_questions
+    )
     causes = " ".join(m["content"] for s in samples if s.kind == "dialogue" for m in s.messages[3::2])
     assert any(c in causes for c in knowledge.family_of("scratch").causes)
 
 
 def test_knowledge_base_families_and_similarity():
     fam = knowledge.family_of
-    assert fam("broken_large").name == "missing" and fam("blowhole").name == "hole" and fam("crack").name == "crack"
+    assert (
+        fam("broken_large").name == "missing"
+        and fam("blowhole").name == "hole"
+        and fam("crack").name == "crack"
+    )
     assert fam("mousebite").name == "missing" and fam("short").name == "foreign_object"
     assert fam("chunk of wax missing").name == "missing" and fam("xyz").name == "other"
     assert knowledge.type_similarity("broken_large", "broken large") == 1.0
@@ -127,7 +142,9 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         text = body["messages"][-1]["content"].rsplit("Text: ", 1)[1]
-        reply = {"choices": [{"message": {"role": "assistant", "content": "Rewritten: " + text + " <answer>"}}]}
+        reply = {
+            "choices": [{"message": {"role": "assistant", "content": "Rewritten: " + text + " <answer>"}}]
+        }
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -152,8 +169,15 @@ def test_teacher_rewrites_through_openai_endpoint_with_cache(tmp_path, monkeypat
         frame = input_frame("qwen2_5_vl", rec.image_size)
         answer, _ = inspection_answer(rec, frame, rng=0, rewrite=teacher)
         parsed = parse_answer(answer)
-        assert parsed.ok and parsed.think.startswith("Rewritten: ") and parsed.rationale.startswith("Rewritten: ")
-        assert _FakeOpenAI.calls[0]["path"] == "/v1/chat/completions" and _FakeOpenAI.calls[0]["auth"] == "Bearer k"
+        assert (
+            parsed.ok
+            and parsed.think.startswith("Rewritten: ")
+            and parsed.rationale.startswith("Rewritten: ")
+        )
+        assert (
+            _FakeOpenAI.calls[0]["path"] == "/v1/chat/completions"
+            and _FakeOpenAI.calls[0]["auth"] == "Bearer k"
+        )
         assert "defect=scratch" in _FakeOpenAI.calls[0]["body"]["messages"][-1]["content"]
         n = len(_FakeOpenAI.calls)
         again, _ = inspection_answer(rec, frame, rng=0, rewrite=teacher)

@@ -6,9 +6,9 @@ import json
 import random
 
 import pytest
-
 from anomaly_assistant.data_builders.export import read_records_jsonl, split_records
 from anomaly_assistant.data_builders.records import Record
+
 from anomaly_assistant.finding import Frame
 from anomaly_assistant.grammar import parse_answer
 from anomaly_assistant.prompts import INSPECTION_PROMPT
@@ -25,7 +25,8 @@ def test_split_by_group_never_leaks_and_is_order_free():
     random.Random(0).shuffle(shuffled)
     b = split_records(shuffled, (0.6, 0.2, 0.2), seed=4)
     assert {sp: sorted(r.image_path for r in rs) for sp, rs in a.items()} == {
-        sp: sorted(r.image_path for r in rs) for sp, rs in b.items()}
+        sp: sorted(r.image_path for r in rs) for sp, rs in b.items()
+    }
     with pytest.raises(ValueError):
         split_records(recs, (0.5, 0.2, 0.2))
 
@@ -93,20 +94,30 @@ def test_dataset_card_counts(built):
 
 def test_build_is_deterministic_and_follows_a_saved_processor(tmp_path, tiny_models):
     """Same config -> same records and targets; `--processor DIR` puts boxes in that processor's frame."""
-    from anomaly_assistant import backbones
     from anomaly_assistant.data_builders.build import BuildConfig, build
+
+    from anomaly_assistant import backbones
 
     _, processor = tiny_models["qwen2_5_vl"]
     processor.save_pretrained(tmp_path / "proc")
     runs = []
     for name in ("a", "b"):
-        cfg = BuildConfig(synth=9, synth_size=320, textures=2, out=str(tmp_path / name), seed=5, kinds=["inspect"],
-                          progress=False, processor=str(tmp_path / "proc"))
+        cfg = BuildConfig(
+            synth=9,
+            synth_size=320,
+            textures=2,
+            out=str(tmp_path / name),
+            seed=5,
+            kinds=["inspect"],
+            progress=False,
+            processor=str(tmp_path / "proc"),
+        )
         runs.append(build(cfg))
     a, b = runs
     for sp in a.splits:
         assert [(r.gt_label, r.defect_type, r.gt_boxes) for r in a.splits[sp]] == [
-            (r.gt_label, r.defect_type, r.gt_boxes) for r in b.splits[sp]]
+            (r.gt_label, r.defect_type, r.gt_boxes) for r in b.splits[sp]
+        ]
         assert [s.answer for s in a.samples[sp]] == [s.answer for s in b.samples[sp]]
     sample = next(s for ss in a.samples.values() for s in ss)
     expected = backbones.get("qwen2_5_vl").input_frame(processor, (320, 320))

@@ -34,7 +34,11 @@ def test_mvtec_layout_labels_masks_boxes(mvtec_root):
     bad = [r for r in recs if r.gt_label == 1]
     assert {r.defect_type for r in bad} == {"broken_large", "contamination"}
     assert all(r.gt_mask and r.gt_mask.endswith("_mask.png") for r in bad)
-    one = next(r for r in bad if r.category == "bottle" and r.defect_type == "broken_large" and r.image_path.endswith("001.png"))
+    one = next(
+        r
+        for r in bad
+        if r.category == "bottle" and r.defect_type == "broken_large" and r.image_path.endswith("001.png")
+    )
     assert one.gt_boxes == [[11.0, 5.0, 31.0, 20.0]]  # exclusive x2/y2, from the mask
     two = next(r for r in bad if r.defect_type == "contamination")
     assert len(two.gt_boxes) == 2 and two.gt_boxes[0] == [10.0, 5.0, 30.0, 20.0]  # largest first
@@ -65,7 +69,9 @@ def test_visa_split_csv_and_image_anno(visa_root):
     assert sum(r.gt_label for r in recs) == 4
     candle_bad = [r for r in recs if r.category == "candle" and r.gt_label]
     assert {r.defect_type for r in candle_bad} == {"chunk of wax missing"}
-    assert all(r.gt_boxes == [[8.0, 8.0, 20.0, 16.0]] for r in candle_bad)  # class-index masks (1, 2) read as defect
+    assert all(
+        r.gt_boxes == [[8.0, 8.0, 20.0, 16.0]] for r in candle_bad
+    )  # class-index masks (1, 2) read as defect
     assert {r.split for r in recs if r.gt_label == 0} == {"train", "test"}
     assert len(read_visa(visa_root, category="pcb1", split="train")) == 2
 
@@ -107,7 +113,11 @@ def test_mmad_json(mmad_root):
     assert len(recs) == 2
     bad = next(r for r in recs if r.gt_label)
     good = next(r for r in recs if not r.gt_label)
-    assert bad.defect_type == "broken_large" and bad.category == "bottle" and bad.gt_mask.endswith("_rbg_mask.png")
+    assert (
+        bad.defect_type == "broken_large"
+        and bad.category == "bottle"
+        and bad.gt_mask.endswith("_rbg_mask.png")
+    )
     assert bad.reference_path.endswith("MVTec-AD/bottle/train/good/000.png")
     assert [q["type"] for q in bad.meta["questions"]] == ["Anomaly Detection", "Defect Classification"]
     assert good.defect_type is None and good.meta["dataset"] == "DS-MVTec"
@@ -118,8 +128,11 @@ def test_generic_folder_and_manifest(custom_root):
     assert sorted((r.gt_label, r.defect_type) for r in recs) == [(0, None), (1, "scratch")]
     assert next(r for r in recs if r.gt_label).gt_boxes == [[3.0, 3.0, 20.0, 6.0]]
     man = read_manifest(custom_root / "manifest" / "data.csv")
-    assert [(r.gt_label, r.defect_type, r.split) for r in man] == [(0, None, "train"), (1, "dent", "test"),
-                                                                   (1, "scratch", "test")]
+    assert [(r.gt_label, r.defect_type, r.split) for r in man] == [
+        (0, None, "train"),
+        (1, "dent", "test"),
+        (1, "scratch", "test"),
+    ]
     assert man[1].gt_boxes == [[30.0, 20.0, 40.0, 30.0]] and man[2].gt_boxes == [[1.0, 2.0, 10.0, 12.0]]
     assert all(r.category == "widget" for r in man)
 
@@ -140,8 +153,17 @@ def test_record_round_trip():
     rec = Record("x.png", 1, "m.png", [[1, 2, 3, 4]], "crack", "bottle", "mvtec", "test", image_size=(5, 6))
     back = Record.from_dict(rec.to_dict())
     assert back == rec and back.group == "x.png"
-    assert set(rec.to_dict()) >= {"image_path", "gt_label", "gt_mask", "gt_boxes", "defect_type", "category",
-                                  "source", "split", "reference_path"}
+    assert set(rec.to_dict()) >= {
+        "image_path",
+        "gt_label",
+        "gt_mask",
+        "gt_boxes",
+        "defect_type",
+        "category",
+        "source",
+        "split",
+        "reference_path",
+    }
 
 
 @pytest.mark.skipif(not (REAL_DEV / "magnetic_tile").is_dir(), reason="real-dev data not present")
@@ -186,9 +208,17 @@ def test_llava_turn_tags_are_kept(llava_root, tmp_path):
     """Per-turn tags (VisA-D&R marks low-level / complex questions) reach `meta["conversations"]`."""
     import json
 
-    item = {"id": "t", "image": str(llava_root / "images" / "bottle" / "test" / "crack" / "000.png"),
-            "conversations": [{"from": "human", "value": "<image>\nWhy?", "type": "complex"},
-                              {"from": "gpt", "value": "Heat."}], "metadata": {"anomaly": True}}
-    (llava_root / "tagged.json").write_text(json.dumps([item | {"image": "images/bottle/test/crack/000.png"}]))
+    item = {
+        "id": "t",
+        "image": str(llava_root / "images" / "bottle" / "test" / "crack" / "000.png"),
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhy?", "type": "complex"},
+            {"from": "gpt", "value": "Heat."},
+        ],
+        "metadata": {"anomaly": True},
+    }
+    (llava_root / "tagged.json").write_text(
+        json.dumps([item | {"image": "images/bottle/test/crack/000.png"}])
+    )
     (rec,) = read_visa_dr(llava_root / "tagged.json")
     assert rec.meta["conversations"][0] == {"role": "user", "content": "Why?", "type": "complex"}

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from anomaly_assistant.data_builders.defects import DEFECT_KINDS, foreground, skimage_texture_paths, synthesize
+from anomaly_assistant.data_builders.defects import (
+    DEFECT_KINDS,
+    foreground,
+    skimage_texture_paths,
+    synthesize,
+)
 from anomaly_assistant.data_builders.records import mask_to_boxes
 from anomaly_assistant.data_builders.sources import read_mvtec
 from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, CATEGORY_DEFECTS, SynthInspect, render
+from PIL import Image
 
 REAL_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-dev"
 
@@ -25,8 +29,15 @@ def samples():
 
 def test_deterministic_by_seed_and_index():
     for cat in CATEGORIES:
-        a, b = render(cat, 5, seed=7, size=96, anomalous=True), render(cat, 5, seed=7, size=96, anomalous=True)
-        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.defect_type == b.defect_type
+        a, b = (
+            render(cat, 5, seed=7, size=96, anomalous=True),
+            render(cat, 5, seed=7, size=96, anomalous=True),
+        )
+        assert (
+            np.array_equal(a.image, b.image)
+            and np.array_equal(a.mask, b.mask)
+            and a.defect_type == b.defect_type
+        )
         c = render(cat, 5, seed=8, size=96, anomalous=True)
         assert not np.array_equal(a.image, c.image)
     gen = SynthInspect(seed=1, size=64)

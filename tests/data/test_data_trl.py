@@ -6,16 +6,24 @@ import warnings
 
 import pytest
 import torch
-
 from anomaly_assistant.data_builders.export import sft_dataset
+
 from anomaly_assistant.grammar import parse_answer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _trl_args(cls, tmp_path, **kw):
-    return cls(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, use_cpu=True, report_to=[],
-               save_strategy="no", disable_tqdm=True, **kw)
+    return cls(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +61,12 @@ def test_sft_one_step_prompt_completion_llava(built, tmp_path):
     assert set(train.column_names) >= {"images", "prompt", "completion"}
     model, processor = build_tiny("llava")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = SFTTrainer(model=model, args=_trl_args(SFTConfig, tmp_path, max_length=None, learning_rate=1e-3),
-                         train_dataset=train, processing_class=processor)
+    trainer = SFTTrainer(
+        model=model,
+        args=_trl_args(SFTConfig, tmp_path, max_length=None, learning_rate=1e-3),
+        train_dataset=train,
+        processing_class=processor,
+    )
     assert trainer.train().global_step == 1
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
@@ -74,8 +86,9 @@ def test_grpo_one_step_rewards_see_solution_columns(datasets_on_disk, tmp_path):
 
     model, processor = build_tiny("qwen2_5_vl")
     args = _trl_args(GRPOConfig, tmp_path, num_generations=2, max_completion_length=8)
-    trainer = GRPOTrainer(model=model, args=args, reward_funcs=[verdict_reward], train_dataset=train,
-                          processing_class=processor)
+    trainer = GRPOTrainer(
+        model=model, args=args, reward_funcs=[verdict_reward], train_dataset=train, processing_class=processor
+    )
     assert trainer.train().global_step == 1
     assert seen, "the reward function was never called"
     assert set(seen[0]["verdict"]) <= set(train["verdict"])
