@@ -65,6 +65,10 @@ class BuildConfig:
     fractions: list[float] = field(
         default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "train/val/test"}
     )
+    embed_images: bool = field(
+        default=True,
+        metadata={"help": "store image bytes in the datasets (self-contained); --no-embed-images keeps paths only"},
+    )
     keep_splits: bool = field(default=False, metadata={"help": "keep the sources' own train/test splits"})
     seed: int = field(default=0, metadata={"help": "random seed (everything is deterministic given it)"})
     teacher: bool = field(
@@ -292,9 +296,10 @@ def build(cfg: BuildConfig) -> BuildResult:
     t0 = time.perf_counter()
     import datasets as ds
 
-    sft = ds.DatasetDict({sp: export.sft_dataset(s, cfg.sft_format) for sp, s in samples.items()})
-    grpo = ds.DatasetDict({sp: export.grpo_dataset(s) for sp, s in samples.items()})
-    expert = ds.DatasetDict({sp: export.expert_dataset(r) for sp, r in splits.items()})
+    emb = cfg.embed_images
+    sft = ds.DatasetDict({sp: export.sft_dataset(s, cfg.sft_format, emb) for sp, s in samples.items()})
+    grpo = ds.DatasetDict({sp: export.grpo_dataset(s, emb) for sp, s in samples.items()})
+    expert = ds.DatasetDict({sp: export.expert_dataset(r, emb) for sp, r in splits.items()})
     for name, dd in (("sft", sft), ("grpo", grpo), ("expert", expert)):
         dd.save_to_disk(str(out / name))
     for sp, recs in splits.items():

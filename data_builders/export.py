@@ -6,22 +6,26 @@
   `verdict`, `gt_label`, `defect_type` (canonical words), `solution_boxes` (input frame), `gt_boxes` (original
   pixels), `frame` (JSON of the `Frame`, for `parse_answer(text, Frame.from_json(...))`), `answer` (the target).
 - Expert (stage 1): `image`, `gt_label`, `mask` (None for normal images), `gt_boxes`, `category`, `defect_type`.
-Images are embedded as bytes so a saved dataset is self-contained. Splits are drawn per `Record.group`
+Images are embedded as bytes so a saved dataset is self-contained (`embed=False`: absolute paths only, for large
+builds where each image would otherwise be stored once per conversation kind). Splits are drawn per `Record.group`
 (the physical source image), so a synthesised defect never lands in another split than its normal original.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from anomaly_assistant.data_builders.conversations import Sample
-from anomaly_assistant.data_builders.records import Record, SkipLog, summarize
+import numpy as np
+from PIL import Image
 
+from anomaly_assistant.data_builders.conversations import Sample
+from anomaly_assistant.data_builders.records import Record, SkipLog, load_mask, summarize
 from anomaly_assistant.prompts import INSPECTION_PROMPT
 
 SPLITS = ("train", "validation", "test")
@@ -61,15 +65,32 @@ def split_records(
     return out
 
 
-def _image_value(path: str) -> dict[str, Any]:
+def _image_value(path: str, embed: bool = True) -> dict[str, Any]:
+    """An `Image` feature value: the file's bytes (self-contained dataset) or only its absolute path."""
+    if not embed:
+        return {"bytes": None, "path": str(Path(path).resolve())}
     with open(path, "rb") as fh:
         return {"bytes": fh.read(), "path": Path(path).name}
 
 
-def sft_row(sample: Sample, fmt: str = "messages") -> dict[str, Any]:
+def _mask_value(mask_path: str | None, embed: bool = True) -> dict[str, Any] | None:
+    """A mask as a 0/255 PNG; a folder of masks (MVTec LOCO) becomes their union, always embedded."""
+    if not mask_path:
+        return None
+    if Path(mask_path).is_file():
+        return _image_value(mask_path, embed)
+    mask, _ = load_mask(mask_path)
+    if mask is None:
+        return None
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": Path(mask_path).name + ".png"}
+
+
+def sft_row(sample: Sample, fmt: str = "messages", embed: bool = True) -> dict[str, Any]:
     rec = sample.record
     base = {
-        "images": [_image_value(rec.image_path)],
+        "images": [_image_value(rec.image_path, embed)],
         "kind": sample.kind,
         "category": rec.category,
         "gt_label": rec.gt_label,
@@ -82,10 +103,10 @@ def sft_row(sample: Sample, fmt: str = "messages") -> dict[str, Any]:
     raise ValueError(f"unknown SFT format {fmt!r}: messages or prompt_completion")
 
 
-def grpo_row(sample: Sample) -> dict[str, Any]:
+def grpo_row(sample: Sample, embed: bool = True) -> dict[str, Any]:
     rec = sample.record
     return {
-        "image": _image_value(rec.image_path),
+        "image": _image_value(rec.image_path, embed),
         "prompt": [{"role": "user", "content": INSPECTION_PROMPT}],  # exactly what the assistant asks
         "verdict": "anomalous" if rec.gt_label else "normal",
         "gt_label": rec.gt_label,
@@ -99,10 +120,10 @@ def grpo_row(sample: Sample) -> dict[str, Any]:
     }
 
 
-def expert_row(rec: Record) -> dict[str, Any]:
+def expert_row(rec: Record, embed: bool = True) -> dict[str, Any]:
     return {
-        "image": _image_value(rec.image_path),
-        "mask": _image_value(rec.gt_mask) if rec.gt_mask and Path(rec.gt_mask).is_file() else None,
+        "image": _image_value(rec.image_path, embed),
+        "mask": _mask_value(rec.gt_mask, embed),
         "gt_label": rec.gt_label,
         "gt_boxes": [list(map(float, b)) for b in rec.gt_boxes],
         "category": rec.category,
@@ -162,11 +183,11 @@ def to_dataset(rows: Iterable[dict[str, Any]], kind: str, fmt: str = "messages")
     return ds.Dataset.from_list(rows, features=features)
 
 
-def sft_dataset(samples: Iterable[Sample], fmt: str = "messages"):
-    return to_dataset((sft_row(s, fmt) for s in samples), "sft", fmt)
+def sft_dataset(samples: Iterable[Sample], fmt: str = "messages", embed: bool = True):
+    return to_dataset((sft_row(s, fmt, embed) for s in samples), "sft", fmt)
 
 
-def grpo_dataset(samples: Iterable[Sample]):
+def grpo_dataset(samples: Iterable[Sample], embed: bool = True):
     """One row per record (its first sample): the prompt is the product's inspection prompt, the solution columns
     come from the record, so every kind of sample carries them."""
     seen: set[int] = set()
@@ -174,12 +195,12 @@ def grpo_dataset(samples: Iterable[Sample]):
     for s in samples:
         if id(s.record) not in seen:
             seen.add(id(s.record))
-            rows.append(grpo_row(s))
+            rows.append(grpo_row(s, embed))
     return to_dataset(rows, "grpo")
 
 
-def expert_dataset(records: Iterable[Record]):
-    return to_dataset((expert_row(r) for r in records), "expert")
+def expert_dataset(records: Iterable[Record], embed: bool = True):
+    return to_dataset((expert_row(r, embed) for r in records), "expert")
 
 
 def dataset_card(

@@ -122,3 +122,20 @@ def test_build_is_deterministic_and_follows_a_saved_processor(tmp_path, tiny_mod
     sample = next(s for ss in a.samples.values() for s in ss)
     expected = backbones.get("qwen2_5_vl").input_frame(processor, (320, 320))
     assert sample.frame == expected and max(expected.input_size) <= 224  # the tiny 224x224 pixel budget
+
+
+def test_expert_rows_loco_mask_union_and_path_mode(loco_root):
+    import numpy as np
+
+    from anomaly_assistant.data_builders.export import expert_dataset
+    from anomaly_assistant.data_builders.sources import read_mvtec
+
+    recs = read_mvtec(loco_root)
+    for embed in (True, False):
+        ds = expert_dataset(recs, embed=embed)
+        row = next(r for r in ds if r["gt_label"] == 1)
+        mask = np.asarray(row["mask"]) > 0
+        assert mask.shape == (48, 64) and mask.sum() == 8 * 8 + 20 * 10  # the union of the two LOCO masks
+        assert row["image"].size == (64, 48)
+    raw = expert_dataset(recs, embed=False).cast_column("image", __import__("datasets").Image(decode=False))
+    assert all(v["bytes"] is None and v["path"].startswith("/") for v in raw["image"])
