@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from anomaly_assistant.data_builders import conversations, export
 from anomaly_assistant.data_builders.defects import foreground, skimage_texture_paths, synthesize
 from anomaly_assistant.data_builders.frames import BACKBONES, input_frame
 from anomaly_assistant.data_builders.records import Record, SkipLog, summarize, validate_records
 from anomaly_assistant.data_builders.sources import read_source
 from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, SynthConfig, SynthInspect
-from PIL import Image
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
 from anomaly_assistant.data_builders import knowledge
 from anomaly_assistant.data_builders.records import Record
-
 from anomaly_assistant.finding import Box, Frame
 from anomaly_assistant.grammar import render_answer
 from anomaly_assistant.prompts import DETECTION_PROMPT, INSPECTION_PROMPT  # what the product asks: one home

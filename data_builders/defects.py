@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from anomaly_assistant.data_builders.records import mask_to_boxes
 from PIL import Image, ImageDraw, ImageFilter
+
+from anomaly_assistant.data_builders.records import mask_to_boxes
 
 DEFECT_KINDS = (
     "cut_paste",

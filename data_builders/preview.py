@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from anomaly_assistant.data_builders.records import Record, load_mask
 from PIL import Image, ImageDraw
+
+from anomaly_assistant.data_builders.records import Record, load_mask
 
 BOX_COLOUR = (255, 40, 40)
 MASK_COLOUR = np.array([255, 200, 0], np.float32)

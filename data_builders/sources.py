@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from anomaly_assistant.data_builders.records import (
     GOOD_NAMES,
     Record,
@@ -38,7 +40,6 @@ from anomaly_assistant.data_builders.records import (
     mask_to_boxes,
     resolve_inside,
 )
-from PIL import Image
 
 DEEPPCB_TYPES = {1: "open", 2: "short", 3: "mousebite", 4: "spur", 5: "copper", 6: "pin-hole"}
 MVTEC_SPLITS = ("train", "validation", "test")

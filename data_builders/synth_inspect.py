@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
 from anomaly_assistant.data_builders.defects import smooth_noise, synthesize, yx_grid
 from anomaly_assistant.data_builders.records import Record
-from PIL import Image, ImageDraw
 
 TEXTURES = ("woven", "brushed_metal", "wood", "grid")
 OBJECTS = ("nut", "pill", "bottle", "screw", "pcb")

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
-from anomaly_assistant.data_builders.build import BuildConfig, build
 from data_fixture_files import write_image, write_mask
+
+from anomaly_assistant.data_builders.build import BuildConfig, build
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,11 @@ import json
 import shutil
 
 import pytest
+from data_fixture_files import write_image, write_mask
+
 from anomaly_assistant.data_builders.build import BuildConfig, build
 from anomaly_assistant.data_builders.records import SkipLog, validate_records
 from anomaly_assistant.data_builders.sources import read_manifest, read_mvtec, read_visa
-from data_fixture_files import write_image, write_mask
 
 
 @pytest.fixture(scope="module")

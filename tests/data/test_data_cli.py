@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from anomaly_assistant.data_builders.cli import main
 from PIL import Image
 
 from anomaly_assistant.cli import main as top_main
+from anomaly_assistant.data_builders.cli import main
 
 
 @pytest.mark.parametrize("sub", [[], ["build"], ["inspect"], ["synth"]])

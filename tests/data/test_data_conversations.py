@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
+
 from anomaly_assistant.data_builders import knowledge
 from anomaly_assistant.data_builders.conversations import (
     DETECTION_PROMPT,
@@ -20,7 +21,6 @@ from anomaly_assistant.data_builders.conversations import (
 from anomaly_assistant.data_builders.frames import BACKBONES, input_frame
 from anomaly_assistant.data_builders.records import Record
 from anomaly_assistant.data_builders.teacher import Teacher
-
 from anomaly_assistant.finding import Box
 from anomaly_assistant.grammar import parse_answer
 

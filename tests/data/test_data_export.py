@@ -6,9 +6,9 @@ import json
 import random
 
 import pytest
+
 from anomaly_assistant.data_builders.export import read_records_jsonl, split_records
 from anomaly_assistant.data_builders.records import Record
-
 from anomaly_assistant.finding import Frame
 from anomaly_assistant.grammar import parse_answer
 from anomaly_assistant.prompts import INSPECTION_PROMPT
@@ -94,9 +94,8 @@ def test_dataset_card_counts(built):
 
 def test_build_is_deterministic_and_follows_a_saved_processor(tmp_path, tiny_models):
     """Same config -> same records and targets; `--processor DIR` puts boxes in that processor's frame."""
-    from anomaly_assistant.data_builders.build import BuildConfig, build
-
     from anomaly_assistant import backbones
+    from anomaly_assistant.data_builders.build import BuildConfig, build
 
     _, processor = tiny_models["qwen2_5_vl"]
     processor.save_pretrained(tmp_path / "proc")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from anomaly_assistant.data_builders.records import Record, SkipLog, load_mask
 from anomaly_assistant.data_builders.sources import (
     DEEPPCB_TYPES,

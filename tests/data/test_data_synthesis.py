@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from anomaly_assistant.data_builders.defects import (
     DEFECT_KINDS,
     foreground,
@@ -16,7 +18,6 @@ from anomaly_assistant.data_builders.defects import (
 from anomaly_assistant.data_builders.records import mask_to_boxes
 from anomaly_assistant.data_builders.sources import read_mvtec
 from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, CATEGORY_DEFECTS, SynthInspect, render
-from PIL import Image
 
 REAL_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-dev"
 

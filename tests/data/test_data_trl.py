@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from anomaly_assistant.data_builders.export import sft_dataset
 
+from anomaly_assistant.data_builders.export import sft_dataset
 from anomaly_assistant.grammar import parse_answer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
