@@ -114,6 +114,11 @@ class AnomalyInnerMixin:
     family: str
     config: Any
 
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self._init_anomaly(config)
+        self.post_init()
+
     def _init_anomaly(self, config: Any) -> None:
         if not config.expert:
             raise ValueError("an anomaly config needs `expert` (ExpertConfig.to_dict())")
@@ -208,6 +213,12 @@ class AnomalyOuterMixin:
 
     family: str
     model: Any
+    inner_class: type  # the anomaly inner model that replaces the family's own
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.model = self.inner_class(config)
+        self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         if not _skip_expert_init(self, module):
@@ -259,61 +270,34 @@ def _forward_like(family_cls: type):
 class AnomalyQwen2_5_VLModel(AnomalyInnerMixin, Qwen2_5_VLModel):
     family = "qwen2_5_vl"
 
-    def __init__(self, config: AnomalyQwen2_5_VLConfig):
-        super().__init__(config)
-        self._init_anomaly(config)
-        self.post_init()
-
 
 class AnomalyLlavaOnevisionModel(AnomalyInnerMixin, LlavaOnevisionModel):
     family = "llava_onevision"
-
-    def __init__(self, config: AnomalyLlavaOnevisionConfig):
-        super().__init__(config)
-        self._init_anomaly(config)
-        self.post_init()
 
 
 class AnomalyLlavaModel(AnomalyInnerMixin, LlavaModel):
     family = "llava"
 
-    def __init__(self, config: AnomalyLlavaConfig):
-        super().__init__(config)
-        self._init_anomaly(config)
-        self.post_init()
-
 
 class AnomalyQwen2_5_VLForConditionalGeneration(AnomalyOuterMixin, Qwen2_5_VLForConditionalGeneration):
     config_class = AnomalyQwen2_5_VLConfig
     family = "qwen2_5_vl"
+    inner_class = AnomalyQwen2_5_VLModel
     forward = _forward_like(Qwen2_5_VLForConditionalGeneration)
-
-    def __init__(self, config: AnomalyQwen2_5_VLConfig):
-        super().__init__(config)
-        self.model = AnomalyQwen2_5_VLModel(config)
-        self.post_init()
 
 
 class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyOuterMixin, LlavaOnevisionForConditionalGeneration):
     config_class = AnomalyLlavaOnevisionConfig
     family = "llava_onevision"
+    inner_class = AnomalyLlavaOnevisionModel
     forward = _forward_like(LlavaOnevisionForConditionalGeneration)
-
-    def __init__(self, config: AnomalyLlavaOnevisionConfig):
-        super().__init__(config)
-        self.model = AnomalyLlavaOnevisionModel(config)
-        self.post_init()
 
 
 class AnomalyLlavaForConditionalGeneration(AnomalyOuterMixin, LlavaForConditionalGeneration):
     config_class = AnomalyLlavaConfig
     family = "llava"
+    inner_class = AnomalyLlavaModel
     forward = _forward_like(LlavaForConditionalGeneration)
-
-    def __init__(self, config: AnomalyLlavaConfig):
-        super().__init__(config)
-        self.model = AnomalyLlavaModel(config)
-        self.post_init()
 
 
 CONFIG_CLASSES: dict[str, type] = {
