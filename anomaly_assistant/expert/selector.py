@@ -20,8 +20,15 @@ from torch import nn
 
 from .config import ExpertConfig
 
-# Keeps the m-weighted means finite where m is ~0 everywhere; with it a region of m = 0 falls back to a plain mean.
-EPS = 1e-6
+# Below this total weight an m-weighted mean falls back to the plain mean (exact ratio above it). A saturated
+# 2-way softmax (scale 100) gives exact zeros; the double `where` keeps their gradients finite.
+TINY = 1e-12
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """num / den where den > TINY, else fallback; finite values and gradients everywhere."""
+    ok = den > TINY
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback)
 
 
 class SelectorOutput(NamedTuple):
@@ -41,7 +48,7 @@ def weighted_pool(v0: torch.Tensor, m: torch.Tensor, g: int) -> tuple[torch.Tens
     num = F.adaptive_avg_pool2d(x * mm, g)  # [B, D, g, g]
     plain = F.adaptive_avg_pool2d(x, g)  # [B, D, g, g]
     den = F.adaptive_avg_pool2d(mm, g)  # [B, 1, g, g]
-    q = (num + EPS * plain) / (den + EPS)  # [B, D, g, g]
+    q = _safe_ratio(num, den, plain)  # [B, D, g, g]
     return q.flatten(2).transpose(1, 2), den.flatten(1)  # [B, g², D], [B, g²]
 
 
@@ -67,9 +74,10 @@ class VTSelector(nn.Module):
         attn = torch.softmax(qk @ kk.transpose(1, 2) * qk.shape[-1] ** -0.5, dim=-1)  # [B, g², N]
         selected = attn @ values  # [B, g², D]
         wts = pooled * sigma[:, None]  # [B, g²]
-        r = ((wts[..., None] * selected).sum(1) + EPS * selected.mean(1)) / (
-            wts.sum(1, keepdim=True) + EPS
-        )  # [B, D]
+        norm_w = _safe_ratio(
+            wts, wts.sum(1, keepdim=True), torch.full_like(wts, 1.0 / wts.shape[1])
+        )  # [B, g²]
+        r = (norm_w[..., None] * selected).sum(1)  # [B, D]
         tokens = torch.cat([r[:, None], selected], dim=1)  # [B, K, D]
         return SelectorOutput(tokens, q, attn, wts)
 

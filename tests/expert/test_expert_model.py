@@ -195,6 +195,25 @@ def test_weighted_pool_follows_the_map():
     torch.testing.assert_close(q[0, 0], v0[0, 1, 0], rtol=1e-4, atol=1e-4)
 
 
+def test_weighted_means_are_exact_for_tiny_maps_and_defined_for_zero_maps():
+    """A confident-normal map (m ~ 1e-7) still weights exactly; an all-zero map falls back to plain pooling."""
+    v0 = torch.randn(1, 4, 4, 32)
+    m = torch.full((1, 4, 4), 1e-7)
+    m[0, 0, 0] = 3e-7
+    q, _ = weighted_pool(v0, m, 1)
+    expect = (m[0, ..., None] * v0[0]).sum((0, 1)) / m.sum()
+    torch.testing.assert_close(q[0, 0], expect, rtol=1e-5, atol=1e-6)
+    q0, _ = weighted_pool(v0, torch.zeros(1, 4, 4), 1)
+    torch.testing.assert_close(q0[0, 0], v0[0].mean((0, 1)), rtol=1e-5, atol=1e-6)
+    sel = VTSelector(ExpertConfig.tiny(query_grid=2))
+    out = sel(v0, torch.zeros(1, 4, 4), torch.zeros(1))
+    torch.testing.assert_close(out.tokens[0, 0], out.tokens[0, 1:].mean(0))
+    assert torch.isfinite(out.tokens).all()
+    m = torch.zeros(1, 4, 4, requires_grad=True)  # a saturated softmax gives exact zeros
+    sel(v0, m, m.mean().reshape(1)).tokens.sum().backward()
+    assert torch.isfinite(m.grad).all()
+
+
 def test_attention_values_are_unprojected_v0():
     cfg = ExpertConfig.tiny()
     torch.manual_seed(0)
