@@ -134,6 +134,10 @@ class ExpertOutput:
     reference_map: torch.Tensor | None = None
     reference_score: float | None = None
 
+    def detach(self) -> ExpertOutput:
+        """A copy with every tensor detached (for records, display and `float()` without autograd warnings)."""
+        return ExpertOutput(**{k: v.detach() if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
+
     @property
     def meaningful(self) -> bool:
         return self.map_source != "none"

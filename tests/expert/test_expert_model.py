@@ -289,8 +289,8 @@ def test_reference_alone_when_untrained_and_fused_when_trained():
     assert tuple(np.unravel_index(int(only.anomaly_map.argmax()), (4, 4))) == (0, 2)
     torch.testing.assert_close(only.anomaly_map, only.reference_map)
     expert.mark_trained()
-    fused = expert(levels, v0, reference=ref)
-    assert fused.map_source == "ltfm+reference"
+    fused = expert(levels, v0, reference=ref).detach()
+    assert fused.map_source == "ltfm+reference" and not fused.tokens.requires_grad
     w = expert.config.map_fusion
     torch.testing.assert_close(fused.anomaly_map, (1 - w) * fused.ltfm_map + w * fused.reference_map)
     s = expert.config.score_fusion
