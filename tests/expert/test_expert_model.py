@@ -430,7 +430,7 @@ def test_training_on_planted_patches_learns_the_map(toy_backbone):
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
-        history.append({k: float(v) for k, v in losses.items()})
+        history.append({k: float(v.detach()) for k, v in losses.items()})
     first, last = history[0], np.mean([h["loss"] for h in history[-5:]])
     assert last < 0.6 * first["loss"]
     assert np.mean([h["focal"] + h["dice"] for h in history[-5:]]) < 0.5 * (first["focal"] + first["dice"])
