@@ -6,17 +6,18 @@ the image size.
 
 Which cue drives the map (`ExpertOutput.map_source`):
 
-| LTFM trained (or use_ltfm=True) | reference bank given | map_source | map / score                                  |
-|---|---|---|---|
-| yes | no  | "ltfm"            | LTFM map, sigmoid(score head)                                        |
-| yes | yes | "ltfm+reference"  | (1-w) LTFM + w reference (w = config.map_fusion / score_fusion)      |
-| no  | yes | "reference"       | reference map and score alone                                        |
-| no  | no  | "none"            | anomaly_map, score and level_word are None; tokens use a uniform m   |
+| LTFM trained (or use_ltfm=True) | reference given | map_source       | published map / score                      |
+|---------------------------------|-----------------|------------------|--------------------------------------------|
+| yes                             | no              | "ltfm"           | LTFM map, sigmoid(score head)              |
+| yes                             | yes             | "ltfm+reference" | (1-w) LTFM + w ref (map/score_fusion)      |
+| no                              | yes             | "reference"      | reference map and score alone              |
+| no                              | no              | "none"           | None (anomaly_map, score, level_word)      |
 
-An untrained LTFM's map is noise, so the expert says "none" instead of publishing it; its tokens are then plain
-g x g average pools of v° (plus their mean as r), which carry the image but no false anomaly cue. `trained` is a
-persistent buffer: stage-1 training sets it (`mark_trained`), and `from_pretrained` restores it. Training itself
-calls the expert with `use_ltfm=True`, so the LTFM map drives the selector (and gets gradients) before that.
+An untrained LTFM's map is noise, so the expert says "none" instead of publishing it; the selector then runs on a
+uniform m (queries = plain g x g average pools of v°, r = the mean of the selected tokens), so K tokens still carry
+the image but no false anomaly cue. `trained` is a persistent buffer: stage-1 training sets it (`mark_trained`),
+and `from_pretrained` restores it. Training itself calls the expert with `use_ltfm=True`, so the LTFM map drives
+the selector (and gets gradients) before that.
 """
 
 from __future__ import annotations
