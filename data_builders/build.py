@@ -68,7 +68,9 @@ class BuildConfig:
     )
     embed_images: bool = field(
         default=True,
-        metadata={"help": "store image bytes in the datasets (self-contained); --no-embed-images keeps paths only"},
+        metadata={
+            "help": "store image bytes in the datasets (self-contained); --no-embed-images keeps paths only"
+        },
     )
     keep_splits: bool = field(default=False, metadata={"help": "keep the sources' own train/test splits"})
     seed: int = field(default=0, metadata={"help": "random seed (everything is deterministic given it)"})
@@ -297,12 +299,17 @@ def build(cfg: BuildConfig) -> BuildResult:
     t0 = time.perf_counter()
     import datasets as ds
 
-    emb = cfg.embed_images
-    sft = ds.DatasetDict({sp: export.sft_dataset(s, cfg.sft_format, emb) for sp, s in samples.items()})
-    grpo = ds.DatasetDict({sp: export.grpo_dataset(s, emb) for sp, s in samples.items()})
-    expert = ds.DatasetDict({sp: export.expert_dataset(r, emb) for sp, r in splits.items()})
-    for name, dd in (("sft", sft), ("grpo", grpo), ("expert", expert)):
-        dd.save_to_disk(str(out / name))
+    import shutil
+
+    emb, scratch = cfg.embed_images, out / ".scratch"
+    makers = {
+        "sft": lambda sp: export.sft_dataset(samples[sp], cfg.sft_format, emb, scratch / f"sft-{sp}.arrow"),
+        "grpo": lambda sp: export.grpo_dataset(samples[sp], emb, scratch / f"grpo-{sp}.arrow"),
+        "expert": lambda sp: export.expert_dataset(splits[sp], emb, scratch / f"expert-{sp}.arrow"),
+    }
+    for name, make in makers.items():  # one dataset at a time: rows stream through a scratch file
+        ds.DatasetDict({sp: make(sp) for sp in splits}).save_to_disk(str(out / name))
+    shutil.rmtree(scratch, ignore_errors=True)
     for sp, recs in splits.items():
         export.write_records_jsonl(recs, out / "records" / f"{sp}.jsonl")
     llava = [conversations.to_llava(s) for sp in samples for s in samples[sp]]

@@ -172,35 +172,55 @@ def _features(kind: str, fmt: str = "messages"):
     raise ValueError(kind)
 
 
-def to_dataset(rows: Iterable[dict[str, Any]], kind: str, fmt: str = "messages"):
-    """Rows from `sft_row` / `grpo_row` / `expert_row` -> `datasets.Dataset` with explicit features."""
+def to_dataset(
+    rows: Iterable[dict[str, Any]], kind: str, fmt: str = "messages", scratch: str | Path | None = None
+):
+    """Rows from `sft_row` / `grpo_row` / `expert_row` -> `datasets.Dataset` with explicit features.
+
+    With `scratch` (an .arrow path) rows stream to disk one batch at a time and the result is memory-mapped, so
+    memory stays flat however many images a build embeds; without it the rows are collected in memory.
+    """
     import datasets as ds
 
-    rows = list(rows)
     features = _features(kind, fmt)
+    if scratch is not None:
+        from datasets.arrow_writer import ArrowWriter
+
+        Path(scratch).parent.mkdir(parents=True, exist_ok=True)
+        writer = ArrowWriter(features=features, path=str(scratch), writer_batch_size=64)
+        for row in rows:
+            writer.write(features.encode_example(row))
+        writer.finalize()
+        writer.close()
+        return ds.Dataset.from_file(str(scratch))
+    rows = list(rows)
     if not rows:
         return ds.Dataset.from_dict({k: [] for k in features}, features=features)
     return ds.Dataset.from_list(rows, features=features)
 
 
-def sft_dataset(samples: Iterable[Sample], fmt: str = "messages", embed: bool = True):
-    return to_dataset((sft_row(s, fmt, embed) for s in samples), "sft", fmt)
+def sft_dataset(
+    samples: Iterable[Sample], fmt: str = "messages", embed: bool = True, scratch: str | Path | None = None
+):
+    return to_dataset((sft_row(s, fmt, embed) for s in samples), "sft", fmt, scratch)
 
 
-def grpo_dataset(samples: Iterable[Sample], embed: bool = True):
+def grpo_dataset(samples: Iterable[Sample], embed: bool = True, scratch: str | Path | None = None):
     """One row per record (its first sample): the prompt is the product's inspection prompt, the solution columns
     come from the record, so every kind of sample carries them."""
-    seen: set[int] = set()
-    rows = []
-    for s in samples:
-        if id(s.record) not in seen:
-            seen.add(id(s.record))
-            rows.append(grpo_row(s, embed))
-    return to_dataset(rows, "grpo")
+
+    def rows():
+        seen: set[int] = set()
+        for s in samples:
+            if id(s.record) not in seen:
+                seen.add(id(s.record))
+                yield grpo_row(s, embed)
+
+    return to_dataset(rows(), "grpo", scratch=scratch)
 
 
-def expert_dataset(records: Iterable[Record], embed: bool = True):
-    return to_dataset((expert_row(r, embed) for r in records), "expert")
+def expert_dataset(records: Iterable[Record], embed: bool = True, scratch: str | Path | None = None):
+    return to_dataset((expert_row(r, embed) for r in records), "expert", scratch=scratch)
 
 
 def dataset_card(
