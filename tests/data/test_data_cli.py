@@ -122,6 +122,7 @@ def test_build_with_teacher_endpoint(tmp_path, monkeypatch, capsys):
         == 0
     )
     assert "not configured" in json.loads((tmp_path / "a" / "summary.json").read_text())["teacher"]
+    _FakeOpenAI.calls = []
     server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

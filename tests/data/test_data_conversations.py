@@ -157,6 +157,7 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
 
 
 def test_teacher_rewrites_through_openai_endpoint_with_cache(tmp_path, monkeypatch):
+    _FakeOpenAI.calls = []  # the handler class is shared with the CLI test
     server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
