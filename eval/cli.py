@@ -88,7 +88,8 @@ class ModelArgs:
     """How to build the assistant (shared by every sub-command)."""
 
     model: str | None = field(default=None, metadata={"help": "checkpoint directory or hub id"})
-    expert_only: bool = field(default=False, metadata={"help": "no LLM: the expert screens (no --model needed)"})
+    expert_only: bool = field(default=False, metadata={
+        "help": "no LLM generation: the expert screens (no --model needed; with --model, that model's expert)"})
     feature_source: str | None = field(default=None, metadata={
         "help": "expert feature source (expert-only: efficientnet_lite0; a model: its own, or the one given when "
                 "wrapping a plain backbone)", "choices": ["efficientnet_lite0", "backbone"]})
@@ -140,8 +141,9 @@ def build_assistant(cfg: ModelArgs) -> Any:
     """`AnomalyAssistant.expert_only(...)` or `.from_pretrained(...)`: eval never touches model internals."""
     from anomaly_assistant import AnomalyAssistant
 
-    if cfg.expert_only:
+    if cfg.expert_only and not cfg.model:
         return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0")
+    # --expert-only with --model: the model's own expert screens (`screen`), the LLM never generates.
     if not cfg.model:
         raise SystemExit("--model is required unless --expert-only is given (`--model tiny` builds a toy model)")
     kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
@@ -149,6 +151,8 @@ def build_assistant(cfg: ModelArgs) -> Any:
 
 
 def mode(cfg: ModelArgs) -> str:
+    if cfg.expert_only and cfg.model:
+        return f"expert of {cfg.model}"
     if cfg.expert_only:
         return f"expert-only ({cfg.feature_source or 'efficientnet_lite0'})"
     return f"assistant ({cfg.model})"
