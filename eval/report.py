@@ -182,8 +182,8 @@ def plot_bars(per_class: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]
     ax.set_xticks(x, classes, rotation=30 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
     if ylim:
         ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=min(4, len(metrics)))
+    ax.set_title(title, pad=18)
+    ax.legend(fontsize=7, ncol=min(5, len(metrics)), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
