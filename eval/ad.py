@@ -54,7 +54,7 @@ def _prediction(rec: Any, finding: Any) -> dict[str, Any]:
 
 
 def predict(assistant: Any, records: Sequence[Any], references: Sequence[str], batch_size: int = 8,
-            expert_only: bool = False) -> list[dict[str, Any]]:
+            expert_only: bool = False, max_new_tokens: int = 256) -> list[dict[str, Any]]:
     """One prediction dict per record (score, verdict, map), spread over the launched processes."""
     refs = list(references) or None
     use_expert = expert_only or not assistant.has_llm
@@ -66,7 +66,7 @@ def predict(assistant: Any, records: Sequence[Any], references: Sequence[str], b
         if use_expert:
             findings = assistant.screen(images, screener=screener)
         else:
-            findings = assistant.inspect_batch(images, references=refs)
+            findings = assistant.inspect_batch(images, references=refs, max_new_tokens=max_new_tokens)
         return [_prediction(r, f) for r, f in zip(batch, findings)]
 
     return distributed.distributed_map(run, list(records), batch_size=batch_size, progress="scoring")
@@ -125,14 +125,16 @@ def compute(records: Sequence[Any], predictions: Sequence[dict[str, Any]], max_f
 
 
 def evaluate(assistant: Any, root: str | Path, category: str, shots: int, batch_size: int = 8,
-             expert_only: bool = False, limit: int | None = None) -> tuple[dict[str, Any], list[Any], list[dict]]:
+             expert_only: bool = False, limit: int | None = None,
+             max_new_tokens: int = 256) -> tuple[dict[str, Any], list[Any], list[dict]]:
     """Score every test image of ROOT/CATEGORY; returns (result, records, predictions) on every process."""
     t0 = time.perf_counter()
     refs = reference_paths(root, category, shots)
     records = test_records(root, category)
     if limit:
         records = _spread(records, limit)
-    preds = predict(assistant, records, refs, batch_size=batch_size, expert_only=expert_only)
+    preds = predict(assistant, records, refs, batch_size=batch_size, expert_only=expert_only,
+                    max_new_tokens=max_new_tokens)
     result = compute(records, preds)
     result["seconds"] = time.perf_counter() - t0
     result.update({"category": category, "shots": shots, "references": refs})

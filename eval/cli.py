@@ -103,7 +103,8 @@ class ADConfig(ModelArgs):
     data: str = field(default="", metadata={"help": "MVTec-layout root (ROOT/CAT/{train,test,ground_truth})", "required": True})
     category: str = field(default="", metadata={"help": "category folder under ROOT", "required": True})
     shots: int = field(default=4, metadata={"help": "k reference normals: the first k of train/good, sorted"})
-    batch_size: int = field(default=8, metadata={"help": "images per screening call"})
+    batch_size: int = field(default=8, metadata={"help": "images per screening / batched inspection call"})
+    max_new_tokens: int = field(default=256, metadata={"help": "inspection answer length (with a model)"})
 
 
 @dataclass
@@ -207,7 +208,8 @@ def run_ad(cfg: ADConfig) -> int:
 
     assistant = build_assistant(cfg)
     result, records, preds = ad.evaluate(assistant, cfg.data, cfg.category, cfg.shots, batch_size=cfg.batch_size,
-                                         expert_only=cfg.expert_only, limit=cfg.limit)
+                                         expert_only=cfg.expert_only, limit=cfg.limit,
+                                         max_new_tokens=cfg.max_new_tokens)
     title = f"AD metrics: {cfg.category} ({cfg.shots}-shot, {mode(cfg)})"
     return _finish(result, cfg, lambda res, out: ad.write_report(res, records, preds, out, title), preds)
 

@@ -135,3 +135,12 @@ def test_bench_keys_tiny(tmp_path):
     assert all(k in res and res[k] > 0 for k in BENCH_KEYS)
     assert res["inspection"]["new_tokens"] == 4 and res["inspection"]["model"]["real_widths"] is False
     assert (tmp_path / "bench_figures" / "times.png").is_file()
+
+
+def test_eval_ad_with_tiny_model_uses_the_assistants_maps(mvtec_root, tmp_path):
+    out = tmp_path / "ad.json"
+    assert cli_main(["eval", "ad", "--data", str(mvtec_root), "--category", "brick", "--shots", "2", "--model", "tiny",
+                     "--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    res = _json(out)
+    assert all(k in res for k in AD_KEYS) and res["mode"] == "assistant (tiny)"
+    assert (res["n_images"], res["n_masks"]) == (4, 2) and res["pixel_auroc"] is not None
