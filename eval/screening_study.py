@@ -6,7 +6,7 @@ ground-truth mask, and throughput with the extraction / matching time split.
 
     python -m anomaly_assistant.eval.screening_study --presets baseline,final          # magnetic tile ablations
     python -m anomaly_assistant.eval.screening_study --presets all                     # the whole ablation table
-    python -m anomaly_assistant.eval.screening_study --presets final --deeppcb 60      # + DeepPCB pairs
+    python -m anomaly_assistant.eval.screening_study --presets baseline,final_no_flip --deeppcb 100 --limit 99  # DeepPCB
     python -m anomaly_assistant.eval.screening_study --speed-only --presets baseline,final
 
 Data: ../shared/data/real-dev relative to the repo root (MVTec layout; 4 references = the first 4 of train/good in
@@ -33,22 +33,34 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / 
 
 # name -> (source config, screener config). Each row adds one change to the row before it (the ablation chain).
 _BASE_SRC = EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0)
-_BASE_SCR = ScreenerConfig(scale="source", image_size=256, bank=BankConfig(blur_sigma=1.0))
+_BASE_SCR = ScreenerConfig(scale="source", image_size=256, bank=BankConfig(
+    max_bank=16384, instance_norm=False, relative=False, position_norm=0))
 
 
 def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
+    """The ablation chain: each row adds one fix to the row above; "+zoom2" is a side branch off "final"."""
     p: dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]] = {}
     src, scr = _BASE_SRC, _BASE_SCR
+    bank = scr.bank
     p["baseline"] = (src, scr)
     scr = replace(scr, scale="reference")
     p["+aspect_scale"] = (src, scr)
     src = replace(src, pad=32)
     p["+reflect_pad"] = (src, scr)
+    bank = replace(bank, position_norm=16)
+    p["+position_norm"] = (src, replace(scr, bank=bank))
+    bank = replace(bank, relative=True)
+    p["+relative"] = (src, replace(scr, bank=bank))
     scr = replace(scr, illumination="flatfield")
-    p["+flatfield"] = (src, scr)
-    scr = replace(scr, zoom=2.0)
-    p["+zoom2"] = (src, scr)
-    p["final"] = (src, scr)
+    p["+flatfield"] = (src, replace(scr, bank=bank))
+    bank = replace(bank, instance_norm=True)
+    p["+instance_norm"] = (src, replace(scr, bank=bank))
+    scr = replace(scr, augment=("hflip", "vflip"))
+    p["+flip_refs"] = (src, replace(scr, bank=bank))
+    bank = replace(bank, max_bank=2048)
+    p["final"] = (src, replace(scr, bank=bank))  # + coreset to 2048 patches (speed)
+    p["+zoom2"] = (src, replace(scr, bank=bank, zoom=2.0))
+    p["final_no_flip"] = (src, replace(scr, bank=bank, augment=()))
     return p
 
 
@@ -88,7 +100,13 @@ def evaluate(results, recs) -> dict[str, float]:
             hits.append(bool(mask[y, x]))
         pm.append(_small(r.anomaly_map, "map").ravel())
         pl.append(_small(gt, "mask").ravel())
+    types = np.array([d for _, _, d in recs])
+    per_type = {
+        d: roc_auc_score(labels[(types == d) | ~labels], raw[(types == d) | ~labels])
+        for d in sorted(set(types[labels]))
+    }
     return {
+        "per_type": per_type,
         "image_auroc": roc_auc_score(labels, raw if np.ptp(scores) == 0 else scores),
         "pixel_auroc": roc_auc_score(np.concatenate(pl), np.concatenate(pm)),
         "argmax_in_mask": float(np.mean(hits)) if hits else float("nan"),

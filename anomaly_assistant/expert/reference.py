@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -145,15 +145,25 @@ class BankConfig:
     max_bank: greedy coreset above this many patches (0 = never). score/topk: image score reduction.
     blur_sigma: Gaussian smoothing of the cell map before scoring (cells).
     instance_norm: per-image channel standardisation of features (see `embed_levels`).
+    self_radius: if > 0, the map is the geometric mean of the reference distance and the image's distance to
+        itself outside a (2r+1)² cell window (`self_distance`): normal-but-unseen surfaces repeat within the image.
+    position_norm: if > 0 (and k >= 2), divide maps by the references' mean leave-one-out map at the same RELATIVE
+        position (pooled to a position_norm² grid): places where normal parts already vary among themselves (image
+        borders, part edges) are discounted by how much they vary, learnt from the references alone.
+    relative: divide each map by its own median (never by less than the references' typical median), so a query that is globally unlike the references (another
+        variant of the part, lighting) is not flagged for that alone; only local departures stand out.
     """
 
     patch_size: int = 3
     knn: int = 1
-    max_bank: int = 16384
+    max_bank: int = 2048
     score: str = "max"
     topk: float = 0.01
     blur_sigma: float = 1.0
-    instance_norm: bool = False
+    instance_norm: bool = True
+    self_radius: int = 0
+    relative: bool = True
+    position_norm: int = 16
     seed: int = 0
 
 
@@ -170,56 +180,85 @@ class MemoryBank:
     def embed(self, levels: LevelGrids) -> torch.Tensor:
         return embed_levels(levels, self.config.patch_size, self.config.instance_norm)  # [H, W, D]
 
-    def fit(self, reference_levels: Sequence[LevelGrids]) -> MemoryBank:
-        """Build the bank from per-reference level grids and compute the leave-one-out scale tau."""
+    def fit(self, reference_levels: Sequence[LevelGrids], groups: Sequence[int] | None = None) -> MemoryBank:
+        """Build the bank from per-reference level grids and compute the leave-one-out scale tau.
+
+        groups: the original reference each entry comes from (augmented copies share it), so leave-one-out
+        leaves out a reference together with its copies.
+        """
         if not reference_levels:
             raise ValueError("need at least one reference")
+        groups = list(range(len(reference_levels))) if groups is None else list(groups)
         embs = [self.embed(lv) for lv in reference_levels]
         feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in embs])  # [N, D]
-        origin = torch.cat([torch.full((e.shape[0] * e.shape[1],), i) for i, e in enumerate(embs)])
+        origin = torch.cat([torch.full((e.shape[0] * e.shape[1],), g) for g, e in zip(groups, embs)])
         c = self.config
         if c.max_bank and feats.shape[0] > c.max_bank:
             keep = greedy_coreset(feats, c.max_bank, seed=c.seed)
             feats, origin = feats[keep], origin[keep]
         self.features, self.origin = feats.contiguous(), origin
-        self.ref_scores = self._leave_one_out(embs)
-        self.tau = max(max(self.ref_scores), 1e-6)
+        first = {g: i for i, g in reversed(list(enumerate(groups)))}  # score each original once, not its copies
+        self.profile = None
+        loo = [(g, self._map(embs[i], self.features[self.origin != g] if len(first) > 1 else None, final=False))
+               for g, i in sorted(first.items())]
+        if c.position_norm and len(first) > 1:
+            P = c.position_norm
+            pooled = torch.stack([F.adaptive_avg_pool2d(m[None, None], P)[0, 0] for _, m in loo])  # [k, P, P]
+            prof = pooled.mean(0)  # [P, P]
+            self.profile = prof.clamp_min(0.1 * float(prof.mean()) + 1e-6)
+        self.ref_median = None
+        self.ref_median = float(np.mean([float(self._finish(m).median()) for _, m in loo]))
+        scores = [self.score(self._finish(m)) for _, m in loo]
+        self.ref_scores = scores
+        self.tau = max(max(scores), 1e-6)
         return self
 
-    def _leave_one_out(self, embs: list[torch.Tensor]) -> list[float]:
-        """Each reference's image score against the bank without its own patches (k=1: spatial exclusion)."""
-        scores = []
-        if len(embs) > 1:
-            for i, e in enumerate(embs):
-                others = self.features[self.origin != i]
-                d = nn_distance(e.reshape(-1, e.shape[-1]), others, self.config.knn).view(e.shape[:2])
-                scores.append(float(reduce_score(self._smooth(d), self.config.score, self.config.topk)))
-            return scores
-        e = embs[0]
+    def _map(self, e: torch.Tensor, bank: torch.Tensor | None, final: bool = True) -> torch.Tensor:
+        """(H, W, D) embedding -> (H, W) map: NN distance to `bank` (None: only the image itself, outside a
+        neighbourhood), optionally combined with self-similarity, smoothed, optionally relative to its median."""
+        c = self.config
         H, W, D = e.shape
         flat = e.reshape(-1, D)
-        ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-        ys, xs = ys.flatten(), xs.flatten()
-        r = max(2, min(H, W) // 8)
-        d2 = torch.cdist(flat, flat)  # [HW, HW]
-        near = ((ys[:, None] - ys[None]).abs() <= r) & ((xs[:, None] - xs[None]).abs() <= r)
-        d = d2.masked_fill(near, float("inf")).min(1).values.view(H, W)
-        d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
-        return [float(reduce_score(self._smooth(d), self.config.score, self.config.topk))]
+        if bank is None:
+            d = self_distance(e, max(2, c.self_radius, min(H, W) // 8))
+        else:
+            d = nn_distance(flat, bank, c.knn).view(H, W)
+            if c.self_radius:
+                d = torch.sqrt(d * self_distance(e, c.self_radius))  # high only if unlike refs AND unlike itself
+        d = gaussian_blur_map(d, c.blur_sigma)
+        return self._finish(d) if final else d
 
-    def _smooth(self, d: torch.Tensor) -> torch.Tensor:
-        return gaussian_blur_map(d, self.config.blur_sigma)
+    def _finish(self, d: torch.Tensor) -> torch.Tensor:
+        """Position profile and median normalisation of a smoothed (H, W) distance map."""
+        if getattr(self, "profile", None) is not None:
+            prof = F.interpolate(self.profile[None, None], size=d.shape, mode="bilinear", align_corners=False)
+            d = d / prof[0, 0]
+        if self.config.relative and getattr(self, "ref_median", None) is not None:
+            d = d / max(float(d.median()), self.ref_median, 1e-6)  # discount only globally unusual queries
+        return d
 
     def distance_map(self, levels: LevelGrids) -> torch.Tensor:
         """Level grids of one image -> (H, W) smoothed nearest-neighbour distance map on the finest grid."""
         if self.features is None:
             raise RuntimeError("MemoryBank.fit must be called first")
-        e = self.embed(levels)  # [H, W, D]
-        d = nn_distance(e.reshape(-1, e.shape[-1]), self.features, self.config.knn)  # [H*W]
-        return self._smooth(d.view(e.shape[:2]))
+        return self._map(self.embed(levels), self.features)
 
     def score(self, dist_map: torch.Tensor) -> float:
         return float(reduce_score(dist_map, self.config.score, self.config.topk))
+
+
+def self_distance(e: torch.Tensor, radius: int) -> torch.Tensor:
+    """(H, W, D) -> (H, W) distance of each cell to the nearest cell of the SAME image outside a (2r+1)² window.
+
+    Normal surfaces repeat themselves, defects rarely do: a zero-shot cue that needs no reference.
+    """
+    H, W, D = e.shape
+    flat = e.reshape(-1, D)
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)  # [HW, HW]
+    d = torch.cdist(flat, flat).masked_fill(near, float("inf")).min(1).values.view(H, W)
+    return torch.where(torch.isfinite(d), d, torch.zeros_like(d))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,14 +302,17 @@ class ScreenerConfig:
         images by one factor, image_size / sqrt(median reference area), keeping aspect ratio and texture scale.
     image_size: the side the "reference" scale aims at (area ~ image_size² for a typical reference).
     illumination: see `normalize_illumination`.
+    augment: extra reference views, "hflip" / "vflip" (only for parts whose normal appearance is mirror-symmetric;
+        leave empty where a mirrored part would itself be a defect).
     zoom: magnification of the second look (0 or 1 disables). zoom_regions: how many top cells get a second look;
         zoom_window: side of each window as a fraction of the image's shorter side.
     threshold: decision threshold on the calibrated score (0.5 = the leave-one-out scale, see module docstring).
     """
 
-    scale: str = "source"
+    scale: str = "reference"
     image_size: int = 256
     illumination: str = "none"
+    augment: tuple[str, ...] = ()
     zoom: float = 0.0
     zoom_regions: int = 2
     zoom_window: float = 0.35
@@ -321,17 +363,29 @@ class ReferenceScreener:
             self.scale = self.config.image_size / math.sqrt(area)
         elif self.config.scale != "source":
             raise ValueError(f"scale must be 'source' or 'reference', got {self.config.scale!r}")
-        levels = self._extract(refs, self.scale)
+        views, groups = self._augment(refs)
+        levels = self._extract(views, self.scale)
         t = time.perf_counter()
-        self.bank.fit(levels)
+        self.bank.fit(levels, groups)
         self.timings["match"] += time.perf_counter() - t
         if self.config.zoom and self.config.zoom > 1:
             zs = self._zoom_scale(refs)
-            zlevels = self._extract(refs, zs)
+            zlevels = self._extract(views, zs)
             t = time.perf_counter()
-            self.zoom_bank = MemoryBank(self.config.bank).fit(zlevels)
+            # crops have no fixed place on the part: no position profile for the zoomed bank
+            self.zoom_bank = MemoryBank(replace(self.config.bank, position_norm=0)).fit(zlevels, groups)
             self.timings["match"] += time.perf_counter() - t
         return self
+
+    def _augment(self, refs: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
+        ops = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM}
+        views, groups = list(refs), list(range(len(refs)))
+        for a in self.config.augment:
+            if a not in ops:
+                raise ValueError(f"augment must be among {sorted(ops)}, got {a!r}")
+            views += [im.transpose(ops[a]) for im in refs]
+            groups += list(range(len(refs)))
+        return views, groups
 
     def _zoom_scale(self, images: Sequence[Image.Image]) -> float:
         if self.scale is not None:

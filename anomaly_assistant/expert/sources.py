@@ -69,10 +69,10 @@ class EfficientNetLite0Config:
     """
 
     image_size: int = 256
-    resize: str = "square"  # "square" | "aspect"
+    resize: str = "aspect"  # "square" | "aspect"
     multiple: int = 32
     blocks: tuple[int, ...] = (4, 10)
-    pad: int = 0
+    pad: int = 32
     grid: tuple[int, int] | None = None
     batch_size: int = 16
     max_side: int = 1024

@@ -61,8 +61,9 @@ def test_coreset_keeps_coverage_and_is_deterministic():
 
 def test_bank_coreset_keeps_scores_close(source, brick):
     levels = source(brick[:4])
-    full = MemoryBank(BankConfig(max_bank=0)).fit(levels)
-    small = MemoryBank(BankConfig(max_bank=400)).fit(levels)
+    raw = dict(relative=False, position_norm=0)  # raw NN distances
+    full = MemoryBank(BankConfig(max_bank=0, **raw)).fit(levels)
+    small = MemoryBank(BankConfig(max_bank=400, **raw)).fit(levels)
     assert small.features.shape[0] == 400 < full.features.shape[0]
     q = source([brick[4]])[0]
     a, b = full.distance_map(q), small.distance_map(q)
