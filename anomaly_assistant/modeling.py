@@ -54,7 +54,6 @@ class AnomalyQwen2_5_VLConfig(Qwen2_5_VLConfig):
     model_type = "anomaly_qwen2_5_vl"
     expert: dict | None = None
     expert_levels: list | None = None
-    expert_source: dict | None = None
     anomaly_pad_token_id: int | None = None
     anomaly_level_token_id: int | None = None
     level_word_token_ids: list | None = None
@@ -64,7 +63,6 @@ class AnomalyLlavaOnevisionConfig(LlavaOnevisionConfig):
     model_type = "anomaly_llava_onevision"
     expert: dict | None = None
     expert_levels: list | None = None
-    expert_source: dict | None = None
     anomaly_pad_token_id: int | None = None
     anomaly_level_token_id: int | None = None
     level_word_token_ids: list | None = None
@@ -74,7 +72,6 @@ class AnomalyLlavaConfig(LlavaConfig):
     model_type = "anomaly_llava"
     expert: dict | None = None
     expert_levels: list | None = None
-    expert_source: dict | None = None
     anomaly_pad_token_id: int | None = None
     anomaly_level_token_id: int | None = None
     level_word_token_ids: list | None = None
@@ -135,7 +132,7 @@ class AnomalyInnerMixin:
         if self._cnn_source is None:
             from .expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
 
-            cfg = dict(self.config.expert_source or {})
+            cfg = dict(self.expert.config.source_options or {})
             cfg["blocks"] = tuple(cfg.get("blocks", EfficientNetLite0Config.blocks))
             self._cnn_source = EfficientNetLite0Source(EfficientNetLite0Config(**cfg))
         return self._cnn_source
@@ -321,7 +318,7 @@ register_processors(CONFIG_CLASSES)
 # Building an anomaly model from a plain backbone.
 # ---------------------------------------------------------------------------------------------------------------
 def default_expert_config(base_config: Any, family: str, feature_source: str = "backbone",
-                          levels: Sequence[int] | None = None, **overrides: Any) -> tuple[ExpertConfig, list[int], dict]:
+                          levels: Sequence[int] | None = None, **overrides: Any) -> tuple[ExpertConfig, list[int]]:
     """Expert sizes that fit a backbone: level widths from its vision tower (or EfficientNet-Lite0), D = LLM width."""
     module = backbones.get(family)
     chosen = list(levels if levels is not None else module.default_levels(base_config))
@@ -339,9 +336,16 @@ def default_expert_config(base_config: Any, family: str, feature_source: str = "
         raise ValueError(f"unknown feature source {feature_source!r}")
     small = text_hidden < 256
     sizes = {"embed_dim": 32, "class_code_dim": 32, "lookback_grid": 8} if small else {}
-    expert = ExpertConfig(feature_source=feature_source, level_dims=level_dims, token_dim=text_hidden,
-                          **{**sizes, **overrides})
-    return expert, chosen, source
+    expert = ExpertConfig(feature_source=feature_source, source_options=source, level_dims=level_dims,
+                          token_dim=text_hidden, **{**sizes, **overrides})
+    return expert, chosen
+
+
+def cnn_input_size(expert: ExpertConfig) -> int | None:
+    """Side of the square CNN input the processor must emit (efficientnet source), else None."""
+    if expert.feature_source != "efficientnet_lite0":
+        return None
+    return int(expert.source_options.get("image_size", 256))
 
 
 def level_word_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
@@ -349,8 +353,7 @@ def level_word_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
     return [tokenizer(" " + w.split()[0], add_special_tokens=False)["input_ids"] for w in words]
 
 
-def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: ExpertConfig, levels: Sequence[int],
-                   source: dict) -> Any:
+def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: ExpertConfig, levels: Sequence[int]) -> Any:
     """The anomaly config of `family` built from a plain backbone config."""
     data = base_config.to_dict()
     data.pop("model_type", None)
@@ -359,7 +362,6 @@ def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: Expert
         **data,
         expert=expert.to_dict(),
         expert_levels=list(levels),
-        expert_source=source or None,
         anomaly_pad_token_id=tokenizer.convert_tokens_to_ids(ANOMALY_PAD),
         anomaly_level_token_id=tokenizer.convert_tokens_to_ids(ANOMALY_LEVEL),
         level_word_token_ids=level_word_ids(tokenizer, expert.level_words),
@@ -371,8 +373,8 @@ def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
     """(anomaly model, anomaly processor) around an in-memory backbone; its weights are copied, the expert is new."""
     family = backbones.family_of(model.config)
     backbones.ensure_anomaly_tokens(model, processor.tokenizer)
-    expert, chosen, source = default_expert_config(model.config, family, feature_source, levels, **expert_overrides)
-    config = anomaly_config(model.config, family, processor.tokenizer, expert, chosen, source)
+    expert, chosen = default_expert_config(model.config, family, feature_source, levels, **expert_overrides)
+    config = anomaly_config(model.config, family, processor.tokenizer, expert, chosen)
     anomaly = MODEL_CLASSES[family](config)
     missing, unexpected = anomaly.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("model.expert.") for k in missing):
@@ -380,8 +382,7 @@ def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
     anomaly.expert.reset_parameters()
     anomaly.generation_config = model.generation_config
     anomaly = anomaly.to(dtype=next(model.parameters()).dtype).eval()
-    image_size = (source or {}).get("image_size")
-    return anomaly, anomaly_processor(processor, family, expert.num_tokens, image_size)
+    return anomaly, anomaly_processor(processor, family, expert.num_tokens, cnn_input_size(expert))
 
 
 def tiny_anomaly_model(family: str = "qwen2_5_vl", feature_source: str = "backbone", seed: int = 0):

@@ -36,7 +36,7 @@ FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "llava_onevision", "llava")
 ANOMALY_START, ANOMALY_PAD, ANOMALY_END = "<|anomaly_start|>", "<|anomaly_pad|>", "<|anomaly_end|>"
 ANOMALY_LEVEL = "<|anomaly_level|>"
 ANOMALY_TOKENS: tuple[str, str, str, str] = (ANOMALY_START, ANOMALY_PAD, ANOMALY_END, ANOMALY_LEVEL)
-LEVEL_WORDS: tuple[str, str, str] = ("slightly suspicious", "moderately suspicious", "highly suspicious")
+from ..expert.config import LEVEL_WORDS  # noqa: E402  (one home: the expert decides the level word)
 
 # model_type -> family. Anomaly* subclasses may prefix their model_type with "anomaly_".
 _MODEL_TYPES: dict[str, str] = {
