@@ -311,8 +311,8 @@ class ScreenerConfig:
 
     scale: str = "reference"
     image_size: int = 256
-    illumination: str = "none"
-    augment: tuple[str, ...] = ()
+    illumination: str = "flatfield"
+    augment: tuple[str, ...] = ("hflip", "vflip")
     zoom: float = 0.0
     zoom_regions: int = 2
     zoom_window: float = 0.35

@@ -458,7 +458,7 @@ def effnet_source():
     pytest.importorskip("efficientnet_lite_pytorch")
     from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
 
-    options = {"image_size": 128, "blocks": (4, 10)}
+    options = {"image_size": 128, "blocks": (4, 10), "resize": "square", "pad": 0}  # a fixed 16x16 / 8x8 grid
     return EfficientNetLite0Source(EfficientNetLite0Config(**options)), options
 
 

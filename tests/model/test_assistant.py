@@ -126,7 +126,7 @@ def test_expert_only_screening_needs_no_model(references):
 @pytest.mark.skipif(not TILES.is_dir(), reason="real-dev data not present")
 def test_real_magnetic_tile_defect_scores_above_its_references():
     refs = sorted((TILES / "train" / "good").iterdir())[:4]
-    defective = sorted((TILES / "test" / "blowhole").iterdir())[:3]
+    defective = sorted((TILES / "test" / "break").iterdir())[:3]
     good = sorted((TILES / "test" / "good").iterdir())[:3]
     findings = AnomalyAssistant.expert_only().screen([*defective, *good], references=refs)
     assert all(f.image_path for f in findings)
