@@ -61,6 +61,7 @@ def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
     p["final"] = (src, replace(scr, bank=bank))  # + coreset to 2048 patches (speed)
     p["+zoom2"] = (src, replace(scr, bank=bank, zoom=2.0))
     p["final_no_flip"] = (src, replace(scr, bank=bank, augment=()))
+    p["final_no_relative"] = (src, replace(scr, bank=replace(bank, relative=False)))
     return p
 
 
