@@ -5,7 +5,8 @@
 2. Inspection latency with the expert ÷ without it: the same anomaly model, the same images and exactly the same
    number of generated tokens (min = max new tokens); "with" is a full `ChatSession.inspect` (vision tower +
    expert + reference map + anomaly tokens + generation), "without" is the same weights asked the same question
-   through the plain backbone processor (no anomaly block, so the expert never runs).
+   through the plain backbone processor (no anomaly block, so the expert never runs). A third path, a session
+   without references, isolates the expert itself from the reference screener's CNN.
 3. Tokens/s of that generation and the process's peak resident memory (plus peak GPU memory on a GPU).
 
 By default the model is the tiny Qwen2.5-VL built in code. `--real-widths` builds a randomly initialised model at
@@ -26,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio", "tokens_per_s", "peak_rss_mb")
+KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio",
+        "expert_latency_ratio_no_references", "tokens_per_s", "peak_rss_mb")
 
 
 @dataclass
@@ -176,9 +178,13 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     images = tests[: max(1, cfg.inspections)]
     session = assistant.chat(references=refs)  # references fitted once per session, as in use
+    session_no_refs = assistant.chat()  # the expert alone: LTFM, selector and anomaly tokens, no reference map
 
     def with_expert(im):
         return lambda: session.inspect(im, **gen)
+
+    def expert_no_references(im):
+        return lambda: session_no_refs.inspect(im, **gen)
 
     plain.tokenizer.padding_side = "left"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
@@ -193,22 +199,27 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
             out_len.append(seq.shape[1] - batch["input_ids"].shape[1])
         return run
 
-    with_expert(images[0])()  # warm-up both paths
+    with_expert(images[0])()  # warm-up all paths
+    expert_no_references(images[0])()
     without_expert(images[0])()
     out_len.clear()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_with, t_without = [], []
-    for im in images:  # interleaved, so both paths see the same machine load
+    t_with, t_no_refs, t_without = [], [], []
+    for im in images:  # interleaved, so all paths see the same machine load
         t_with.append(_timed(with_expert(im), sync))
+        t_no_refs.append(_timed(expert_no_references(im), sync))
         t_without.append(_timed(without_expert(im), sync))
     if any(k != n for k in out_len):
         raise RuntimeError(f"generation length differs from {n}: {out_len}")
     med_with, med_without = statistics.median(t_with), statistics.median(t_without)
+    med_no_refs = statistics.median(t_no_refs)
     out = {
         "expert_latency_ratio": med_with / med_without,
+        "expert_latency_ratio_no_references": med_no_refs / med_without,
         "tokens_per_s": n / med_with,
         "inspection": {"with_expert_s": t_with, "without_expert_s": t_without, "median_with_s": med_with,
+                       "expert_no_references_s": t_no_refs, "median_expert_no_references_s": med_no_refs,
                        "median_without_s": med_without, "new_tokens": n, "tokens_per_s_without_expert": n / med_without,
                        "model": info},
     }
@@ -254,6 +265,8 @@ def write_report(result: dict[str, Any], out_json: Path) -> tuple[Path, Path]:
     i = result["inspection"]
     rep.heading("Inspection latency")
     rep.table([{"path": "with expert", "median_s": i["median_with_s"], "tokens/s": result["tokens_per_s"]},
+               {"path": "expert, no references", "median_s": i["median_expert_no_references_s"],
+                "tokens/s": i["new_tokens"] / i["median_expert_no_references_s"]},
                {"path": "without expert", "median_s": i["median_without_s"],
                 "tokens/s": i["tokens_per_s_without_expert"]}])
     rep.heading("Figures")

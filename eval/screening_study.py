@@ -32,9 +32,10 @@ from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientN
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-dev"
 
 # name -> (source config, screener config). Each row adds one change to the row before it (the ablation chain).
-_BASE_SRC = EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0)
-_BASE_SCR = ScreenerConfig(scale="source", image_size=256, bank=BankConfig(
-    max_bank=16384, instance_norm=False, relative=False, position_norm=0))
+# Every option is spelled out: the baseline must not drift when the library's defaults change.
+_BASE_SRC = EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0, batch_size=2)
+_BASE_SCR = ScreenerConfig(scale="source", image_size=256, illumination="none", augment=(), zoom=0.0, bank=BankConfig(
+    patch_size=3, knn=1, max_bank=16384, blur_sigma=1.0, instance_norm=False, relative=False, position_norm=0))
 
 
 def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
@@ -62,6 +63,7 @@ def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
     p["+zoom2"] = (src, replace(scr, bank=bank, zoom=2.0))
     p["final_no_flip"] = (src, replace(scr, bank=bank, augment=()))
     p["final_no_relative"] = (src, replace(scr, bank=replace(bank, relative=False)))
+    p["final_no_pad"] = (replace(src, pad=0), replace(scr, bank=bank))
     return p
 
 
@@ -102,12 +104,21 @@ def evaluate(results, recs) -> dict[str, float]:
         pm.append(_small(r.anomaly_map, "map").ravel())
         pl.append(_small(gt, "mask").ravel())
     types = np.array([d for _, _, d in recs])
+    pixel_per_type = {  # each defect type's images plus all good images
+        d: roc_auc_score(np.concatenate([pl[i] for i in np.flatnonzero((types == d) | ~labels)]),
+                         np.concatenate([pm[i] for i in np.flatnonzero((types == d) | ~labels)]))
+        for d in sorted(set(types[labels]))
+    }
+    positive_share = {d: sum(int(pl[i].sum()) for i in np.flatnonzero(types == d)) for d in sorted(set(types[labels]))}
+    total = max(1, sum(positive_share.values()))
     per_type = {
         d: roc_auc_score(labels[(types == d) | ~labels], raw[(types == d) | ~labels])
         for d in sorted(set(types[labels]))
     }
     return {
         "per_type": per_type,
+        "pixel_per_type": pixel_per_type,
+        "positive_pixel_share": {d: v / total for d, v in positive_share.items()},
         "image_auroc": roc_auc_score(labels, raw if np.ptp(scores) == 0 else scores),
         "pixel_auroc": roc_auc_score(np.concatenate(pl), np.concatenate(pm)),
         "argmax_in_mask": float(np.mean(hits)) if hits else float("nan"),
@@ -222,6 +233,9 @@ def main(argv=None):
         m = evaluate(results, recs)
         print(f"{name:<16}{m['image_auroc']:>10.3f}{m['pixel_auroc']:>10.3f}{m['argmax_in_mask']:>12.3f}"
               f"{m['good_flagged']:>9.2f}{m['defect_flagged']:>9.2f}{ips:>8.1f}{ext:>8.1f}{mat:>9.1f}", flush=True)
+        print(" " * 16 + "image AUROC per type: " + "  ".join(f"{k}={v:.2f}" for k, v in m["per_type"].items()))
+        print(" " * 16 + "pixel AUROC per type: " + "  ".join(
+            f"{k}={v:.2f} ({m['positive_pixel_share'][k]:.0%} of defect pixels)" for k, v in m["pixel_per_type"].items()))
     if args.deeppcb:
         pairs = load_deeppcb(args.data / "deeppcb", args.deeppcb)
         print(f"\ndeeppcb: {len(pairs)} template/test pairs (k=1)")

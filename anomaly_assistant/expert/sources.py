@@ -64,7 +64,11 @@ class EfficientNetLite0Config:
     blocks: which MBConv blocks' outputs are the levels (see EFFNET_LITE0_BLOCKS); 4 and 10 end the stride-8 and
         stride-16 stages (PatchCore's layer2/layer3 analogue).
     pad: reflect-pad the input by this many pixels and crop the features back, so border cells see image content
-        instead of the network's zero padding (0 disables).
+        instead of the network's zero padding (0 disables). On magnetic tiles (4 references) 0, 16 and 32 px give
+        the same AUROC within 0.01, and 32 px costs 1.56x the pixels of 0; but with less padding the calibrated
+        threshold flags clean SynthInspect parts (0 px) and boxes on the bundled scratch sample lose IoU (16 px).
+    batch_size: images per forward. Small batches are faster per image on CPU (activations stay in cache):
+        measured 18-22 ms/img at batch 1 vs 48-55 ms/img at batch 16 (256 px, 2 threads).
     grid: if set, every level is resized to this (H, W) token grid (e.g. the LLM backbone's).
     """
 
@@ -74,7 +78,7 @@ class EfficientNetLite0Config:
     blocks: tuple[int, ...] = (4, 10)
     pad: int = 32
     grid: tuple[int, int] | None = None
-    batch_size: int = 16
+    batch_size: int = 2
     max_side: int = 1024
     num_threads: int | None = None
 
@@ -103,6 +107,9 @@ class EfficientNetLite0Source:
         self.blocks = torch.nn.ModuleList(net._blocks[: last + 1]).eval()  # drop what no level needs
         for p in [*self.stem.parameters(), *self.blocks.parameters()]:
             p.requires_grad_(False)
+        # channels-last runs the depthwise convolutions about 2x faster on CPU (measured at batch 16, 256 px)
+        self.stem.to(memory_format=torch.channels_last)
+        self.blocks.to(memory_format=torch.channels_last)
 
     @property
     def strides(self) -> list[int]:
@@ -141,7 +148,7 @@ class EfficientNetLite0Source:
         p = self.config.pad
         if p:
             x = F.pad(x, (p, p, p, p), mode="reflect")  # [B, 3, H+2p, W+2p]
-        h = self.stem(x)
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))
         out = {}
         want = set(self.config.blocks)
         for i, blk in enumerate(self.blocks):

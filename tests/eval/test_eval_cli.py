@@ -11,7 +11,8 @@ from anomaly_assistant.cli import main as cli_main
 
 AD_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pro", "n_images", "n_masks", "seconds")
 DETECT_KEYS = ("accuracy", "precision", "recall", "f1", "n_images", "seconds", "per_class")
-BENCH_KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio", "tokens_per_s", "peak_rss_mb")
+BENCH_KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio",
+              "expert_latency_ratio_no_references", "tokens_per_s", "peak_rss_mb")
 
 
 def _json(path):
