@@ -60,6 +60,22 @@ def _header_size(path: Path, skips: SkipLog) -> tuple[int, int] | None:
     return None
 
 
+def _listed_file(root: Path, rel: str, where: str, what: str, skips: SkipLog) -> Path | None:
+    """A path named in a manifest -> the file inside `root`, or None with the reason logged.
+
+    `where` locates the manifest row (logged when the path escapes the root); `what` completes
+    "missing file: ..." (e.g. "listed in the JSON", "mask listed in the split CSV").
+    """
+    path = resolve_inside(root, rel)
+    if path is None:
+        skips.add(where, "path escapes dataset root")
+        return None
+    if not path.is_file():
+        skips.add(path, f"missing file: {what}")
+        return None
+    return path
+
+
 def _with_mask(rec: Record, size: tuple[int, int], skips: SkipLog, with_boxes: bool) -> Record | None:
     """Check the mask against the image and derive boxes from it; None (logged) when the mask is bad."""
     if rec.gt_mask is None:
@@ -194,25 +210,15 @@ def read_visa(
         if not image:
             skips.add(where, "bad manifest row: no image")
             continue
-        img = resolve_inside(root, image)
-        if img is None:
-            skips.add(f"{where} {image}", "path escapes dataset root")
-            continue
-        if not img.is_file():
-            skips.add(img, "missing file: listed in the split CSV")
-            continue
-        size = _header_size(img, skips)
+        img = _listed_file(root, image, f"{where} {image}", "listed in the split CSV", skips)
+        size = _header_size(img, skips) if img is not None else None
         if size is None:
             continue
         is_anomalous = label.lower() in ("anomaly", "anomalous", "1", "bad")
         mask_path = None
         if is_anomalous and row.get("mask"):
-            m = resolve_inside(root, row["mask"])
+            m = _listed_file(root, row["mask"], f"{where} {row['mask']}", "mask listed in the split CSV", skips)
             if m is None:
-                skips.add(f"{where} {row['mask']}", "path escapes dataset root")
-                continue
-            if not m.is_file():
-                skips.add(m, "missing file: mask listed in the split CSV")
                 continue
             mask_path = str(m)
         defect = None
@@ -404,14 +410,8 @@ def read_llava_json(
         if not isinstance(image, str) or not image:
             skips.add(where, "bad manifest row: no image (text-only sample)")
             continue
-        img = resolve_inside(root, image)
-        if img is None:
-            skips.add(f"{where} {image}", "path escapes dataset root")
-            continue
-        if not img.is_file():
-            skips.add(img, "missing file: listed in the JSON")
-            continue
-        size = _header_size(img, skips)
+        img = _listed_file(root, image, f"{where} {image}", "listed in the JSON", skips)
+        size = _header_size(img, skips) if img is not None else None
         if size is None:
             continue
         meta_in = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
@@ -438,12 +438,8 @@ def read_llava_json(
         mask_path = None
         mask_rel = meta_in.get("mask") or item.get("mask")
         if label and isinstance(mask_rel, str) and mask_rel:
-            m = resolve_inside(root, mask_rel)
+            m = _listed_file(root, mask_rel, f"{where} {mask_rel}", "mask listed in the JSON", skips)
             if m is None:
-                skips.add(f"{where} {mask_rel}", "path escapes dataset root")
-                continue
-            if not m.is_file():
-                skips.add(m, "missing file: mask listed in the JSON")
                 continue
             mask_path = str(m)
         rec = Record(
@@ -520,14 +516,8 @@ def read_mmad(
             skips.add(f"{json_path}[{key}]", "bad manifest row: not an object")
             continue
         rel = item.get("image_path") or key
-        img = resolve_inside(root, rel)
-        if img is None:
-            skips.add(f"{json_path}[{key}]", "path escapes dataset root")
-            continue
-        if not img.is_file():
-            skips.add(img, "missing file: listed in the MMAD JSON")
-            continue
-        size = _header_size(img, skips)
+        img = _listed_file(root, rel, f"{json_path}[{key}]", "listed in the MMAD JSON", skips)
+        size = _header_size(img, skips) if img is not None else None
         if size is None:
             continue
         questions = [q for q in item.get("conversation") or [] if isinstance(q, dict)]
@@ -664,12 +654,8 @@ def read_manifest(
         if not image:
             skips.add(where, "bad manifest row: no image")
             continue
-        img = resolve_inside(root, str(image))
+        img = _listed_file(root, str(image), f"{where} {image}", "listed in the manifest", skips)
         if img is None:
-            skips.add(f"{where} {image}", "path escapes dataset root")
-            continue
-        if not img.is_file():
-            skips.add(img, "missing file: listed in the manifest")
             continue
         raw_label = next(
             (row[k] for k in ("label", "gt_label", "defect_probability") if row.get(k) not in (None, "")),
@@ -690,12 +676,8 @@ def read_manifest(
         mask_path = None
         mask_rel = row.get("mask") or row.get("gt_mask")
         if mask_rel:
-            m = resolve_inside(root, str(mask_rel))
+            m = _listed_file(root, str(mask_rel), f"{where} {mask_rel}", "mask listed in the manifest", skips)
             if m is None:
-                skips.add(f"{where} {mask_rel}", "path escapes dataset root")
-                continue
-            if not m.is_file():
-                skips.add(m, "missing file: mask listed in the manifest")
                 continue
             mask_path = str(m)
         ref = None
