@@ -180,11 +180,8 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
     session = assistant.chat(references=refs)  # references fitted once per session, as in use
     session_no_refs = assistant.chat()  # the expert alone: LTFM, selector and anomaly tokens, no reference map
 
-    def with_expert(im):
-        return lambda: session.inspect(im, **gen)
-
-    def expert_no_references(im):
-        return lambda: session_no_refs.inspect(im, **gen)
+    def inspect_in(sess, im):
+        return lambda: sess.inspect(im, **gen)
 
     plain.tokenizer.padding_side = "left"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
@@ -199,16 +196,16 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
             out_len.append(seq.shape[1] - batch["input_ids"].shape[1])
         return run
 
-    with_expert(images[0])()  # warm-up all paths
-    expert_no_references(images[0])()
+    inspect_in(session, images[0])()  # warm-up all paths
+    inspect_in(session_no_refs, images[0])()
     without_expert(images[0])()
     out_len.clear()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t_with, t_no_refs, t_without = [], [], []
     for im in images:  # interleaved, so all paths see the same machine load
-        t_with.append(_timed(with_expert(im), sync))
-        t_no_refs.append(_timed(expert_no_references(im), sync))
+        t_with.append(_timed(inspect_in(session, im), sync))
+        t_no_refs.append(_timed(inspect_in(session_no_refs, im), sync))
         t_without.append(_timed(without_expert(im), sync))
     if any(k != n for k in out_len):
         raise RuntimeError(f"generation length differs from {n}: {out_len}")

@@ -104,21 +104,18 @@ def evaluate(results, recs) -> dict[str, float]:
         pm.append(_small(r.anomaly_map, "map").ravel())
         pl.append(_small(gt, "mask").ravel())
     types = np.array([d for _, _, d in recs])
-    pixel_per_type = {  # each defect type's images plus all good images
-        d: roc_auc_score(np.concatenate([pl[i] for i in np.flatnonzero((types == d) | ~labels)]),
-                         np.concatenate([pm[i] for i in np.flatnonzero((types == d) | ~labels)]))
-        for d in sorted(set(types[labels]))
-    }
-    positive_share = {d: sum(int(pl[i].sum()) for i in np.flatnonzero(types == d)) for d in sorted(set(types[labels]))}
-    total = max(1, sum(positive_share.values()))
-    per_type = {
-        d: roc_auc_score(labels[(types == d) | ~labels], raw[(types == d) | ~labels])
-        for d in sorted(set(types[labels]))
-    }
+    per_type, pixel_per_type, positive = {}, {}, {}
+    for d in sorted(set(types[labels])):
+        keep = (types == d) | ~labels  # this defect type's images plus all good images
+        per_type[d] = roc_auc_score(labels[keep], raw[keep])
+        pixel_per_type[d] = roc_auc_score(np.concatenate([pl[i] for i in np.flatnonzero(keep)]),
+                                          np.concatenate([pm[i] for i in np.flatnonzero(keep)]))
+        positive[d] = sum(int(pl[i].sum()) for i in np.flatnonzero(types == d))
+    total = max(1, sum(positive.values()))
     return {
         "per_type": per_type,
         "pixel_per_type": pixel_per_type,
-        "positive_pixel_share": {d: v / total for d, v in positive_share.items()},
+        "positive_pixel_share": {d: v / total for d, v in positive.items()},
         "image_auroc": roc_auc_score(labels, raw if np.ptp(scores) == 0 else scores),
         "pixel_auroc": roc_auc_score(np.concatenate(pl), np.concatenate(pm)),
         "argmax_in_mask": float(np.mean(hits)) if hits else float("nan"),
