@@ -57,7 +57,31 @@ def _fold_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.nn.
     """Fold an eval-mode BatchNorm into the convolution before it (exact to ~1e-6; about 17 % faster on CPU)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    return fuse_conv_bn_eval(conv.eval(), bn.eval()), torch.nn.Identity()
+    return _pad_inside(fuse_conv_bn_eval(conv.eval(), bn.eval())), torch.nn.Identity()
+
+
+def _pad_inside(conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
+    """Move a symmetric 'same' zero padding from a separate ZeroPad2d into the convolution itself.
+
+    The library pads TensorFlow-style with an explicit ZeroPad2d before every convolution; on channels-last
+    tensors that copy costs about as much as all the activations. The stride-2 pads are one pixel longer at the
+    bottom/right: there the kernel gets a leading zero row and column and pads symmetrically by the longer side,
+    which computes exactly the same sums.
+    """
+    pad = getattr(conv, "static_padding", None)
+    if not isinstance(pad, torch.nn.ZeroPad2d):
+        return conv
+    left, right, top, bottom = pad.padding
+    if (left, top) == (right, bottom):
+        conv.padding = (top, left)
+    elif (left + 1, top + 1) == (right, bottom):
+        conv.weight = torch.nn.Parameter(F.pad(conv.weight.data, (1, 0, 1, 0)), requires_grad=False)
+        conv.kernel_size = tuple(conv.weight.shape[2:])
+        conv.padding = (bottom, right)
+    else:
+        return conv
+    conv.static_padding = torch.nn.Identity()
+    return conv
 
 
 @dataclass
@@ -120,6 +144,9 @@ class EfficientNetLite0Source:
                     setattr(blk, bn, identity)
         for p in [*self.stem.parameters(), *self.blocks.parameters()]:
             p.requires_grad_(False)
+        for m in [*self.stem.modules(), *self.blocks.modules()]:
+            if isinstance(m, torch.nn.ReLU6):
+                m.inplace = True  # every ReLU6 here follows a convolution whose output nothing else reads
         # channels-last runs the depthwise convolutions about 2x faster on CPU (measured at batch 16, 256 px)
         self.stem.to(memory_format=torch.channels_last)
         self.blocks.to(memory_format=torch.channels_last)

@@ -13,6 +13,7 @@ from anomaly_assistant.expert.reference import (
     MemoryBank,
     ReferenceScreener,
     ScreenerConfig,
+    box_mean,
     calibrate,
     greedy_coreset,
     nn_distance,
@@ -41,6 +42,15 @@ def test_nn_distance_matches_brute_force():
     ref = torch.cdist(q, b)
     torch.testing.assert_close(nn_distance(q, b, chunk=64), ref.min(1).values, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(nn_distance(q, b, k=3), ref.topk(3, largest=False).values.mean(1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,k", [((1, 40, 32, 32), 3), ((2, 5, 7, 3), 3), ((1, 3, 1, 1), 3), ((1, 4, 6, 9), 5)])
+def test_box_mean_is_average_pooling_over_valid_cells(shape, k):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+    torch.testing.assert_close(box_mean(x, k), expected)
+    corner = x[0, :, : k // 2 + 1, : k // 2 + 1].mean((1, 2))  # a corner window holds only its valid cells
+    torch.testing.assert_close(box_mean(x, k)[0, :, 0, 0], corner)
 
 
 def test_coreset_keeps_coverage_and_is_deterministic():

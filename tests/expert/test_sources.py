@@ -123,6 +123,16 @@ def test_folded_batchnorm_and_channels_last_match_the_pretrained_network(camera)
         ref = expected[block]
         assert level.shape == ref.shape
         assert torch.allclose(level, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    # the 'same' paddings live inside the convolutions now, and stay exact at odd and non-square sizes
+    assert not any(isinstance(m, torch.nn.ZeroPad2d) for m in [*src.stem.modules(), *src.blocks.modules()])
+    odd = torch.nn.functional.interpolate(x, size=(200, 136), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        h = net._swish(net._bn0(net._conv_stem(odd)))
+        for blk in net._blocks[:5]:
+            h = blk(h)
+    level = src.forward_tensor(odd)[0]
+    assert level.shape == h.shape == (2, 40, 25, 17)
+    assert torch.allclose(level, h, atol=1e-4 * float(h.abs().max()), rtol=0)
     # images one at a time (batch_size=1) give the same grids as the batch
     grids = src([camera, camera.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
     assert torch.allclose(grids[1][0], got[0][1].permute(1, 2, 0), atol=1e-4 * float(got[0].abs().max()))
