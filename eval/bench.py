@@ -34,7 +34,8 @@ KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio
 @dataclass
 class BenchConfig:
     out: str = field(default="", metadata={"help": "result JSON path", "required": True})
-    images: int = field(default=16, metadata={"help": "test images (SynthInspect, mixed normal/defective)"})
+    images: int = field(default=48, metadata={"help": "test images (SynthInspect, mixed normal/defective)"})
+    repeats: int = field(default=3, metadata={"help": "timed screening passes over the images (median reported)"})
     image_size: int = field(default=256, metadata={"help": "image side in pixels"})
     references: int = field(default=4, metadata={"help": "reference normals"})
     new_tokens: int = field(default=32, metadata={"help": "generated tokens per inspection (forced exactly)"})
@@ -66,26 +67,33 @@ def bench_images(cfg: BenchConfig) -> tuple[list[Any], list[Any]]:
     return tests, refs
 
 
-def bench_screening(tests: list[Any], refs: list[Any]) -> dict[str, Any]:
-    """Expert-only screening throughput and its extraction / matching split (warm, references fitted once)."""
+def bench_screening(tests: list[Any], refs: list[Any], repeats: int = 3) -> dict[str, Any]:
+    """Expert-only screening throughput and its extraction / matching split (warm, references fitted once).
+
+    The images are screened `repeats` times; the median pass is reported (single passes on a shared CPU vary by
+    about ±30 %), with every pass kept in the JSON.
+    """
     from anomaly_assistant import AnomalyAssistant
 
     expert = AnomalyAssistant.expert_only(feature_source="efficientnet_lite0")
     t0 = time.perf_counter()
     screener = expert.reference_screener(refs)
     fit_s = time.perf_counter() - t0
-    expert.screen(tests[:1], screener=screener)  # warm-up
-    before = dict(screener.timings)
-    t0 = time.perf_counter()
-    findings = expert.screen(tests, screener=screener)
-    total = time.perf_counter() - t0
-    extract = screener.timings["extract"] - before["extract"]
-    match = screener.timings["match"] - before["match"]
+    expert.screen(tests[:2], screener=screener)  # warm-up
+    passes = []
+    for _ in range(max(1, repeats)):
+        before = dict(screener.timings)
+        t0 = time.perf_counter()
+        findings = expert.screen(tests, screener=screener)
+        total = time.perf_counter() - t0
+        extract = screener.timings["extract"] - before["extract"]
+        match = screener.timings["match"] - before["match"]
+        passes.append({"seconds": total, "extract_s": extract, "match_s": match, "other_s": total - extract - match})
+    mid = sorted(passes, key=lambda p: p["seconds"])[len(passes) // 2]
     return {
-        "screening_img_per_s": len(tests) / total,
-        "matching_over_extraction": match / extract if extract > 0 else None,
-        "screening": {"seconds": total, "images": len(tests), "extract_s": extract, "match_s": match,
-                      "other_s": total - extract - match, "reference_fit_s": fit_s,
+        "screening_img_per_s": len(tests) / mid["seconds"],
+        "matching_over_extraction": mid["match_s"] / mid["extract_s"] if mid["extract_s"] > 0 else None,
+        "screening": {**mid, "images": len(tests), "passes": passes, "reference_fit_s": fit_s,
                       "anomalous_verdicts": sum(f.is_anomalous for f in findings)},
     }
 
@@ -232,7 +240,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     tests, refs = bench_images(cfg)
     result: dict[str, Any] = {}
-    result.update(bench_screening(tests, refs))
+    result.update(bench_screening(tests, refs, cfg.repeats))
     result.update(bench_inspection(cfg, tests, refs, device))
     result["peak_rss_mb"] = peak_rss_mb()
     result["seconds"] = time.perf_counter() - t0

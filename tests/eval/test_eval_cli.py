@@ -131,9 +131,13 @@ def test_eval_reasoning_and_mmad_with_tiny_model(mvtec_root, tmp_path):
 
 def test_bench_keys_tiny(tmp_path):
     out = tmp_path / "bench.json"
-    assert cli_main(["bench", "--out", str(out), "--images", "2", "--inspections", "1", "--new-tokens", "4"]) == 0
+    assert cli_main(["bench", "--out", str(out), "--images", "2", "--repeats", "3", "--inspections", "1",
+                     "--new-tokens", "4"]) == 0
     res = _json(out)
     assert all(k in res and res[k] > 0 for k in BENCH_KEYS)
+    passes = res["screening"]["passes"]  # the reported pass is the median of the three
+    assert len(passes) == 3 and res["screening"]["seconds"] == sorted(p["seconds"] for p in passes)[1]
+    assert res["screening_img_per_s"] == pytest.approx(2 / res["screening"]["seconds"])
     assert res["inspection"]["new_tokens"] == 4 and res["inspection"]["model"]["real_widths"] is False
     assert (tmp_path / "bench_figures" / "times.png").is_file()
 
