@@ -136,6 +136,19 @@ def ensure_anomaly_tokens(model: Any, tokenizer: Any) -> int:
     return added
 
 
+def load_pretrained(model_class: Any, processor_class: Any, path_or_id: str, processor_kwargs: dict | None = None,
+                    anomaly_tokens: bool = True, **model_kwargs: Any) -> tuple[Any, Any]:
+    """(model, processor) of one family from a hub id or local directory (real checkpoint or a saved tiny one).
+
+    `anomaly_tokens` adds the anomaly markers (and embedding rows) where the checkpoint lacks them.
+    """
+    model = model_class.from_pretrained(path_or_id, **model_kwargs)
+    processor = processor_class.from_pretrained(path_or_id, **(processor_kwargs or {}))
+    if anomaly_tokens:
+        ensure_anomaly_tokens(model, processor.tokenizer)
+    return model, processor
+
+
 def text_embeddings(model: Any) -> torch.nn.Embedding:
     """The LLM's input token embedding table (shared by all families)."""
     return model.get_input_embeddings()
@@ -170,6 +183,14 @@ def count_placeholders(input_ids: torch.Tensor, token_id: int) -> list[int]:
                 runs.append(run)
                 run = 0
     return runs
+
+
+def check_placeholders(inputs: dict, model: Any, n_tokens: Sequence[int]) -> None:
+    """Raise if the prompt's image-placeholder runs differ from the image token counts the tower produced."""
+    if "input_ids" in inputs:
+        runs = count_placeholders(inputs["input_ids"], image_token_id(model))
+        if runs != list(n_tokens):
+            raise ValueError(f"placeholder runs {runs} do not match image token counts {list(n_tokens)}")
 
 
 def spread_levels(depth: int, n: int = 4) -> tuple[int, ...]:

@@ -19,9 +19,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from ..finding import Frame
 from . import (
     VisionFeatures,
-    count_placeholders,
-    ensure_anomaly_tokens,
-    image_token_id,
+    check_placeholders,
+    load_pretrained,
     resolve_levels,
     spread_levels,
 )
@@ -76,18 +75,15 @@ def build_tiny_processor(tokenizer: Any) -> LlavaProcessor:
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE)
 
 
-def load(
-    path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any
-):
-    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one).
+def load(path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any):
+    """(model, processor) from a hub id or local directory; see `backbones.load_pretrained`.
 
-    `LlavaProcessor` has no video slot, so AutoProcessor works too. `anomaly_tokens` adds the anomaly markers (and embedding rows) if missing.
+    `LlavaProcessor` has no video slot, so AutoProcessor works too.
     """
-    model = LlavaForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
-    processor = LlavaProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
-    if anomaly_tokens:
-        ensure_anomaly_tokens(model, processor.tokenizer)
-    return model, processor
+    return load_pretrained(
+        LlavaForConditionalGeneration, LlavaProcessor,
+        path_or_id, processor_kwargs, anomaly_tokens, **model_kwargs,
+    )
 
 
 def default_levels(config: Any) -> tuple[int, ...]:
@@ -118,10 +114,7 @@ def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = Non
     image_embeds = [projected[i] for i in range(n)]  # [N, D] raster
     v0 = [e.reshape(side_h, side_w, -1) for e in image_embeds]
     n_tokens = [e.shape[0] for e in image_embeds]
-    if "input_ids" in inputs:
-        runs = count_placeholders(inputs["input_ids"], image_token_id(model))
-        if runs != n_tokens:
-            raise ValueError(f"placeholder runs {runs} do not match image token counts {n_tokens}")
+    check_placeholders(inputs, model, n_tokens)
     return VisionFeatures(
         family=FAMILY, levels=chosen, level_grids=level_grids, v0=v0, image_embeds=image_embeds,
         num_image_tokens=n_tokens, v0_offset=[0] * n,

@@ -26,9 +26,8 @@ from transformers.models.llava_onevision.processing_llava_onevision import Llava
 from ..finding import Frame
 from . import (
     VisionFeatures,
-    count_placeholders,
-    ensure_anomaly_tokens,
-    image_token_id,
+    check_placeholders,
+    load_pretrained,
     resolve_levels,
     spread_levels,
 )
@@ -106,19 +105,16 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyLlavaOnevisionProcessor:
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE, grid_pinpoints=TINY_GRID_PINPOINTS)
 
 
-def load(
-    path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any
-):
-    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one).
+def load(path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any):
+    """(model, processor) from a hub id or local directory; see `backbones.load_pretrained`.
 
-    Loads the processor through the image-only class (AutoProcessor would need torchvision for a real
-    checkpoint's processor files). `anomaly_tokens` adds the anomaly markers (and embedding rows) if missing.
+    The processor loads through the image-only class (AutoProcessor would need torchvision for a real
+    checkpoint's processor files).
     """
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
-    processor = ImageOnlyLlavaOnevisionProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
-    if anomaly_tokens:
-        ensure_anomaly_tokens(model, processor.tokenizer)
-    return model, processor
+    return load_pretrained(
+        LlavaOnevisionForConditionalGeneration, ImageOnlyLlavaOnevisionProcessor,
+        path_or_id, processor_kwargs, anomaly_tokens, **model_kwargs,
+    )
 
 
 def default_levels(config: Any) -> tuple[int, ...]:
@@ -183,10 +179,7 @@ def vision_features(
     )
     image_embeds = list(image_embeds)
     n_tokens = [e.shape[0] for e in image_embeds]
-    if "input_ids" in inputs:
-        runs = count_placeholders(inputs["input_ids"], image_token_id(model))
-        if runs != n_tokens:
-            raise ValueError(f"placeholder runs {runs} do not match image token counts {n_tokens}")
+    check_placeholders(inputs, model, n_tokens)
     extras: dict[str, Any] = {"n_views": n_views}
     if crops:
         extras["crop_level_grids"] = crop_grids

@@ -21,9 +21,8 @@ from transformers.vision_utils import get_vision_window_index
 from ..finding import Frame
 from . import (
     VisionFeatures,
-    count_placeholders,
-    ensure_anomaly_tokens,
-    image_token_id,
+    check_placeholders,
+    load_pretrained,
     resolve_levels,
     spread_levels,
 )
@@ -105,19 +104,16 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyQwen2_5_VLProcessor:
     return build_processor(tokenizer, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 
 
-def load(
-    path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any
-):
-    """(model, processor) from a hub id or local directory (real checkpoint or a saved tiny one).
+def load(path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any):
+    """(model, processor) from a hub id or local directory; see `backbones.load_pretrained`.
 
-    Loads the processor through the image-only class (AutoProcessor would need torchvision for a real
-    checkpoint's processor files). `anomaly_tokens` adds the anomaly markers (and embedding rows) if missing.
+    The processor loads through the image-only class (AutoProcessor would need torchvision for a real
+    checkpoint's processor files).
     """
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path_or_id, **model_kwargs)
-    processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(path_or_id, **(processor_kwargs or {}))
-    if anomaly_tokens:
-        ensure_anomaly_tokens(model, processor.tokenizer)
-    return model, processor
+    return load_pretrained(
+        Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor,
+        path_or_id, processor_kwargs, anomaly_tokens, **model_kwargs,
+    )
 
 
 def default_levels(config: Any) -> tuple[int, ...]:
@@ -171,10 +167,7 @@ def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = Non
     image_embeds = list(torch.split(out.pooler_output, [s // unit for s in sizes]))  # [N_i, D] raster
     v0 = [e.reshape(h // merge, w // merge, -1) for e, (_, h, w) in zip(image_embeds, thw)]  # [h, w, D]
     n_tokens = [e.shape[0] for e in image_embeds]
-    if "input_ids" in inputs:
-        runs = count_placeholders(inputs["input_ids"], image_token_id(model))
-        if runs != n_tokens:
-            raise ValueError(f"placeholder runs {runs} do not match image token counts {n_tokens}")
+    check_placeholders(inputs, model, n_tokens)
     return VisionFeatures(
         family=FAMILY, levels=chosen, level_grids=level_grids, v0=v0, image_embeds=image_embeds,
         num_image_tokens=n_tokens, v0_offset=[0] * len(n_tokens),

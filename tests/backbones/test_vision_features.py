@@ -215,3 +215,16 @@ def test_v0_carries_gradients_to_the_projector(tiny_backbones, family):
     projector = model.model.visual.merger if family == "qwen2_5_vl" else model.model.multi_modal_projector
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_with_the_wrong_number_of_image_placeholders_is_refused(tiny_backbones, family):
+    """A prompt whose image-placeholder run is one token short cannot be paired with the tower's tokens."""
+    model, processor = tiny_backbones[family]
+    inputs = process(processor, [noise_image(96, 80, seed=3)])
+    ids = inputs["input_ids"].clone()
+    image_id = backbones.image_token_id(model)
+    first = int((ids[0] == image_id).nonzero()[0])
+    ids[0, first] = processor.tokenizer.pad_token_id  # the run is now one shorter (and starts later)
+    with pytest.raises(ValueError, match="placeholder runs"):
+        backbones.get(family).vision_features(model, {**inputs, "input_ids": ids})
