@@ -385,6 +385,37 @@ def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
     return anomaly, anomaly_processor(processor, family, expert.num_tokens, cnn_input_size(expert))
 
 
+def from_config(base_config: Any, processor: Any, feature_source: str = "backbone", dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu", levels: Sequence[int] | None = None,
+                **expert_overrides: Any) -> tuple[Any, Any]:
+    """(anomaly model, anomaly processor) with random weights for a plain backbone config: no checkpoint needed.
+
+    For measuring speed and memory at real widths (e.g. Qwen2.5-VL-3B's) where no weights can be had; the weights
+    are created directly on `device` in `dtype`. The tokenizer must already hold the anomaly markers and fit in the
+    config's vocabulary.
+    """
+    family = backbones.family_of(base_config)
+    tokenizer = processor.tokenizer
+    if any(tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id) for t in backbones.ANOMALY_TOKENS):
+        raise ValueError("the tokenizer lacks the anomaly markers (backbones.add_anomaly_tokens adds them)")
+    if len(tokenizer) > int(base_config.text_config.vocab_size):
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the config's vocabulary only "
+                         f"{base_config.text_config.vocab_size}")
+    expert, chosen = default_expert_config(base_config, family, feature_source, levels, **expert_overrides)
+    config = anomaly_config(base_config, family, tokenizer, expert, chosen)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device):
+            model = MODEL_CLASSES[family](config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.expert.reset_parameters()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), anomaly_processor(processor, family, expert.num_tokens, cnn_input_size(expert))
+
+
 def tiny_anomaly_model(family: str = "qwen2_5_vl", feature_source: str = "backbone", seed: int = 0):
     """A tiny random anomaly model + processor of `family`, built in code (tests and the offline default)."""
     from .tiny import build_tiny

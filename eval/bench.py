@@ -114,7 +114,6 @@ def build_model(cfg: BenchConfig, device: str) -> tuple[Any, Any, Any, dict[str,
 
     from anomaly_assistant import modeling, tiny
     from anomaly_assistant.backbones import qwen2_5_vl
-    from anomaly_assistant.processing import anomaly_processor
 
     family = "qwen2_5_vl"
     torch.manual_seed(cfg.seed)
@@ -137,20 +136,8 @@ def build_model(cfg: BenchConfig, device: str) -> tuple[Any, Any, Any, dict[str,
             image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         )
-        expert, levels = modeling.default_expert_config(base, family, cfg.feature_source)
-        config = modeling.anomaly_config(base, family, tokenizer, expert, levels)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = modeling.MODEL_CLASSES[family](config)
-        finally:
-            torch.set_default_dtype(previous)
-        model.expert.reset_parameters()
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        processor = anomaly_processor(plain, family, expert.num_tokens, modeling.cnn_input_size(expert))
+        model, processor = modeling.from_config(base, plain, cfg.feature_source, dtype=dtype, device=device)
     model = model.to(device).eval()
     text_cfg = model.config.text_config
     info = {

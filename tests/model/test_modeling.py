@@ -9,7 +9,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from anomaly_assistant import backbones
 from anomaly_assistant.backbones import ANOMALY_END, ANOMALY_LEVEL, ANOMALY_PAD, ANOMALY_START, FAMILIES
 from anomaly_assistant.expert import ReferenceMatch
-from anomaly_assistant.modeling import MODEL_CLASSES, from_backbone, load_backbone_as_anomaly, tiny_anomaly_model
+from anomaly_assistant.modeling import (
+    MODEL_CLASSES,
+    from_backbone,
+    from_config,
+    load_backbone_as_anomaly,
+    tiny_anomaly_model,
+)
 from anomaly_assistant.tiny import build_tiny, save_tiny
 
 SOURCES = ("backbone", "efficientnet_lite0")
@@ -202,6 +208,30 @@ def test_from_backbone_rejects_unknown_feature_source():
     model, processor = build_tiny("llava")
     with pytest.raises(ValueError, match="feature source"):
         from_backbone(model, processor, feature_source="sift")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_config_builds_a_random_model_in_the_asked_dtype_that_injects(family):
+    """Real-width benchmarks build from a config alone; the tiny config stands in for the real one here."""
+    backbone, plain = build_tiny(family)
+    model, processor = from_config(backbone.config, plain, "efficientnet_lite0", dtype=torch.float64)
+    assert type(model) is MODEL_CLASSES[family] and not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float64} and torch.get_default_dtype() == torch.float32
+    assert model.config.expert["feature_source"] == "efficientnet_lite0"
+    batch = _batch(processor, _images(8)[:1])
+    with torch.no_grad(), model.anomaly_context() as ctx:
+        embeds, _ = _lm_inputs_embeds(model, lambda: model(**batch))
+    (o,) = ctx.outputs
+    pad = batch["input_ids"] == _ids(processor, ANOMALY_PAD)
+    torch.testing.assert_close(embeds[pad], o.projected_tokens)
+
+
+def test_from_config_refuses_a_tokenizer_that_does_not_fit():
+    backbone, plain = build_tiny("llava")
+    small = backbone.config.__class__.from_dict(backbone.config.to_dict())
+    small.text_config.vocab_size = len(plain.tokenizer) - 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        from_config(small, plain)
 
 
 def test_family_detection_for_anomaly_configs(tiny_models):
