@@ -61,7 +61,7 @@ def _fold_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.nn.
 
 
 def _pad_inside(conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
-    """Move a symmetric 'same' zero padding from a separate ZeroPad2d into the convolution itself.
+    """Move the 'same' zero padding from the separate ZeroPad2d before a convolution into the convolution.
 
     The library pads TensorFlow-style with an explicit ZeroPad2d before every convolution; on channels-last
     tensors that copy costs about as much as all the activations. The stride-2 pads are one pixel longer at the
