@@ -186,8 +186,13 @@ class EfficientNetLite0Source:
     def forward_tensor(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) normalised batch -> per level (B, C_l, H/s_l, W/s_l)."""
         p = self.config.pad
-        if p:
-            x = F.pad(x, (p, p, p, p), mode="reflect")  # [B, 3, H+2p, W+2p]
+        left = p
+        while left:  # reflect padding must be shorter than the side: small inputs are mirrored in steps
+            step = min(left, min(x.shape[2:]) - 1)
+            if step < 1:
+                raise ValueError(f"input of {tuple(x.shape[2:])} px: a side of 1 px cannot be reflect-padded")
+            x = F.pad(x, (step, step, step, step), mode="reflect")  # [B, 3, H+2p, W+2p] in the end
+            left -= step
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         out = {}
         want = set(self.config.blocks)

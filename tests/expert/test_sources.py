@@ -62,6 +62,20 @@ def test_shapes_for_odd_sizes(source, size):
     assert [tuple(x.shape[:2]) for x in g] == [(7, 9)] * 3
 
 
+@pytest.mark.parametrize("size", [(5, 5), (1, 1), (2000, 10), (10, 3000)])
+def test_tiny_and_strip_images_are_padded_in_steps(source, size):
+    """Inputs of 32 px on a side are shorter than the 32 px reflect padding: mirrored in steps, not refused."""
+    im = Image.fromarray((np.random.default_rng(1).random((size[1], size[0], 3)) * 255).astype(np.uint8))
+    src = EfficientNetLite0Source(replace_cfg(source.config, resize="aspect", pad=32))
+    h, w = src.input_size(im.size, scale=1.0)  # the screener's one scale keeps small images small
+    assert min(h, w) == 32
+    grids = src([im], scale=1.0)[0]
+    for g, s in zip(grids, src.strides):
+        assert g.shape[:2] == (h // s, w // s) and torch.isfinite(g).all()
+    with pytest.raises(ValueError, match="1 px"):  # only reachable by calling forward_tensor directly
+        src.forward_tensor(torch.zeros(1, 3, 1, 64))
+
+
 def replace_cfg(cfg, **kw):
     return EfficientNetLite0Config(**{**cfg.__dict__, **kw})
 
