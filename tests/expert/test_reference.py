@@ -54,6 +54,16 @@ def test_box_mean_is_average_pooling_over_valid_cells(shape, k):
     torch.testing.assert_close(box_mean(x, k)[0, :, 0, 0], corner)
 
 
+def test_coreset_picks_are_k_center_greedy():
+    """Each pick is the point farthest from all earlier picks (checked against a plain cdist loop, no projection)."""
+    x = torch.randn(500, 24, generator=torch.Generator().manual_seed(3))
+    expected, mind = [0], torch.cdist(x, x[:1]).squeeze(1)
+    for _ in range(59):
+        expected.append(int(mind.argmax()))
+        mind = torch.minimum(mind, torch.cdist(x, x[expected[-1]][None]).squeeze(1))
+    assert greedy_coreset(x, 60, proj_dim=64).tolist() == expected
+
+
 def test_coreset_keeps_coverage_and_is_deterministic():
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(20, 64, generator=g) * 10
