@@ -295,10 +295,11 @@ def normalize_illumination(image: Image.Image, mode: str = "none", sigma_frac: f
     """
     if mode == "none":
         return image
-    x = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
+    base = image if image.mode == "L" else image.convert("RGB")  # grey stays one channel: a third of the work
+    x = np.asarray(base, dtype=np.float32)  # [H, W] or [H, W, 3]
     if mode == "flatfield":
         sigma = max(1.0, sigma_frac * min(image.size))
-        blur = np.asarray(image.convert("RGB").filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)
+        blur = np.asarray(base.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32)
         y = x / (blur + 8.0)  # ~1 on the background level
         y = (y - y.mean()) / (y.std() + 1e-6)
     elif mode == "standardize":

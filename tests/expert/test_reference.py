@@ -17,6 +17,7 @@ from anomaly_assistant.expert.reference import (
     calibrate,
     greedy_coreset,
     nn_distance,
+    normalize_illumination,
 )
 from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
 
@@ -161,3 +162,14 @@ def test_real_pcb_defects_localised_with_the_template_as_the_only_reference():
         y, x = np.unravel_index(r.anomaly_map.argmax(), r.anomaly_map.shape)
         hits += any(x1 <= x <= x2 and y1 <= y <= y2 for x1, y1, x2, y2 in rec.gt_boxes)
     assert hits >= 14
+
+
+@pytest.mark.parametrize("mode", ["flatfield", "standardize"])
+def test_grey_images_are_normalised_on_one_channel_like_their_rgb_copies(mode):
+    grey = Image.fromarray(data.camera()[::2, ::2])  # 256x256 "L", with a lighting gradient across it
+    one = normalize_illumination(grey, mode)
+    three = normalize_illumination(grey.convert("RGB"), mode)
+    assert one.mode == "L" and three.mode == "RGB"
+    diff = np.abs(np.asarray(one.convert("RGB"), dtype=int) - np.asarray(three, dtype=int))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # float rounding of the mean / std only
+    assert np.asarray(one).std() > 20  # and it is a real picture, not a flat one
