@@ -154,20 +154,16 @@ def speed(src_cfg, scr_cfg, refs, images, source_cache, repeats: int = 1):
 
 
 def load_deeppcb(root: Path, n: int):
-    """-> [(template PIL, test PIL, box mask)] for the first n pairs in sorted order."""
+    """-> [(template PIL, test PIL, box mask)] for the first n pairs in sorted order (the project's DeepPCB reader)."""
+    from anomaly_assistant.data_builders.sources import read_deeppcb
+
     pairs = []
-    for test in sorted(root.glob("PCBData/*/*/*_test.jpg"))[:n]:
-        tid = test.name.replace("_test.jpg", "")
-        temp = test.with_name(f"{tid}_temp.jpg")
-        ann = test.parent.parent / f"{test.parent.name}_not" / f"{tid}.txt"
-        im = Image.open(test).convert("RGB")
+    for rec in read_deeppcb(root, include_templates=False)[:n]:
+        im = Image.open(rec.image_path).convert("RGB")
         mask = np.zeros((im.size[1], im.size[0]), bool)
-        for line in ann.read_text().split("\n"):
-            v = line.replace(",", " ").split()
-            if len(v) >= 4:
-                x1, y1, x2, y2 = map(int, v[:4])
-                mask[y1:y2, x1:x2] = True
-        pairs.append((Image.open(temp).convert("RGB"), im, mask))
+        for x1, y1, x2, y2 in rec.gt_boxes:
+            mask[int(y1) : int(y2), int(x1) : int(x2)] = True
+        pairs.append((Image.open(rec.reference_path).convert("RGB"), im, mask))
     return pairs
 
 

@@ -8,6 +8,7 @@ The image reaches the tower after a shortest-edge resize and a centre crop, so b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -75,15 +76,9 @@ def build_tiny_processor(tokenizer: Any) -> LlavaProcessor:
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE)
 
 
-def load(path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any):
-    """(model, processor) from a hub id or local directory; see `backbones.load_pretrained`.
-
-    `LlavaProcessor` has no video slot, so AutoProcessor works too.
-    """
-    return load_pretrained(
-        LlavaForConditionalGeneration, LlavaProcessor,
-        path_or_id, processor_kwargs, anomaly_tokens, **model_kwargs,
-    )
+# (model, processor) from a hub id or local directory; see `backbones.load_pretrained`. `LlavaProcessor` has
+# no video slot, so AutoProcessor works too.
+load = partial(load_pretrained, MODEL_CLASS, LlavaProcessor)
 
 
 def default_levels(config: Any) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ square and gives base tokens + one newline; `input_frame(..., multi_image=True)`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from fractions import Fraction
 from typing import Any
 
@@ -105,16 +106,10 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyLlavaOnevisionProcessor:
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE, grid_pinpoints=TINY_GRID_PINPOINTS)
 
 
-def load(path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any):
-    """(model, processor) from a hub id or local directory; see `backbones.load_pretrained`.
-
-    The processor loads through the image-only class (AutoProcessor would need torchvision for a real
-    checkpoint's processor files).
-    """
-    return load_pretrained(
-        LlavaOnevisionForConditionalGeneration, ImageOnlyLlavaOnevisionProcessor,
-        path_or_id, processor_kwargs, anomaly_tokens, **model_kwargs,
-    )
+# (model, processor) from a hub id or local directory; see `backbones.load_pretrained`. The processor loads
+# through the image-only class (AutoProcessor would need torchvision for a real checkpoint's processor
+# files).
+load = partial(load_pretrained, MODEL_CLASS, ImageOnlyLlavaOnevisionProcessor)
 
 
 def default_levels(config: Any) -> tuple[int, ...]:

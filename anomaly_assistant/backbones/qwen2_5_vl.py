@@ -10,6 +10,7 @@ over the batch, so un-permute first, then split per image), then un-block each 2
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -104,16 +105,10 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyQwen2_5_VLProcessor:
     return build_processor(tokenizer, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 
 
-def load(path_or_id: str, processor_kwargs: dict | None = None, anomaly_tokens: bool = True, **model_kwargs: Any):
-    """(model, processor) from a hub id or local directory; see `backbones.load_pretrained`.
-
-    The processor loads through the image-only class (AutoProcessor would need torchvision for a real
-    checkpoint's processor files).
-    """
-    return load_pretrained(
-        Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor,
-        path_or_id, processor_kwargs, anomaly_tokens, **model_kwargs,
-    )
+# (model, processor) from a hub id or local directory; see `backbones.load_pretrained`. The processor loads
+# through the image-only class (AutoProcessor would need torchvision for a real checkpoint's processor
+# files).
+load = partial(load_pretrained, MODEL_CLASS, ImageOnlyQwen2_5_VLProcessor)
 
 
 def default_levels(config: Any) -> tuple[int, ...]:

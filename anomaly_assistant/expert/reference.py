@@ -83,7 +83,7 @@ def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: in
 
     Distances are taken on a fixed random projection (Johnson-Lindenstrauss) for speed; deterministic for a seed.
     Each pick costs one matrix-vector product (squared distances from the norms): 11x faster than a cdist per
-    pick, so fitting 4 references takes about 0.5 s instead of 4-6 s.
+    pick: the coreset of 4 references with mirrored views (12 288 patches to 2048) takes about 0.5 s, not 4-6 s.
     """
     N, D = features.shape
     if n >= N:
