@@ -19,8 +19,9 @@ from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
 
 
-def reference_paths(root: str | Path, category: str, k: int) -> list[str]:
-    """The first k images of `ROOT/CAT/train/good` in sorted order (the few-shot references)."""
+def reference_paths(root: str | Path, category: str, k: int, seed: int | None = None) -> list[str]:
+    """The few-shot references: the first k images of `ROOT/CAT/train/good` in sorted order, or, with a seed, k of
+    them drawn at random (few-shot figures move with the draw; report several seeds, as few-shot papers do)."""
     if k <= 0:
         return []
     from anomaly_assistant.data_builders.sources import read_mvtec
@@ -29,7 +30,10 @@ def reference_paths(root: str | Path, category: str, k: int) -> list[str]:
     good = sorted(r.image_path for r in recs if r.gt_label == 0)
     if len(good) < k:
         raise ValueError(f"{root}/{category}/train/good has {len(good)} images, {k} references asked")
-    return good[:k]
+    if seed is None:
+        return good[:k]
+    picks = np.random.default_rng(seed).choice(len(good), size=k, replace=False)
+    return [good[i] for i in sorted(picks)]
 
 
 def test_records(root: str | Path, category: str) -> list[Any]:
@@ -125,11 +129,11 @@ def compute(records: Sequence[Any], predictions: Sequence[dict[str, Any]], max_f
 
 
 def evaluate(assistant: Any, root: str | Path, category: str, shots: int, batch_size: int = 8,
-             expert_only: bool = False, limit: int | None = None,
-             max_new_tokens: int = 256) -> tuple[dict[str, Any], list[Any], list[dict]]:
+             expert_only: bool = False, limit: int | None = None, max_new_tokens: int = 256,
+             reference_seed: int | None = None) -> tuple[dict[str, Any], list[Any], list[dict]]:
     """Score every test image of ROOT/CATEGORY; returns (result, records, predictions) on every process."""
     t0 = time.perf_counter()
-    refs = reference_paths(root, category, shots)
+    refs = reference_paths(root, category, shots, reference_seed)
     records = test_records(root, category)
     if limit:
         records = _spread(records, limit)
@@ -137,7 +141,7 @@ def evaluate(assistant: Any, root: str | Path, category: str, shots: int, batch_
                     max_new_tokens=max_new_tokens)
     result = compute(records, preds)
     result["seconds"] = time.perf_counter() - t0
-    result.update({"category": category, "shots": shots, "references": refs})
+    result.update({"category": category, "shots": shots, "reference_seed": reference_seed, "references": refs})
     return result, records, preds
 
 

@@ -103,6 +103,8 @@ class ADConfig(ModelArgs):
     data: str = field(default="", metadata={"help": "MVTec-layout root (ROOT/CAT/{train,test,ground_truth})", "required": True})
     category: str = field(default="", metadata={"help": "category folder under ROOT", "required": True})
     shots: int = field(default=4, metadata={"help": "k reference normals: the first k of train/good, sorted"})
+    reference_seed: int | None = field(default=None, metadata={
+        "help": "draw the k references at random from train/good with this seed (default: the first k)"})
     batch_size: int = field(default=8, metadata={"help": "images per screening / batched inspection call"})
     max_new_tokens: int = field(default=256, metadata={"help": "inspection answer length (with a model)"})
 
@@ -209,8 +211,9 @@ def run_ad(cfg: ADConfig) -> int:
     assistant = build_assistant(cfg)
     result, records, preds = ad.evaluate(assistant, cfg.data, cfg.category, cfg.shots, batch_size=cfg.batch_size,
                                          expert_only=cfg.expert_only, limit=cfg.limit,
-                                         max_new_tokens=cfg.max_new_tokens)
-    title = f"AD metrics: {cfg.category} ({cfg.shots}-shot, {mode(cfg)})"
+                                         max_new_tokens=cfg.max_new_tokens, reference_seed=cfg.reference_seed)
+    draw = "" if cfg.reference_seed is None else f", references drawn with seed {cfg.reference_seed}"
+    title = f"AD metrics: {cfg.category} ({cfg.shots}-shot{draw}, {mode(cfg)})"
     return _finish(result, cfg, lambda res, out: ad.write_report(res, records, preds, out, title), preds)
 
 

@@ -10,7 +10,7 @@ ground-truth mask, and throughput with the extraction / matching time split.
     python -m anomaly_assistant.eval.screening_study --speed-only --presets baseline,final
 
 Data: ../shared/data/real-dev relative to the repo root (MVTec layout; 4 references = the first 4 of train/good in
-sorted order; all test images).
+sorted order, or `--reference-seed N` for a seeded random draw, `--k` for another count; all test images).
 """
 
 from __future__ import annotations
@@ -67,18 +67,19 @@ def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
     return p
 
 
-def load_mvtec(root: Path, k: int = 4):
-    """-> references (PIL), test records [(image, mask bool array or None, defect_type)]."""
-    refs = [Image.open(p).convert("RGB") for p in sorted((root / "train" / "good").glob("*"))[:k]]
+def load_mvtec(root: Path, k: int = 4, reference_seed: int | None = None):
+    """-> references (PIL), test records [(image, mask bool array or None, defect_type)].
+
+    References and test images follow the `eval ad` rules (`ad.reference_paths`, `ad.test_records`).
+    """
+    from anomaly_assistant.eval import ad
+
+    refs = [Image.open(p).convert("RGB") for p in ad.reference_paths(root.parent, root.name, k, reference_seed)]
     recs = []
-    for d in sorted(os.listdir(root / "test")):
-        for p in sorted((root / "test" / d).glob("*")):
-            im = Image.open(p).convert("RGB")
-            mask = None
-            if d != "good":
-                mp = root / "ground_truth" / d / f"{p.stem}_mask.png"
-                mask = np.asarray(Image.open(mp).convert("L")) > 127
-            recs.append((im, mask, d))
+    for rec in ad.test_records(root.parent, root.name):
+        im = Image.open(rec.image_path).convert("RGB")
+        mask = np.asarray(Image.open(rec.gt_mask).convert("L")) > 127 if rec.gt_mask else None
+        recs.append((im, mask, rec.defect_type or "good"))
     return refs, recs
 
 
@@ -197,7 +198,9 @@ def main(argv=None):
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--category", default="magnetic_tile")
     ap.add_argument("--presets", default="baseline,final", help="comma list, or 'all'")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=4, help="number of reference normals")
+    ap.add_argument("--reference-seed", type=int, default=None,
+                    help="draw the k references at random with this seed (default: the first k of train/good)")
     ap.add_argument("--limit", type=int, default=0, help="use every n-th test image (0 = all)")
     ap.add_argument("--deeppcb", type=int, default=0, help="also run this many DeepPCB pairs")
     ap.add_argument("--speed-only", action="store_true")
@@ -206,7 +209,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     table = presets()
     names = list(table) if args.presets == "all" else args.presets.split(",")
-    refs, recs = load_mvtec(args.data / args.category, args.k)
+    refs, recs = load_mvtec(args.data / args.category, args.k, args.reference_seed)
     if args.limit:
         recs = recs[:: args.limit]
     cache: dict = {}

@@ -34,6 +34,18 @@ def test_references_are_first_k_sorted(mvtec_root):
         ad.reference_paths(mvtec_root, "brick", 50)
 
 
+def test_seeded_reference_draws_are_reproducible_distinct_and_from_train_good(mvtec_root):
+    first = ad.reference_paths(mvtec_root, "brick", 3)
+    pool = ad.reference_paths(mvtec_root, "brick", 5)  # all of train/good
+    draws = [ad.reference_paths(mvtec_root, "brick", 3, seed=s) for s in range(6)]
+    assert draws[0] == ad.reference_paths(mvtec_root, "brick", 3, seed=0)  # same seed, same references
+    for d in draws:
+        assert len(set(d)) == 3 and set(d) <= set(pool) and d == sorted(d)
+    assert len({tuple(d) for d in draws}) > 1 and any(d != first for d in draws)
+    with pytest.raises(ValueError):
+        ad.reference_paths(mvtec_root, "brick", 6, seed=0)
+
+
 def test_perfect_maps_score_one_and_keys_are_stable(mvtec_root):
     recs = ad.test_records(mvtec_root, "brick")
     assert sum(r.gt_label for r in recs) == 4 and len(recs) == 8

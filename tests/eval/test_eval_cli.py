@@ -48,6 +48,18 @@ def ad_one(mvtec_root, tmp_path_factory):
     return out
 
 
+def test_eval_ad_reference_seed_draws_the_references_it_reports(ad_one, mvtec_root, tmp_path):
+    from anomaly_assistant.eval import ad
+
+    out = tmp_path / "seeded.json"
+    assert cli_main(["eval", "ad", "--data", str(mvtec_root), *AD_ARGS, "--reference-seed", "3", "--limit", "4",
+                     "--out", str(out)]) == 0
+    res = _json(out)
+    assert res["reference_seed"] == 3 and res["references"] == ad.reference_paths(mvtec_root, "brick", 3, seed=3)
+    assert res["references"] != _json(ad_one)["references"]  # seed 3 does not draw the first three
+    assert "seed 3" in (tmp_path / "seeded.md").read_text()
+
+
 def test_eval_ad_expert_only_writes_keys_and_report(ad_one):
     res = _json(ad_one)
     assert all(k in res for k in AD_KEYS)
@@ -55,6 +67,7 @@ def test_eval_ad_expert_only_writes_keys_and_report(ad_one):
     # Dark strokes on a brick texture against 3 normal crops: the expert must find them.
     assert res["image_auroc"] >= 0.9 and res["pixel_auroc"] >= 0.9 and 0.5 < res["pro"] <= 1.0
     assert res["mode"].startswith("expert-only") and len(res["references"]) == 3
+    assert res["reference_seed"] is None
     d = ad_one.parent
     assert (d / "one.md").is_file() and (d / "one.html").is_file()
     assert (d / "one_figures" / "examples.png").stat().st_size > 10_000
