@@ -16,7 +16,6 @@ sorted order, or `--reference-seed N` for a seeded random draw, `--k` for anothe
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import replace
 from pathlib import Path

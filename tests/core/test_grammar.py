@@ -1,7 +1,6 @@
 """The answer grammar: round trips, tolerance, and a parser that never raises."""
 
 import json
-from fractions import Fraction
 
 import pytest
 from hypothesis import HealthCheck, given, settings

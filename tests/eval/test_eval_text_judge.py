@@ -55,7 +55,7 @@ def test_parse_scores():
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):
-    requests: list = []  # noqa: RUF012 (reset per test by the fixture)
+    requests: list = []
     fail_first = 0
 
     def do_POST(self):
