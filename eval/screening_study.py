@@ -7,6 +7,7 @@ ground-truth mask, and throughput with the extraction / matching time split.
     python -m anomaly_assistant.eval.screening_study --presets baseline,final          # magnetic tile ablations
     python -m anomaly_assistant.eval.screening_study --presets all                     # the whole ablation table
     python -m anomaly_assistant.eval.screening_study --presets baseline,final_no_flip --deeppcb 100 --limit 99  # DeepPCB
+    python -m anomaly_assistant.eval.screening_study --presets final_no_flip --deeppcb-quarters 60 --limit 99  # control
     python -m anomaly_assistant.eval.screening_study --speed-only --presets baseline,final
 
 Data: ../shared/data/real-dev relative to the repo root (MVTec layout; 4 references = the first 4 of train/good in
@@ -192,6 +193,32 @@ def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
     }
 
 
+def deeppcb_quarter_control(src_cfg, scr_cfg, pairs, source_cache):
+    """A normal control with real capture differences: each quarter of a test board is screened against the same
+    quarter of its template (the single reference); quarters that no defect box touches are the normals."""
+    key = repr(src_cfg)
+    if key not in source_cache:
+        source_cache[key] = EfficientNetLite0Source(src_cfg)
+    src = source_cache[key]
+    labels, scores = [], []
+    for temp, test, mask in pairs:
+        W, H = test.size
+        for x0, y0 in ((0, 0), (W // 2, 0), (0, H // 2), (W // 2, H // 2)):
+            box = (x0, y0, x0 + W // 2, y0 + H // 2)
+            (r,) = ReferenceScreener(src, scr_cfg).fit([temp.crop(box)]).predict([test.crop(box)])
+            labels.append(bool(mask[box[1] : box[3], box[0] : box[2]].any()))
+            scores.append(r.score)
+    lab, sc = np.array(labels), np.array(scores)
+    flagged = sc >= scr_cfg.threshold
+    return {
+        "normal_quarters": int((~lab).sum()),
+        "defect_quarters": int(lab.sum()),
+        "image_auroc": roc_auc_score(lab, sc) if 0 < lab.sum() < len(lab) else float("nan"),
+        "normal_flagged": float(flagged[~lab].mean()) if (~lab).any() else float("nan"),
+        "defect_flagged": float(flagged[lab].mean()) if lab.any() else float("nan"),
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -202,6 +229,8 @@ def main(argv=None):
                     help="draw the k references at random with this seed (default: the first k of train/good)")
     ap.add_argument("--limit", type=int, default=0, help="use every n-th test image (0 = all)")
     ap.add_argument("--deeppcb", type=int, default=0, help="also run this many DeepPCB pairs")
+    ap.add_argument("--deeppcb-quarters", type=int, default=0,
+                    help="also screen the quarters of this many DeepPCB pairs (defect-free quarters = normal control)")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -238,6 +267,14 @@ def main(argv=None):
             src_cfg, scr_cfg = table[name]
             m = deeppcb_study(src_cfg, scr_cfg, pairs, cache)
             print(f"{name:<16}" + "  ".join(f"{k}={v:.3f}" for k, v in m.items()), flush=True)
+    if args.deeppcb_quarters:
+        pairs = load_deeppcb(args.data / "deeppcb", args.deeppcb_quarters)
+        print(f"\ndeeppcb quarters of {len(pairs)} pairs, each against its template quarter (k=1)")
+        for name in names:
+            src_cfg, scr_cfg = table[name]
+            m = deeppcb_quarter_control(src_cfg, scr_cfg, pairs, cache)
+            print(f"{name:<16}" + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in m.items()), flush=True)
 
 
 if __name__ == "__main__":
