@@ -125,11 +125,16 @@ def evaluate(results, recs) -> dict[str, float]:
     }
 
 
-def run_preset(name, src_cfg, scr_cfg, refs, recs, source_cache):
+def _source(src_cfg, source_cache) -> EfficientNetLite0Source:
+    """One network per source configuration, shared by every preset and study that uses it."""
     key = repr(src_cfg)
     if key not in source_cache:
         source_cache[key] = EfficientNetLite0Source(src_cfg)
-    scr = ReferenceScreener(source_cache[key], scr_cfg)
+    return source_cache[key]
+
+
+def run_preset(name, src_cfg, scr_cfg, refs, recs, source_cache):
+    scr = ReferenceScreener(_source(src_cfg, source_cache), scr_cfg)
     scr.fit(refs)
     scr.timings = {"extract": 0.0, "match": 0.0}
     t = time.perf_counter()
@@ -140,10 +145,7 @@ def run_preset(name, src_cfg, scr_cfg, refs, recs, source_cache):
 
 def speed(src_cfg, scr_cfg, refs, images, source_cache, repeats: int = 1):
     """Images/s of predict() with 4 references, split into extraction and matching time."""
-    key = repr(src_cfg)
-    if key not in source_cache:
-        source_cache[key] = EfficientNetLite0Source(src_cfg)
-    scr = ReferenceScreener(source_cache[key], scr_cfg).fit(refs)
+    scr = ReferenceScreener(_source(src_cfg, source_cache), scr_cfg).fit(refs)
     scr.predict(images[:4])  # warm-up
     scr.timings = {"extract": 0.0, "match": 0.0}
     t = time.perf_counter()
@@ -170,10 +172,7 @@ def load_deeppcb(root: Path, n: int):
 
 def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
     """Template as the single reference, test image as query; normals = the template's own flipped copy."""
-    key = repr(src_cfg)
-    if key not in source_cache:
-        source_cache[key] = EfficientNetLite0Source(src_cfg)
-    src = source_cache[key]
+    src = _source(src_cfg, source_cache)
     pm, pl, hits, s_def, s_norm = [], [], [], [], []
     for temp, test, mask in pairs:
         scr = ReferenceScreener(src, scr_cfg).fit([temp])
@@ -196,10 +195,7 @@ def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
 def deeppcb_quarter_control(src_cfg, scr_cfg, pairs, source_cache):
     """A normal control with real capture differences: each quarter of a test board is screened against the same
     quarter of its template (the single reference); quarters that no defect box touches are the normals."""
-    key = repr(src_cfg)
-    if key not in source_cache:
-        source_cache[key] = EfficientNetLite0Source(src_cfg)
-    src = source_cache[key]
+    src = _source(src_cfg, source_cache)
     labels, scores = [], []
     for temp, test, mask in pairs:
         W, H = test.size
@@ -260,22 +256,18 @@ def main(argv=None):
         print(" " * 16 + "image AUROC per type: " + "  ".join(f"{k}={v:.2f}" for k, v in m["per_type"].items()))
         print(" " * 16 + "pixel AUROC per type: " + "  ".join(
             f"{k}={v:.2f} ({m['positive_pixel_share'][k]:.0%} of defect pixels)" for k, v in m["pixel_per_type"].items()))
-    if args.deeppcb:
-        pairs = load_deeppcb(args.data / "deeppcb", args.deeppcb)
-        print(f"\ndeeppcb: {len(pairs)} template/test pairs (k=1)")
+    deeppcb_runs = ((args.deeppcb, deeppcb_study, "template/test pairs (k=1)"),
+                    (args.deeppcb_quarters, deeppcb_quarter_control, "pairs in quarters, each vs its template quarter"))
+    for n, study, what in deeppcb_runs:
+        if not n:
+            continue
+        pairs = load_deeppcb(args.data / "deeppcb", n)
+        print(f"\ndeeppcb: {len(pairs)} {what}")
         for name in names:
             src_cfg, scr_cfg = table[name]
-            m = deeppcb_study(src_cfg, scr_cfg, pairs, cache)
-            print(f"{name:<16}" + "  ".join(f"{k}={v:.3f}" for k, v in m.items()), flush=True)
-    if args.deeppcb_quarters:
-        pairs = load_deeppcb(args.data / "deeppcb", args.deeppcb_quarters)
-        print(f"\ndeeppcb quarters of {len(pairs)} pairs, each against its template quarter (k=1)")
-        for name in names:
-            src_cfg, scr_cfg = table[name]
-            m = deeppcb_quarter_control(src_cfg, scr_cfg, pairs, cache)
+            m = study(src_cfg, scr_cfg, pairs, cache)
             print(f"{name:<16}" + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in m.items()), flush=True)
-
 
 if __name__ == "__main__":
     main()
