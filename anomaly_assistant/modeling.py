@@ -396,8 +396,8 @@ def from_config(base_config: Any, processor: Any, feature_source: str = "backbon
     """
     family = backbones.family_of(base_config)
     tokenizer = processor.tokenizer
-    if any(tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id) for t in backbones.ANOMALY_TOKENS):
-        raise ValueError("the tokenizer lacks the anomaly markers (backbones.add_anomaly_tokens adds them)")
+    if missing := backbones.missing_anomaly_tokens(tokenizer):
+        raise ValueError(f"the tokenizer lacks the anomaly markers {missing} (backbones.add_anomaly_tokens adds them)")
     if len(tokenizer) > int(base_config.text_config.vocab_size):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the config's vocabulary only "
                          f"{base_config.text_config.vocab_size}")

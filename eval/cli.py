@@ -102,7 +102,7 @@ class ADConfig(ModelArgs):
     out: str = field(default="", metadata={"help": "result JSON path", "required": True})
     data: str = field(default="", metadata={"help": "MVTec-layout root (ROOT/CAT/{train,test,ground_truth})", "required": True})
     category: str = field(default="", metadata={"help": "category folder under ROOT", "required": True})
-    shots: int = field(default=4, metadata={"help": "k reference normals: the first k of train/good, sorted"})
+    shots: int = field(default=4, metadata={"help": "k reference normals: the first k of train/good, sorted (see --reference-seed)"})
     reference_seed: int | None = field(default=None, metadata={
         "help": "draw the k references at random from train/good with this seed (default: the first k)"})
     batch_size: int = field(default=8, metadata={"help": "images per screening / batched inspection call"})

@@ -112,13 +112,18 @@ def anomaly_token_ids(tokenizer: Any) -> dict[str, int]:
     return ids
 
 
+def missing_anomaly_tokens(tokenizer: Any) -> list[str]:
+    """The anomaly markers the tokenizer's vocabulary lacks."""
+    have = set(tokenizer.get_vocab())
+    return [t for t in ANOMALY_TOKENS if t not in have]
+
+
 def add_anomaly_tokens(tokenizer: Any) -> int:
     """Add the anomaly markers as special tokens (idempotent); returns how many were new.
 
     A real checkpoint needs `model.resize_token_embeddings(len(tokenizer))` afterwards when this is > 0.
     """
-    have = set(tokenizer.get_vocab())
-    new = [t for t in ANOMALY_TOKENS if t not in have]
+    new = missing_anomaly_tokens(tokenizer)
     if new:
         tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     return len(new)

@@ -237,3 +237,17 @@ def test_from_config_refuses_a_tokenizer_that_does_not_fit():
 def test_family_detection_for_anomaly_configs(tiny_models):
     for (family, _), (model, _) in tiny_models.items():
         assert backbones.family_of(model.config) == family
+
+
+def test_from_config_refuses_a_tokenizer_without_the_anomaly_markers():
+    from types import SimpleNamespace
+
+    from anomaly_assistant.tiny import _bpe
+    from transformers import Qwen2Tokenizer
+
+    backbone, _ = build_tiny("qwen2_5_vl")
+    vocab, merges = _bpe()
+    bare = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None, bos_token=None, eos_token=None,
+                          pad_token=None)
+    with pytest.raises(ValueError, match="anomaly markers"):
+        from_config(backbone.config, SimpleNamespace(tokenizer=bare))
