@@ -3,13 +3,16 @@
 The one place that imports the packages around the library (data_builders, train, serve, eval),
 and only lazily inside each sub-command so `anomaly-assistant --help` stays fast. Each sub-command
 module exposes `main(argv: list[str] | None) -> int` and owns its own argument parser.
+Sub-commands whose module is not part of this version are neither advertised nor accepted.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+from functools import cache
 
 # sub-command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,13 +27,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("anomaly-assistant")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
+@cache
+def available_commands() -> dict[str, tuple[str, str]]:
+    """The sub-commands this version ships: those whose module exists (found without importing it)."""
+    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomaly-assistant",
         description="Visual inspection with a multimodal LLM and an anomaly expert.",
+        epilog="Run `anomaly-assistant COMMAND --help` for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"anomaly-assistant {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (_, help_text) in available_commands().items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -41,17 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
+    if argv[0] == "--version":
+        parser.parse_args(argv[:1])  # prints the version and exits 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
-    module_name = COMMANDS[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            print(f"anomaly-assistant {name}: not available yet in this version.", file=sys.stderr)
-            return 2
-        raise
+    commands = available_commands()
+    if name not in commands:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(commands)}")
+    module = importlib.import_module(commands[name][0])
     # serve/demo and eval/bench share modules: the sub-command name tells them which.
     return int(module.main(rest, command=name) or 0)
 
