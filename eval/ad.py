@@ -173,9 +173,9 @@ def example_rows(records: Sequence[Any], preds: Sequence[dict[str, Any]], n: int
             gt_boxes = mask_to_boxes(mask)
         rows.append({
             "image_path": rec.image_path, "anomaly_map": p["anomaly_map"], "gt_mask": mask, "gt_boxes": gt_boxes,
-            "pred_boxes": p["pred_boxes"],
+            "pred_boxes": p["pred_boxes"], "score": p["score"],
+            "verdict": "anomalous" if p["pred_label"] else "normal",
             "title": f"{rec.defect_type or 'good'} · {Path(rec.image_path).name}",
-            "map_title": f"score {p['score']:.3f} → {'anomalous' if p['pred_label'] else 'normal'}",
         })
     return rows
 

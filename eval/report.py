@@ -200,13 +200,16 @@ def _draw_boxes(ax, boxes: Sequence[Sequence[float]], color: str) -> None:
 
 
 def plot_heatmap_grid(examples: Sequence[Mapping[str, Any]], path: Path, cols: int = 4) -> Path | None:
-    """Each example: image (left) with GT boxes (green) / GT mask contour, and the anomaly map overlay with
-    predicted boxes (red). Keys: image_path, anomaly_map (H, W) or None, gt_mask (H, W) or None, gt_boxes,
-    pred_boxes, title."""
+    """Each example: the image (left) with GT boxes (green) / GT mask contour, and the finding as the inspector
+    sees it (right: `anomaly_assistant.overlay.render_overlay`). Keys: image_path, anomaly_map (H, W) or None,
+    gt_mask (H, W) or None, gt_boxes, pred_boxes, score, verdict, title."""
     examples = list(examples)
     if not examples:
         return None
     from PIL import Image
+
+    from anomaly_assistant.finding import Box, Finding
+    from anomaly_assistant.overlay import render_overlay
 
     plt = _mpl()
     cols = max(1, min(cols, len(examples)))
@@ -218,20 +221,18 @@ def plot_heatmap_grid(examples: Sequence[Mapping[str, Any]], path: Path, cols: i
         r, c = divmod(i, cols)
         ax_img, ax_map = axes[r, 2 * c], axes[r, 2 * c + 1]
         with Image.open(ex["image_path"]) as im:
-            img = np.asarray(im.convert("RGB"))
+            image = im.convert("RGB")
+        img = np.asarray(image)
         ax_img.imshow(img)
         mask = ex.get("gt_mask")
         if mask is not None and np.asarray(mask).any() and np.asarray(mask).shape == img.shape[:2]:
             ax_img.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="lime", linewidths=0.8)
         _draw_boxes(ax_img, ex.get("gt_boxes") or [], "lime")
         ax_img.set_title(ex.get("title", ""), fontsize=7)
-        ax_map.imshow(img)
-        amap = ex.get("anomaly_map")
-        if amap is not None:
-            ax_map.imshow(np.asarray(amap), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0,
-                          extent=(0, img.shape[1], img.shape[0], 0))
-        _draw_boxes(ax_map, ex.get("pred_boxes") or [], "red")
-        ax_map.set_title(ex.get("map_title", "anomaly map"), fontsize=7)
+        finding = Finding(verdict=ex.get("verdict", "normal"), score=ex.get("score"),
+                          boxes=[Box(*map(float, b[:4])) for b in ex.get("pred_boxes") or []],
+                          anomaly_map=ex.get("anomaly_map"), image_size=image.size)
+        ax_map.imshow(np.asarray(render_overlay(image, finding)))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
