@@ -17,7 +17,7 @@ patches outside a spatial neighbourhood). A raw distance d becomes z = d / tau a
 So 0.5 means "as unusual as the least typical known-good reference looks to the others"; `label = score >= 0.5`.
 The same mapping is applied per pixel, so map values are comparable with the score.
 
-Screening options that matter on real parts (see eval/screening_study.py for their measured effect):
+Screening options that matter on real parts (see research/screening_study.py for their measured effect):
 - `scale="reference"` resizes every image by ONE factor derived from the references (keeps aspect ratio and the
   physical texture scale; squashing differently shaped images to a square changes texture frequency).
 - `illumination="flatfield"` divides the image by a heavily blurred copy of itself (removes slow lighting

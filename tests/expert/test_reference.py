@@ -124,13 +124,11 @@ def test_single_reference_calibration(source, brick):
 
 @pytest.mark.skipif(not DATA.exists(), reason="real-dev magnetic_tile data absent")
 def test_real_defects_localised_on_magnetic_tile():
-    """4 good references; the first two tiles of the three coarse defect types (measured: 4 of 6 argmaxes fall
-    inside the mask; thin blowholes/cracks are not reliably localised at 256 px, see eval/screening_study.py)."""
-    from anomaly_assistant.eval.screening_study import presets
-
+    """4 good references, screener defaults; the first two tiles of the three coarse defect types (measured: 4 of
+    6 argmaxes fall inside the mask; thin blowholes/cracks are not reliably localised at 256 px, see
+    research/screening_study.py)."""
     refs = [Image.open(p).convert("RGB") for p in sorted((DATA / "train" / "good").glob("*"))[:4]]
-    src_cfg, scr_cfg = presets()["final"]
-    scr = ReferenceScreener(EfficientNetLite0Source(src_cfg), scr_cfg).fit(refs)
+    scr = ReferenceScreener(EfficientNetLite0Source(), ScreenerConfig()).fit(refs)
     hits, scores = 0, []
     for d in ("break", "fray", "uneven"):
         for p in sorted((DATA / "test" / d).glob("*"))[:2]:
