@@ -1,31 +1,79 @@
-"""From an anomaly map to boxes: threshold, connected components (scikit-image), one box per region."""
+"""The decision threshold and the one region->box rule, shared by predictions and training targets.
+
+Scores and map values are calibrated to [0, 1]: for reference matching (`expert.reference`) 0.5 means "as
+unusual as the least typical known-good reference looks to the other references"; for the trained expert it is
+the score head's probability under a class-balanced loss, where 0.5 is the even-odds point.
+`DEFAULT_THRESHOLD` is that point. A higher threshold flags fewer parts (fewer false alarms, more misses). One
+value per call decides the image label, `Finding.verdict` and which map pixels form boxes, so the three always
+agree.
+
+The region->box rule (`boxes_from_map`), the same for an anomaly map (predictions) and a ground-truth mask
+(training and evaluation targets):
+
+1. threshold: pixels with `value >= threshold` (a boolean mask is used as is; NaN is never above);
+2. connected components with 8-connectivity, so a 1-px diagonal crack is one region, not a chain of specks;
+3. merge gap (optional): regions separated by at most `merge_gap` background pixels (in x and in y) become
+   one region, e.g. the fragments of a dotted crack;
+4. drop specks: regions of fewer than max(`min_area` px, `min_area_frac` of the image) pixels; when every
+   region is a speck the strongest one is kept, so anything above the threshold always yields a box;
+5. one box per region, tight around its pixels, half-open [x1, y1, x2, y2) in the map's / mask's pixel frame;
+6. ordered by peak value, then by area (a binary mask has equal peaks: largest first), then raster order;
+7. at most `max_boxes` (the answer grammar never needs more; targets and predictions are capped alike).
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from skimage.measure import label, regionprops
+from scipy import ndimage
 
 from .finding import Box
 
+DEFAULT_THRESHOLD = 0.5  # the calibrated score of the least typical reference (module docstring)
+
+
+def check_threshold(threshold: float) -> float:
+    """Return the threshold as a float; ValueError when it is not a calibrated score in [0, 1]."""
+    value = float(threshold)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"threshold must be a calibrated score in [0, 1], got {threshold!r}")
+    return value
+
+
+def is_anomalous(score: float, threshold: float = DEFAULT_THRESHOLD) -> bool:
+    """Decide an image: a score at the threshold counts as anomalous (the map rule uses `>=` too)."""
+    return float(score) >= threshold
+
 
 def boxes_from_map(
-    anomaly_map: np.ndarray, threshold: float = 0.5, min_area_frac: float = 1e-4, max_boxes: int = 10,
-    label_text: str | None = None,
+    anomaly_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, min_area: int = 4,
+    min_area_frac: float = 1e-4, merge_gap: int = 0, max_boxes: int = 10, label_text: str | None = None,
 ) -> list[Box]:
-    """Boxes around the connected regions where `anomaly_map >= threshold`, largest-peak first.
+    """Boxes around the regions of a map or mask (rule: module docstring); a box's score is its peak.
 
-    Coordinates are in the map's pixel frame (the original image when the map is at original size);
-    regions smaller than `min_area_frac` of the image are dropped as speckle.
+    `label_text` names every box (e.g. a defect type).
     """
-    amap = np.nan_to_num(np.asarray(anomaly_map, dtype=np.float32), nan=0.0)
-    if amap.ndim != 2 or amap.size == 0:
+    values = np.asarray(anomaly_map)
+    if values.ndim != 2 or values.size == 0:
         return []
-    regions = regionprops(label(amap >= threshold, connectivity=2), intensity_image=amap)
-    min_area = max(1.0, min_area_frac * amap.size)
-    kept = [r for r in regions if r.area >= min_area]
-    kept.sort(key=lambda r: float(r.intensity_max), reverse=True)
+    above = values if values.dtype == bool else values >= threshold  # [H, W]
+    if not above.any():
+        return []
+    values = values.astype(np.float32)
+    groups = above
+    if merge_gap > 0:  # a (gap+1)² dilation joins regions at most `merge_gap` background pixels apart
+        groups = ndimage.maximum_filter(above.view(np.uint8), size=merge_gap + 1) > 0
+    labels, n = ndimage.label(groups, structure=np.ones((3, 3), dtype=bool))
+    labels[~above] = 0  # a region is its pixels above the threshold, not the dilation
+    index = np.arange(1, n + 1)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    peaks = np.asarray(ndimage.maximum(values, labels, index), dtype=np.float64)
+    order = np.lexsort((index, -areas, -peaks))  # peak, then area, then raster order of the first pixel
+    min_pixels = max(min_area, min_area_frac * values.size)
+    kept = [i for i in order if areas[i] >= min_pixels] or [order[0]]
+    slices = ndimage.find_objects(labels)
     boxes = []
-    for r in kept[:max_boxes]:
-        y1, x1, y2, x2 = r.bbox  # half-open, like our boxes
-        boxes.append(Box(float(x1), float(y1), float(x2), float(y2), label_text, round(float(r.intensity_max), 4)))
+    for i in kept[:max_boxes]:
+        ys, xs = slices[i]
+        boxes.append(Box(float(xs.start), float(ys.start), float(xs.stop), float(ys.stop), label_text,
+                         round(float(peaks[i]), 4)))
     return boxes

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from anomaly_assistant.data_builders.records import mask_to_boxes
+from anomaly_assistant.localize import boxes_from_map
 
 DEFECT_KINDS = (
     "cut_paste",
@@ -378,7 +378,7 @@ def synthesize(
     near = grow_mask(mask, 3)
     out = np.where(near[..., None], out, img)
     out_u8 = np.clip(out, 0, 255).astype(np.uint8)
-    boxes = mask_to_boxes(mask, min_area=max(4, min_area // 2), merge_gap=2)
+    boxes = [b.as_list() for b in boxes_from_map(mask, min_area=max(4, min_area // 2), merge_gap=4)]
     return Defect(out_u8, mask, DEFECT_TYPE_NAMES[kind], kind, boxes)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from anomaly_assistant.localize import boxes_from_map
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GOOD_NAMES = ("good", "ok", "normal", "nok_free", "defect_free")
 
@@ -158,45 +160,6 @@ def load_mask(
     return arr > 0, None
 
 
-def mask_to_boxes(mask: np.ndarray, min_area: int = 4, merge_gap: int = 0) -> list[list[float]]:
-    """Boxes of the connected components of a mask ([x1, y1, x2, y2], exclusive ends), largest first.
-
-    `merge_gap` dilates before labelling so fragments of one defect (a dotted crack) become one box.
-    """
-    from scipy import ndimage
-
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return []
-    struct = np.ones((3, 3), dtype=bool)
-    if merge_gap > 0:  # square dilation by merge_gap pixels, as two separable 1-D max filters
-        k = 2 * merge_gap + 1
-        work = (
-            ndimage.maximum_filter1d(ndimage.maximum_filter1d(mask.astype(np.uint8), k, axis=0), k, axis=1)
-            > 0
-        )
-    else:
-        work = mask
-    labels, n = ndimage.label(work, structure=struct)
-    boxes = []
-    for sl in ndimage.find_objects(labels):
-        if sl is None:
-            continue
-        ys, xs = sl
-        region = mask[ys, xs]
-        if region.sum() < min_area:
-            continue
-        sub_y, sub_x = np.nonzero(region)
-        y1, y2 = ys.start + sub_y.min(), ys.start + sub_y.max() + 1
-        x1, x2 = xs.start + sub_x.min(), xs.start + sub_x.max() + 1
-        boxes.append([float(x1), float(y1), float(x2), float(y2)])
-    if not boxes and mask.any():  # only specks: still one box, so an anomalous record never has none
-        ys, xs = np.nonzero(mask)
-        boxes = [[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]]
-    boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
-    return boxes
-
-
 def validate_records(
     records: Iterable[Record], skips: SkipLog, boxes_from_masks: bool = True
 ) -> list[Record]:
@@ -214,7 +177,7 @@ def validate_records(
                 skips.add(rec.gt_mask, reason or "bad mask")
                 continue
             if boxes_from_masks and not rec.gt_boxes:
-                rec.gt_boxes = mask_to_boxes(mask)
+                rec.gt_boxes = [b.as_list() for b in boxes_from_map(mask)]
         if rec.reference_path:
             ref, reason = open_image_checked(rec.reference_path)
             if ref is None:

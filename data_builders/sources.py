@@ -37,9 +37,9 @@ from anomaly_assistant.data_builders.records import (
     SkipLog,
     is_image_file,
     load_mask,
-    mask_to_boxes,
     resolve_inside,
 )
+from anomaly_assistant.localize import boxes_from_map
 
 DEEPPCB_TYPES = {1: "open", 2: "short", 3: "mousebite", 4: "spur", 5: "copper", 6: "pin-hole"}
 MVTEC_SPLITS = ("train", "validation", "test")
@@ -85,7 +85,7 @@ def _with_mask(rec: Record, size: tuple[int, int], skips: SkipLog, with_boxes: b
         skips.add(rec.gt_mask, reason or "bad mask")
         return None
     if with_boxes and not rec.gt_boxes:
-        rec.gt_boxes = mask_to_boxes(mask)
+        rec.gt_boxes = [b.as_list() for b in boxes_from_map(mask)]
     return rec
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
+from anomaly_assistant.localize import boxes_from_map
 
 
 def reference_paths(root: str | Path, category: str, k: int, seed: int | None = None) -> list[str]:
@@ -168,9 +169,7 @@ def example_rows(records: Sequence[Any], preds: Sequence[dict[str, Any]], n: int
             mask = _mask_for(rec.gt_mask, p["anomaly_map"].shape)
         gt_boxes = rec.gt_boxes
         if not gt_boxes and mask is not None:
-            from anomaly_assistant.data_builders.records import mask_to_boxes
-
-            gt_boxes = mask_to_boxes(mask)
+            gt_boxes = [b.as_list() for b in boxes_from_map(mask)]
         rows.append({
             "image_path": rec.image_path, "anomaly_map": p["anomaly_map"], "gt_mask": mask, "gt_boxes": gt_boxes,
             "pred_boxes": p["pred_boxes"], "score": p["score"],

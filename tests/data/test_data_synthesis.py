@@ -15,9 +15,9 @@ from anomaly_assistant.data_builders.defects import (
     skimage_texture_paths,
     synthesize,
 )
-from anomaly_assistant.data_builders.records import mask_to_boxes
 from anomaly_assistant.data_builders.sources import read_mvtec
 from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, CATEGORY_DEFECTS, SynthInspect, render
+from anomaly_assistant.localize import boxes_from_map
 
 REAL_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-dev"
 
@@ -56,7 +56,7 @@ def test_masks_boxes_and_labels_are_consistent(samples):
             continue
         assert s.mask.shape == (128, 128) and s.mask.sum() >= 6
         assert s.defect_type in CATEGORY_DEFECTS[s.category].values()
-        assert s.gt_boxes == mask_to_boxes(s.mask, min_area=4, merge_gap=2)
+        assert s.gt_boxes == [b.as_list() for b in boxes_from_map(s.mask, min_area=4, merge_gap=4)]
         covered = np.zeros_like(s.mask)
         for x1, y1, x2, y2 in s.gt_boxes:
             assert 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 128
