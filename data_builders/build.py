@@ -34,13 +34,15 @@ class BuildConfig:
     """What `anomaly-assistant data build` makes (YAML keys = these field names)."""
 
     sources: list[str] = field(
-        default_factory=list, metadata={"help": "KIND:PATH[:IMAGE_ROOT] or PATH (kind detected)"}
+        default_factory=list,
+        metadata={"help": "KIND:PATH[:IMAGE_ROOT] or PATH (kind detected)", "aliases": ["--source"]},
     )
     out: str = field(default="runs/data", metadata={"help": "output folder"})
     synth: int = field(default=0, metadata={"help": "number of SynthInspect images (half anomalous)"})
     synth_size: int = field(default=256, metadata={"help": "SynthInspect image side in pixels"})
     synth_categories: list[str] = field(
-        default_factory=lambda: list(CATEGORIES), metadata={"help": "SynthInspect categories"}
+        default_factory=lambda: list(CATEGORIES),
+        metadata={"help": "SynthInspect categories", "aliases": ["--synth-category"]},
     )
     defects: int = field(default=0, metadata={"help": "defects synthesised on normal images of the sources"})
     textures: int = field(
@@ -58,7 +60,7 @@ class BuildConfig:
     )
     kinds: list[str] = field(
         default_factory=lambda: list(conversations.SAMPLE_KINDS),
-        metadata={"help": "conversation kinds per image"},
+        metadata={"help": "conversation kinds per image", "aliases": ["--kind"]},
     )
     sft_format: str = field(
         default="messages", metadata={"help": "SFT columns", "choices": ("messages", "prompt_completion")}

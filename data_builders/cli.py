@@ -1,30 +1,21 @@
 """`anomaly-assistant data {build,inspect,synth}`: thin wrappers over `build.build`, the readers and SynthInspect.
 
-Each sub-command has one dataclass config; flags come from its fields and `--config file.yaml` supplies any of
-them (flags win).
+Each sub-command has one dataclass config read by the project's one config parser (`commands.config`): flags come
+from its fields and `--config file.yaml` supplies any of them (flags win).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from anomaly_assistant.commands.config import UsageError, parse_config
 from anomaly_assistant.data_builders.build import BuildConfig
 
 PROG = "anomaly-assistant data"
-# flag names that read better singular on the command line (repeatable)
-_FLAG_NAMES = {
-    "sources": "source",
-    "kinds": "kind",
-    "synth_categories": "synth-category",
-    "categories": "category",
-}
 
 
 @dataclass
@@ -32,8 +23,7 @@ class InspectConfig:
     """Counts per split / category / defect type / label, and an image grid with boxes and masks drawn."""
 
     path: str = field(
-        default="",
-        metadata={"help": "a build output folder, a dataset folder or KIND:PATH", "positional": True},
+        metadata={"help": "a build output folder, a dataset folder or KIND:PATH", "positional": True}
     )
     grid: str = field(
         default="", metadata={"help": "PNG to write (default: <path>/preview.png or ./preview.png)"}
@@ -51,70 +41,10 @@ class SynthCommandConfig:
     n_train: int = field(default=20, metadata={"help": "normal training images per category"})
     n_test: int = field(default=20, metadata={"help": "test images per category (about half anomalous)"})
     size: int = field(default=256, metadata={"help": "image side in pixels"})
-    categories: list[str] = field(default_factory=list, metadata={"help": "categories (default: all)"})
+    categories: list[str] = field(
+        default_factory=list, metadata={"help": "categories (default: all)", "aliases": ["--category"]}
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
-
-
-def _flag(name: str) -> str:
-    return "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
-
-
-def _parser_for(cls: type, prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
-    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, help_text = hints[f.name], f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
-        elif tp is bool:
-            parser.add_argument(
-                _flag(f.name),
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=f"{help_text} (default: {default})",
-            )
-        elif typing.get_origin(tp) is list:
-            (item,) = typing.get_args(tp)
-            parser.add_argument(
-                _flag(f.name),
-                dest=f.name,
-                type=item,
-                nargs="+",
-                action="extend",
-                default=argparse.SUPPRESS,
-                metavar=_FLAG_NAMES.get(f.name, f.name).upper(),
-                help=f"{help_text} (default: {default}; repeatable)",
-            )
-        else:
-            parser.add_argument(
-                _flag(f.name),
-                dest=f.name,
-                type=tp,
-                default=argparse.SUPPRESS,
-                choices=f.metadata.get("choices"),
-                help=f"{help_text} (default: {default})",
-            )
-    return parser
-
-
-def parse_config(cls: type, argv: list[str], prog: str) -> Any:
-    """Flags > `--config` YAML > dataclass defaults."""
-    parser = _parser_for(cls, prog)
-    ns = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
-    config_path = ns.pop("config", None)
-    if config_path:
-        import yaml
-
-        values.update(yaml.safe_load(Path(config_path).read_text()) or {})
-    values.update(ns)
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        parser.error(f"unknown option(s) in the config: {', '.join(sorted(unknown))}")
-    return cls(**values)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -159,9 +89,6 @@ def cmd_inspect(cfg: InspectConfig) -> int:
     from anomaly_assistant.data_builders.preview import render_grid
     from anomaly_assistant.data_builders.records import summarize
 
-    if not cfg.path:
-        print(f"{PROG} inspect: give a PATH", file=sys.stderr)
-        return 2
     if not Path(cfg.path.split(":", 1)[-1] if not Path(cfg.path).exists() else cfg.path).exists():
         print(f"{PROG} inspect: {cfg.path} does not exist", file=sys.stderr)
         return 2
@@ -240,14 +167,11 @@ def main(argv: list[str] | None = None, command: str = "data") -> int:
         return 2
     cls, fn, _ = COMMANDS[name]
     try:
-        cfg = parse_config(cls, rest, f"{PROG} {name}")
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return int(exc.code or 0)
-    try:
+        cfg = parse_config(cls, rest, f"{PROG} {name}", (cls.__doc__ or "").strip())
         return int(fn(cfg) or 0)
-    except (
-        ValueError
-    ) as exc:  # configuration errors (unknown backbone, bad fractions): a message, not a traceback
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, ValueError) as exc:  # configuration errors (unknown backbone, bad fractions): one line
         print(f"{PROG} {name}: {exc}", file=sys.stderr)
         return 2
 
