@@ -18,6 +18,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,8 @@ class AnomalyAssistant:
         self.generation = generation or GenerationSettings()
         self._screener_config = screener_config
         self._source = None  # EfficientNet-Lite0, shared by every reference screener of this assistant
-        self._screeners: OrderedDict[str, Any] = OrderedDict()  # fitted screeners by reference content (LRU)
+        self._screeners: OrderedDict[str, Future] = OrderedDict()  # screeners by reference content (LRU)
+        self._screeners_lock = threading.Lock()  # guards the cache and the source, never a fit
         if processor is not None:
             processor.tokenizer.padding_side = "left"  # batched generation appends to the right
 
@@ -122,7 +124,8 @@ class AnomalyAssistant:
         """A training-free screener fitted on the reference normals (EfficientNet-Lite0 features).
 
         Fitted screeners are cached by the references' pixels, so sessions (UI users, batch jobs) that share a
-        reference set fit it once.
+        reference set fit it once: the first thread to ask fits it, concurrent askers wait for that fit, and
+        fits of different sets run in parallel.
         """
         from .expert.reference import ReferenceScreener, ScreenerConfig
         from .expert.sources import EfficientNetLite0Source
@@ -135,16 +138,26 @@ class AnomalyAssistant:
             digest.update(repr(im.size).encode())
             digest.update(im.tobytes())
         key = digest.hexdigest()
-        if key in self._screeners:
+        with self._screeners_lock:
+            pending = self._screeners.get(key)
+            fits_here = pending is None
+            if fits_here:
+                pending = self._screeners[key] = Future()
+                while len(self._screeners) > cache_size:
+                    self._screeners.popitem(last=False)
+                if self._source is None:
+                    self._source = EfficientNetLite0Source()
             self._screeners.move_to_end(key)
-            return self._screeners[key]
-        if self._source is None:
-            self._source = EfficientNetLite0Source()
-        screener = ReferenceScreener(self._source, self._screener_config or ScreenerConfig()).fit(refs)
-        self._screeners[key] = screener
-        while len(self._screeners) > cache_size:
-            self._screeners.popitem(last=False)
-        return screener
+        if fits_here:
+            try:
+                screener = ReferenceScreener(self._source, self._screener_config or ScreenerConfig())
+                pending.set_result(screener.fit(refs))
+            except BaseException as exc:
+                with self._screeners_lock:  # a failed fit is not cached: the next ask tries again
+                    if self._screeners.get(key) is pending:
+                        del self._screeners[key]
+                pending.set_exception(exc)
+        return pending.result()
 
     # -- sessions and batch APIs ------------------------------------------------------------------------------------
     def chat(self, references: Sequence[ImageLike] | None = None, image: ImageLike | None = None) -> ChatSession:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,13 @@ class AnomalyContext:
     outputs: list[ExpertOutput] | None = None
 
 
+# The calls in progress in this thread / asyncio task: inner model -> its AnomalyContext. A ContextVar, not an
+# attribute of the shared model, so that concurrent inspections (UI users, API calls) never see each other's
+# reference or outputs; keyed by model so that nested contexts of two models stay apart.
+_ACTIVE_CALLS: ContextVar[dict[nn.Module, AnomalyContext]] = ContextVar("anomaly_calls", default={})
+_CNN_SOURCE_LOCK = threading.Lock()  # the lazily built EfficientNet-Lite0 is built once, whichever thread asks
+
+
 @dataclass
 class _FamilyView:
     """What `backbones.<family>.vision_features` reads of a model: `.model` (the inner model) and `.config`."""
@@ -120,7 +129,6 @@ class AnomalyInnerMixin:
         if not config.expert:
             raise ValueError("an anomaly config needs `expert` (ExpertConfig.to_dict())")
         self.expert = AnomalyExpert(ExpertConfig.from_dict(config.expert))
-        self.anomaly_state = AnomalyContext()
         self._cnn_source = None  # built lazily: the pretrained EfficientNet-Lite0 is not part of the checkpoint
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -129,12 +137,13 @@ class AnomalyInnerMixin:
 
     def cnn_source(self):
         """The pretrained EfficientNet-Lite0 source (efficientnet feature source only), built on first use."""
-        if self._cnn_source is None:
-            from .expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
+        with _CNN_SOURCE_LOCK:
+            if self._cnn_source is None:
+                from .expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
 
-            cfg = dict(self.expert.config.source_options or {})
-            cfg["blocks"] = tuple(cfg.get("blocks", EfficientNetLite0Config.blocks))
-            self._cnn_source = EfficientNetLite0Source(EfficientNetLite0Config(**cfg))
+                cfg = dict(self.expert.config.source_options or {})
+                cfg["blocks"] = tuple(cfg.get("blocks", EfficientNetLite0Config.blocks))
+                self._cnn_source = EfficientNetLite0Source(EfficientNetLite0Config(**cfg))
         return self._cnn_source
 
     def expert_levels_from(self, features: backbones.VisionFeatures, expert_pixel_values: torch.Tensor | None):
@@ -163,9 +172,14 @@ class AnomalyInnerMixin:
         return table(ids).mean(0)  # [D]
 
     def anomaly_embeds(self, input_ids: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """inputs_embeds with images and anomaly blocks filled in (steps 1-3 of the module docstring)."""
-        features, outputs = self.run_expert(inputs, reference=self.anomaly_state.reference)
-        self.anomaly_state.outputs = outputs
+        """inputs_embeds with images and anomaly blocks filled in (steps 1-3 of the module docstring).
+
+        The reference comes from, and the expert outputs go to, this call's `anomaly_context` (if any).
+        """
+        call = _ACTIVE_CALLS.get().get(self)
+        features, outputs = self.run_expert(inputs, reference=call.reference if call else None)
+        if call is not None:
+            call.outputs = outputs
         embeds = backbones.embed_inputs(self, input_ids, features.image_embeds)  # [B, T, D]
         pad_mask = input_ids == self.config.anomaly_pad_token_id  # [B, T]
         k = self.expert.config.num_tokens
@@ -236,14 +250,17 @@ class AnomalyOuterMixin:
 
     @contextlib.contextmanager
     def anomaly_context(self, reference: Any = None) -> Iterator[AnomalyContext]:
-        """Match against `reference` during the calls inside; read the expert outputs from the yielded context."""
-        inner = self.model
-        previous = inner.anomaly_state
-        inner.anomaly_state = AnomalyContext(reference=reference)
+        """Match against `reference` during the calls inside; read the expert outputs from the yielded context.
+
+        The context belongs to the calling thread (or asyncio task) only: enter it in the thread that runs the
+        forward or `generate` (a worker thread does not inherit it).
+        """
+        call = AnomalyContext(reference=reference)
+        token = _ACTIVE_CALLS.set({**_ACTIVE_CALLS.get(), self.model: call})
         try:
-            yield inner.anomaly_state
+            yield call
         finally:
-            inner.anomaly_state = previous
+            _ACTIVE_CALLS.reset(token)
 
 
 def _forward_like(family_cls: type):

@@ -74,6 +74,7 @@ def bench_screening(tests: list[Any], refs: list[Any], repeats: int = 3) -> dict
     about ±30 %), with every pass kept in the JSON.
     """
     from anomaly_assistant import AnomalyAssistant
+    from anomaly_assistant.expert.reference import record_timings
 
     expert = AnomalyAssistant.expert_only(feature_source="efficientnet_lite0")
     t0 = time.perf_counter()
@@ -82,12 +83,11 @@ def bench_screening(tests: list[Any], refs: list[Any], repeats: int = 3) -> dict
     expert.screen(tests[:2], screener=screener)  # warm-up
     passes = []
     for _ in range(max(1, repeats)):
-        before = dict(screener.timings)
-        t0 = time.perf_counter()
-        findings = expert.screen(tests, screener=screener)
-        total = time.perf_counter() - t0
-        extract = screener.timings["extract"] - before["extract"]
-        match = screener.timings["match"] - before["match"]
+        with record_timings() as timings:
+            t0 = time.perf_counter()
+            findings = expert.screen(tests, screener=screener)
+            total = time.perf_counter() - t0
+        extract, match = timings["extract"], timings["match"]
         passes.append({"seconds": total, "extract_s": extract, "match_s": match, "other_s": total - extract - match})
     mid = sorted(passes, key=lambda p: p["seconds"])[len(passes) // 2]
     return {

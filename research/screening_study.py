@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from anomaly_assistant.expert.reference import BankConfig, ReferenceScreener, ScreenerConfig
+from anomaly_assistant.expert.reference import BankConfig, ReferenceScreener, ScreenerConfig, record_timings
 from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-dev"
@@ -147,14 +147,13 @@ def speed(src_cfg, scr_cfg, refs, images, source_cache, repeats: int = 1):
     """Images/s of predict() with the references fitted, and ms per image of extraction and of matching."""
     scr = ReferenceScreener(_source(src_cfg, source_cache), scr_cfg).fit(refs)
     scr.predict(images[:4])  # warm-up
-    before = dict(scr.timings)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        scr.predict(images)
-    dt = time.perf_counter() - t
+    with record_timings() as timings:
+        t = time.perf_counter()
+        for _ in range(repeats):
+            scr.predict(images)
+        dt = time.perf_counter() - t
     n = len(images) * repeats
-    return (n / dt, (scr.timings["extract"] - before["extract"]) / n * 1e3,
-            (scr.timings["match"] - before["match"]) / n * 1e3)
+    return n / dt, timings["extract"] / n * 1e3, timings["match"] / n * 1e3
 
 
 def load_deeppcb(root: Path, n: int):

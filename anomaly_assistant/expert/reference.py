@@ -29,8 +29,11 @@ Screening options that matter on real parts (see research/screening_study.py for
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -316,6 +319,42 @@ def upsample_map(m: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Timings: per call context, never on the (shared) screener
+# ----------------------------------------------------------------------------------------------------------------
+_TIMINGS: ContextVar[dict[str, float] | None] = ContextVar("screening_timings", default=None)
+
+
+@contextlib.contextmanager
+def record_timings() -> Iterator[dict[str, float]]:
+    """Seconds the screening calls inside the block spend extracting features and matching.
+
+    Kept per thread / asyncio task, so concurrent screenings on one shared screener never add to each other's
+    figures:
+
+        with record_timings() as timings:
+            screener.predict(images)
+        timings["extract"], timings["match"]
+    """
+    timings = {"extract": 0.0, "match": 0.0}
+    token = _TIMINGS.set(timings)
+    try:
+        yield timings
+    finally:
+        _TIMINGS.reset(token)
+
+
+@contextlib.contextmanager
+def _timed(kind: str) -> Iterator[None]:
+    """Add the block's wall time to `kind` of the enclosing `record_timings` (if any)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if (timings := _TIMINGS.get()) is not None:
+            timings[kind] += time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Screener
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -355,7 +394,10 @@ class ScreenResult:
 
 
 class ReferenceScreener:
-    """Few-shot, training-free screening of images against k reference normals of the same part."""
+    """Few-shot, training-free screening of images against k reference normals of the same part.
+
+    `fit` once, then `predict` from any number of threads: prediction writes nothing on the screener.
+    """
 
     def __init__(self, source: FeatureSource, config: ScreenerConfig | None = None):
         self.source = source
@@ -363,24 +405,17 @@ class ReferenceScreener:
         self.bank = MemoryBank(self.config.bank)
         self.zoom_bank: MemoryBank | None = None
         self.scale: float | None = None
-        self.timings = {"extract": 0.0, "match": 0.0}
 
     # -- features -------------------------------------------------------------------------------------------------
     def _prep(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         return [normalize_illumination(im, self.config.illumination) for im in images]
 
     def _extract(self, images: Sequence[Image.Image], scale: float | None) -> list[LevelGrids]:
-        import time
-
-        t = time.perf_counter()
-        out = self.source(images, scale=scale)
-        self.timings["extract"] += time.perf_counter() - t
-        return out
+        with _timed("extract"):
+            return self.source(images, scale=scale)
 
     def fit(self, references: Sequence[Image.Image]) -> ReferenceScreener:
         """Build the bank (and the zoomed bank) from reference normal images."""
-        import time
-
         refs = self._prep(references)
         if self.config.scale == "reference":
             area = float(np.median([im.size[0] * im.size[1] for im in refs]))
@@ -389,16 +424,14 @@ class ReferenceScreener:
             raise ValueError(f"scale must be 'source' or 'reference', got {self.config.scale!r}")
         views, groups = self._augment(refs)
         levels = self._extract(views, self.scale)
-        t = time.perf_counter()
-        self.bank.fit(levels, groups)
-        self.timings["match"] += time.perf_counter() - t
+        with _timed("match"):
+            self.bank.fit(levels, groups)
         if self.config.zoom and self.config.zoom > 1:
             zs = self._zoom_scale(refs)
             zlevels = self._extract(views, zs)
-            t = time.perf_counter()
-            # crops have no fixed place on the part: no position profile for the zoomed bank
-            self.zoom_bank = MemoryBank(replace(self.config.bank, position_norm=0)).fit(zlevels, groups)
-            self.timings["match"] += time.perf_counter() - t
+            with _timed("match"):
+                # crops have no fixed place on the part: no position profile for the zoomed bank
+                self.zoom_bank = MemoryBank(replace(self.config.bank, position_norm=0)).fit(zlevels, groups)
         return self
 
     def _augment(self, refs: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
@@ -420,13 +453,10 @@ class ReferenceScreener:
     # -- prediction -----------------------------------------------------------------------------------------------
     def predict(self, images: Sequence[Image.Image]) -> list[ScreenResult]:
         """Score images; maps are returned at each image's original (H, W)."""
-        import time
-
         prepped = self._prep(images)
         levels = self._extract(prepped, self.scale)
-        t = time.perf_counter()
-        maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]  # z-maps on each image's grid
-        self.timings["match"] += time.perf_counter() - t
+        with _timed("match"):
+            maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]  # z-maps on each image's grid
         full = [upsample_map(m, (im.size[1], im.size[0])) for m, im in zip(maps, images)]  # [H0, W0]
         if self.zoom_bank is not None:
             full = self._second_look(prepped, full)
@@ -441,8 +471,6 @@ class ReferenceScreener:
 
     def _second_look(self, images: Sequence[Image.Image], full: list[torch.Tensor]) -> list[torch.Tensor]:
         """Re-examine the top regions at `zoom`× magnification; the zoomed map replaces the coarse one there."""
-        import time
-
         c = self.config
         zs = self._zoom_scale(images)
         crops, where = [], []
@@ -462,11 +490,10 @@ class ReferenceScreener:
         if not crops:
             return full
         levels = self._extract(crops, zs)
-        t = time.perf_counter()
         out = [z.clone() for z in full]
-        for lv, (i, y0, y1, x0, x1) in zip(levels, where):
-            zm = self.zoom_bank.distance_map(lv) / self.zoom_bank.tau
-            zm = upsample_map(zm, (y1 - y0, x1 - x0))
-            out[i][y0:y1, x0:x1] = zm
-        self.timings["match"] += time.perf_counter() - t
+        with _timed("match"):
+            for lv, (i, y0, y1, x0, x1) in zip(levels, where):
+                zm = self.zoom_bank.distance_map(lv) / self.zoom_bank.tau
+                zm = upsample_map(zm, (y1 - y0, x1 - x0))
+                out[i][y0:y1, x0:x1] = zm
         return out

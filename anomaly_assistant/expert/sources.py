@@ -41,6 +41,19 @@ class FeatureSource(Protocol):
     def __call__(self, images: Sequence[Image.Image], scale: float | None = None) -> list[LevelGrids]: ...
 
 
+def set_intra_op_threads(threads: int) -> int:
+    """Set torch's intra-op thread count for the whole process; returns the previous count.
+
+    Call it once at start (a CLI's `--threads`), never inside a call: the setting is process-wide, so a call
+    that changed it would change it under every other call running at the same time.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return previous
+
+
 def resize_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize one (H, W, C) grid to `size` = (H', W'): area pooling when shrinking, bilinear when growing."""
     if tuple(grid.shape[:2]) == tuple(size):
@@ -111,7 +124,6 @@ class EfficientNetLite0Config:
     grid: tuple[int, int] | None = None
     batch_size: int = 2
     max_side: int = 1024
-    num_threads: int | None = None
 
 
 class EfficientNetLite0Source:
@@ -211,8 +223,6 @@ class EfficientNetLite0Source:
 
     def __call__(self, images: Sequence[Image.Image], scale: float | None = None) -> list[LevelGrids]:
         """Batched extraction; images of equal network input size share a batch. Eval mode, no grad."""
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
         tensors = [self.preprocess(im, scale) for im in images]
         results: list[LevelGrids | None] = [None] * len(images)
         by_size: dict[tuple[int, int], list[int]] = {}
