@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from anomaly_assistant.scoring import box_iou
+
 Verdict = Literal["normal", "anomalous"]
 VERDICTS: tuple[str, str] = ("normal", "anomalous")
 
@@ -47,11 +49,7 @@ class Box:
         )
 
     def iou(self, other: Box) -> float:
-        ix = max(0.0, min(self.x2, other.x2) - max(self.x1, other.x1))
-        iy = max(0.0, min(self.y2, other.y2) - max(self.y1, other.y1))
-        inter = ix * iy
-        union = self.area + other.area - inter
-        return inter / union if union > 0 else 0.0
+        return box_iou(self.as_list(), other.as_list())
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"box": self.as_list()}

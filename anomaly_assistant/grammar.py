@@ -22,15 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from anomaly_assistant.finding import Box, Frame
+from anomaly_assistant.scoring import format_ok, verdict_word
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 REQUIRED_KEYS = ("verdict", "defect_type", "boxes", "rationale")
 MAX_BOXES = 64  # more than this is degenerate model output, not a finding
 _MAX_TEXT = 200_000  # parse at most this many characters (bounded work on adversarial input)
-
-_ANOMALOUS_WORDS = {"anomalous", "anomaly", "abnormal", "defective", "defect", "ng", "bad", "yes", "faulty", "damaged"}
-_NORMAL_WORDS = {"normal", "good", "ok", "okay", "no", "defect-free", "defect free", "nominal", "pass", "clean"}
 
 
 @dataclass
@@ -48,7 +46,7 @@ class ParsedAnswer:
 
     @property
     def ok(self) -> bool:
-        return self.has_answer_block and self.json_ok and self.verdict is not None and not self.problems
+        return format_ok(self)
 
 
 def render_answer(
@@ -138,17 +136,12 @@ def _normalise_verdict(value: Any, problems: list[str]) -> str | None:
     if not isinstance(value, str):
         problems.append(f"verdict is not a string: {value!r}"[:200])
         return None
-    word = value.strip().lower().strip(".!")
-    if word in ("normal", "anomalous"):
-        return word
-    if word in _ANOMALOUS_WORDS:
+    verdict = verdict_word(value)
+    if verdict is None:
+        problems.append(f"unknown verdict {value!r}"[:200])
+    elif value.strip().lower().strip(".!") != verdict:
         problems.append(f"verdict {value!r} is not one of normal/anomalous"[:200])
-        return "anomalous"
-    if word in _NORMAL_WORDS:
-        problems.append(f"verdict {value!r} is not one of normal/anomalous"[:200])
-        return "normal"
-    problems.append(f"unknown verdict {value!r}"[:200])
-    return None
+    return verdict
 
 
 def _to_box(item: Any) -> Box | None:

@@ -24,6 +24,7 @@ from anomaly_assistant.data_builders.records import Record
 from anomaly_assistant.finding import Box, Frame
 from anomaly_assistant.grammar import render_answer
 from anomaly_assistant.prompts import DETECTION_PROMPT, INSPECTION_PROMPT  # what the product asks: one home
+from anomaly_assistant.scoring import canonical_defect
 
 INSPECTION_PROMPTS = (
     INSPECTION_PROMPT,
@@ -114,7 +115,7 @@ def _facts(rec: Record, frame: Frame) -> dict[str, Any]:
     size = rec.image_size or frame.original_size
     fam = knowledge.family_of(rec.defect_type)
     primary = rec.gt_boxes[0] if rec.gt_boxes else None
-    defect = knowledge.canonical(rec.defect_type)
+    defect = canonical_defect(rec.defect_type)
     return {
         "what": knowledge.describe_category(rec.category),
         "category": rec.category.replace("_", " ") or "part",

@@ -1,21 +1,23 @@
-"""Defect knowledge base: per defect family, what it looks like, likely causes, effect on function, prevention.
+"""Defect knowledge base: per defect family, how it looks, likely causes, effect on function, prevention.
 
 Conversation synthesis draws its complex-reasoning answers (cause / effect / prevention) from here, so that
-answers stay factual without a teacher LLM. Any dataset's defect name (MVTec `broken_large`, VisA "chunk of
-wax missing", DeepPCB `mousebite`, SynthInspect `misplaced_patch`) maps to a family by keywords;
-`type_similarity` grades two names (exact 1.0, synonym 0.85, same family 0.6, else 0) for rewards and metrics.
+answers stay factual without a teacher LLM. Which family a defect name belongs to, and how two names compare,
+is the taxonomy's business (`anomaly_assistant.scoring`: `defect_family`, `type_similarity`), shared with the
+rewards and metrics; this module only holds the prose for each of its families.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from anomaly_assistant.scoring import OTHER_FAMILY, defect_family
 
 
 @dataclass(frozen=True)
 class DefectFamily:
+    """The prose about one family of `scoring.DEFECT_FAMILIES`."""
+
     name: str
-    keywords: tuple[str, ...]  # substrings of a defect name that put it in this family
     looks: tuple[str, ...]  # how it appears in the image
     causes: tuple[str, ...]
     effects: tuple[str, ...]
@@ -25,7 +27,6 @@ class DefectFamily:
 FAMILIES: tuple[DefectFamily, ...] = (
     DefectFamily(
         "scratch",
-        ("scratch", "scrape", "abrasion", "rub", "scuff", "mark"),
         (
             "a thin line that catches the light differently from the surrounding surface",
             "a narrow linear mark cutting across the otherwise regular surface texture",
@@ -47,7 +48,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "crack",
-        ("crack", "fracture", "fissure", "split"),
         (
             "a dark, jagged line that branches irregularly",
             "a narrow irregular fracture line through the material",
@@ -66,19 +66,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "missing",
-        (
-            "missing",
-            "broken",
-            "break",
-            "chip",
-            "absent",
-            "lack",
-            "damaged_thread",
-            "rim",
-            "open",
-            "mousebite",
-            "cut_lead",
-        ),
         (
             "a region where material that should be there is absent",
             "an edge whose outline is interrupted by a gap",
@@ -100,7 +87,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "hole",
-        ("hole", "pit", "pore", "poke", "blowhole", "pinhole", "pin-hole", "puncture", "void"),
         (
             "a small dark spot with a sharp rim where the surface is perforated",
             "a round cavity in the surface",
@@ -122,7 +108,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "contamination",
-        ("stain", "contamin", "dirt", "oil", "spot", "glue", "liquid", "residue", "smudge", "copper"),
         (
             "a blotch whose colour differs from the clean surface",
             "a soft-edged discoloured patch on the surface",
@@ -137,7 +122,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "foreign_object",
-        ("foreign", "thread", "hair", "fiber", "fibre", "particle", "debris", "short"),
         (
             "an object lying on the surface that does not belong to the part",
             "a small extra item with a colour unlike the part",
@@ -159,7 +143,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "deformation",
-        ("bent", "dent", "deform", "squeeze", "fold", "warp", "uneven", "fray", "wrinkle", "spur", "rough"),
         (
             "a region whose shape or outline departs from the regular form",
             "a distorted area where the geometry is not as designed",
@@ -174,7 +157,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "misplacement",
-        ("misplac", "flip", "swap", "misalign", "misweave", "shift", "rotate", "wrong", "patch", "combined"),
         (
             "a region that looks copied from elsewhere or placed in the wrong position or orientation",
             "a piece whose position or orientation breaks the regular arrangement",
@@ -193,7 +175,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "discolouration",
-        ("colo", "discolo", "corrosion", "rust", "irregular", "variation", "burn", "faded", "print"),
         (
             "an area whose colour or texture differs from the rest of the surface",
             "a blotchy region where the surface texture is disturbed",
@@ -204,7 +185,6 @@ FAMILIES: tuple[DefectFamily, ...] = (
     ),
     DefectFamily(
         "cut",
-        ("cut", "slash", "tear", "gash", "notch"),
         ("a sharp-edged opening or slit in the material", "a clean narrow cut through the surface"),
         ("blades or sharp edges in the handling path", "cutting tools mis-set during trimming"),
         ("it exposes inner layers and weakens the part", "it can make the part unsafe to use"),
@@ -213,40 +193,11 @@ FAMILIES: tuple[DefectFamily, ...] = (
 )
 _BY_NAME = {f.name: f for f in FAMILIES}
 GENERIC = DefectFamily(
-    "other",
-    (),
+    OTHER_FAMILY,
     ("a region that differs from what a defect-free part looks like",),
     ("a process deviation upstream", "handling damage"),
     ("it may affect how the part looks or works",),
     ("trace the deviation to its process step and monitor that step",),
-)
-
-# words a model might use for the same defect (exact-synonym tier of `type_similarity`)
-SYNONYMS: tuple[frozenset[str], ...] = (
-    frozenset({"scratch", "scrape", "abrasion", "scuff"}),
-    frozenset({"crack", "fracture", "fissure"}),
-    frozenset({"hole", "pit", "pore", "pinhole", "pin hole", "blowhole", "puncture", "poke"}),
-    frozenset({"stain", "contamination", "dirt", "smudge", "spot", "residue"}),
-    frozenset({"foreign object", "debris", "particle", "foreign material", "contamination"}),
-    frozenset(
-        {
-            "missing part",
-            "missing",
-            "broken",
-            "chip",
-            "broken edge",
-            "broken rim",
-            "broken large",
-            "broken small",
-        }
-    ),
-    frozenset({"bent", "deformation", "dent", "deformed", "bent wire"}),
-    frozenset({"misplaced patch", "misplaced", "misalignment", "misweave"}),
-    frozenset(
-        {"discolouration", "discoloration", "color", "colour", "colour variation", "surface irregularity"}
-    ),
-    frozenset({"open", "open circuit"}),
-    frozenset({"short", "short circuit"}),
 )
 
 # what a category looks like, for "what does the image show" answers
@@ -265,47 +216,13 @@ CATEGORY_TEXT = {
 }
 
 
-def canonical(defect_type: str | None) -> str | None:
-    """The written form of a defect name: lower case, words separated by spaces (`broken_large` -> `broken large`)."""
-    if defect_type is None:
-        return None
-    text = re.sub(r"[_\s]+", " ", str(defect_type)).strip().lower()
-    return text or None
-
-
 def family_of(defect_type: str | None) -> DefectFamily:
-    """The family a defect name belongs to (first keyword hit; `GENERIC` when nothing matches)."""
-    name = (defect_type or "").lower().replace(" ", "_")
-    for fam in FAMILIES:
-        if any(k in name for k in fam.keywords):
-            return fam
-    return GENERIC
-
-
-def family(name: str) -> DefectFamily:
-    return _BY_NAME.get(name, GENERIC)
-
-
-def type_similarity(predicted: str | None, target: str | None) -> float:
-    """Graded agreement of two defect names: exact 1.0, synonym 0.85, same family 0.6, else 0.0.
-
-    >>> type_similarity("broken_large", "broken large"), type_similarity("pit", "hole"), type_similarity("fold", "bent")
-    (1.0, 0.85, 0.6)
-    """
-    a, b = canonical(predicted), canonical(target)
-    if a is None or b is None:
-        return 1.0 if a == b else 0.0
-    if a == b:
-        return 1.0
-    if any(a in group and b in group for group in SYNONYMS):
-        return 0.85
-    fa, fb = family_of(a), family_of(b)
-    if fa is not GENERIC and fa is fb:
-        return 0.6
-    return 0.0
+    """The prose for the family a defect name belongs to (`GENERIC` for names no family claims)."""
+    return _BY_NAME.get(defect_family(defect_type), GENERIC)
 
 
 def describe_category(category: str) -> str:
+    """What a category's images show, for "what does the image show" answers (a generic phrase if unknown)."""
     key = (category or "").lower()
     if key in CATEGORY_TEXT:
         return CATEGORY_TEXT[key]

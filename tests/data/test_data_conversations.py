@@ -23,6 +23,7 @@ from anomaly_assistant.data_builders.records import Record
 from anomaly_assistant.data_builders.teacher import Teacher
 from anomaly_assistant.finding import Box
 from anomaly_assistant.grammar import parse_answer
+from anomaly_assistant.scoring import DEFECT_FAMILIES, canonical_defect, type_similarity
 
 SIZES = [(640, 480), (300, 700), (128, 128), (1024, 333)]
 
@@ -62,7 +63,7 @@ def test_every_target_parses_and_boxes_map_back(backbone):
             if not rec.gt_label:
                 assert parsed.boxes == [] and parsed.defect_type is None
                 continue
-            assert parsed.defect_type == knowledge.canonical(rec.defect_type)
+            assert parsed.defect_type == canonical_defect(rec.defect_type)
             raw = parse_answer(s.answer)  # boxes as written: the input frame
             assert [b.as_list() for b in raw.boxes] == s.boxes_input
             iw, ih = frame.input_size
@@ -127,10 +128,11 @@ def test_knowledge_base_families_and_similarity():
     )
     assert fam("mousebite").name == "missing" and fam("short").name == "foreign_object"
     assert fam("chunk of wax missing").name == "missing" and fam("xyz").name == "other"
-    assert knowledge.type_similarity("broken_large", "broken large") == 1.0
-    assert knowledge.type_similarity("pit", "hole") == 0.85
-    assert knowledge.type_similarity("fold", "bent") == 0.6
-    assert knowledge.type_similarity("scratch", "hole") == 0.0
+    assert type_similarity("broken_large", "broken large") == 1.0
+    assert type_similarity("pit", "hole") == 0.85
+    assert type_similarity("fold", "bent") == 0.6
+    assert type_similarity("scratch", "hole") == 0.0
+    assert [f.name for f in knowledge.FAMILIES] == list(DEFECT_FAMILIES)  # prose for every family, none extra
     assert location_words([0, 0, 10, 10], (100, 100)) == "upper left"
     assert location_words([45, 45, 55, 55], (100, 100)) == "centre"
 
