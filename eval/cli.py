@@ -1,84 +1,22 @@
 """`anomaly-assistant eval {ad,detect,reasoning,mmad}`: thin entry points over the eval library.
 
-Each sub-command has one dataclass config (flags from its fields, or `--config file.yaml` with flags
-overriding it), builds the assistant, runs, and writes `--out FILE.json` plus `FILE.md` / `FILE.html` /
-`FILE_figures/`. Under `accelerate launch` every process evaluates its share; the main process writes.
+Each sub-command has one dataclass config read by the project's one config parser (`commands.config`: flags from
+its fields, or `--config file.yaml` with flags overriding it), builds the assistant, runs, and writes
+`--out FILE.json` plus `FILE.md` / `FILE.html` / `FILE_figures/`. Under `accelerate launch` every process evaluates
+its share; the main process writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
 from anomaly_assistant.eval.judge import JudgeConfig
-
-# ------------------------------------------------------------------------------ dataclass <-> argparse
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One flag per field: bool -> store_true, Optional[X] -> X with default None, help from metadata."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        args = typing.get_args(tp)
-        if type(None) in args:
-            tp = next(a for a in args if a is not type(None))
-        name = _flag(prefix + f.name)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
-        if tp is bool:
-            parser.add_argument(name, dest=prefix + f.name, action="store_true", default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            choices = f.metadata.get("choices")
-            required = f.metadata.get("required") or (
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
-            parser.add_argument(name, dest=prefix + f.name, type=tp, choices=choices, default=argparse.SUPPRESS,
-                                metavar=f.metadata.get("metavar"),
-                                help=f"{help_text} (required)" if required else f"{help_text} (default: {default})")
-
-
-def parse_config(cls: type, argv: list[str], prog: str, description: str, judge: bool = False) -> Any:
-    """Flags > `--config` YAML > dataclass defaults. Returns an instance of `cls` (with `.judge` if asked)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    add_dataclass_args(parser, cls)
-    if judge:
-        add_dataclass_args(parser.add_argument_group("LLM judge"), JudgeConfig, prefix="judge_")
-    ns = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
-    if ns.get("config"):
-        import yaml
-
-        values.update(yaml.safe_load(Path(ns.pop("config")).read_text()) or {})
-    ns.pop("config", None)
-    values.update(ns)
-    judge_values = {k[len("judge_"):]: values.pop(k) for k in list(values) if k.startswith("judge_")}
-    if isinstance(values.get("judge"), dict):
-        judge_values = {**values.pop("judge"), **judge_values}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        parser.error(f"unknown option(s): {', '.join(sorted(unknown))}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
-    if missing:
-        parser.error("the following arguments are required: " + ", ".join(_flag(m) for m in missing))
-    cfg = cls(**values)
-    if judge:
-        cfg.judge = JudgeConfig(**judge_values)
-    return cfg
-
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -93,15 +31,15 @@ class ModelArgs:
     feature_source: str | None = field(default=None, metadata={
         "help": "expert feature source (expert-only: efficientnet_lite0; a model: its own, or the one given when "
                 "wrapping a plain backbone)", "choices": ["efficientnet_lite0", "backbone"]})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     limit: int | None = field(default=None, metadata={"help": "evaluate only N items spread over the set (quick runs)"})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ADConfig(ModelArgs):
-    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
-    data: str = field(default="", metadata={"help": "MVTec-layout root (ROOT/CAT/{train,test,ground_truth})", "required": True})
-    category: str = field(default="", metadata={"help": "category folder under ROOT", "required": True})
+    out: str = field(metadata={"help": "result JSON path"})
+    data: str = field(metadata={"help": "MVTec-layout root (ROOT/CAT/{train,test,ground_truth})"})
+    category: str = field(metadata={"help": "category folder under ROOT"})
     shots: int = field(default=4, metadata={"help": "k reference normals: the first k of train/good, sorted (see --reference-seed)"})
     reference_seed: int | None = field(default=None, metadata={
         "help": "draw the k references at random from train/good with this seed (default: the first k)"})
@@ -109,31 +47,34 @@ class ADConfig(ModelArgs):
     max_new_tokens: int = field(default=256, metadata={"help": "inspection answer length (with a model)"})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DetectConfig(ModelArgs):
-    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
-    data: str = field(default="", metadata={"help": "MVTec-layout root or VisA-D&R JSON", "required": True})
+    out: str = field(metadata={"help": "result JSON path"})
+    data: str = field(metadata={"help": "MVTec-layout root or VisA-D&R JSON"})
     category: str | None = field(default=None, metadata={"help": "one class (default: all)"})
     references: int = field(default=0, metadata={"help": "k reference normals per class (few-shot mode)"})
     image_root: str | None = field(default=None, metadata={"help": "image root for a JSON (default: its folder)"})
     max_new_tokens: int = field(default=16, metadata={"help": "reply length"})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReasoningConfig(ModelArgs):
-    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
-    data: str = field(default="", metadata={"help": "VisA-D&R JSON (LLaVA conversation format)", "required": True})
+    out: str = field(metadata={"help": "result JSON path"})
+    data: str = field(metadata={"help": "VisA-D&R JSON (LLaVA conversation format)"})
     image_root: str | None = field(default=None, metadata={"help": "image root (default: the JSON's folder)"})
     category: str | None = field(default=None, metadata={"help": "one class (default: all)"})
     max_new_tokens: int = field(default=256, metadata={"help": "answer length per turn"})
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={
+        "help": "the LLM judge of the answers (none unless --judge-endpoint or --judge-local-model is given)"})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MMADConfig(ModelArgs):
-    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
-    data: str = field(default="", metadata={"help": "MMAD JSON (object keyed by image path)", "required": True})
+    out: str = field(metadata={"help": "result JSON path"})
+    data: str = field(metadata={"help": "MMAD JSON (object keyed by image path)"})
     image_root: str | None = field(default=None, metadata={"help": "MMAD image root (default: the JSON's folder)"})
-    no_reference: bool = field(default=False, metadata={"help": "zero-shot: no normal reference"})
+    reference: bool = field(default=True, metadata={
+        "help": "show one normal reference image with each question; --no-reference asks zero-shot"})
     max_new_tokens: int = field(default=16, metadata={"help": "reply length"})
 
 
@@ -148,9 +89,9 @@ def build_assistant(cfg: ModelArgs) -> Any:
         return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0")
     # --expert-only with --model: the model's own expert screens (`screen`), the LLM never generates.
     if not cfg.model:
-        raise SystemExit("--model is required unless --expert-only is given (`--model tiny` builds a toy model)")
+        raise UsageError("--model is required unless --expert-only is given (`--model tiny` builds a toy model)")
     kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
-    return AnomalyAssistant.from_pretrained(cfg.model, device=cfg.device, **kwargs)
+    return AnomalyAssistant.from_pretrained(cfg.model, device=resolve_device(cfg.device), **kwargs)
 
 
 def mode(cfg: ModelArgs) -> str:
@@ -232,11 +173,10 @@ def run_reasoning(cfg: ReasoningConfig) -> int:
     from anomaly_assistant.eval.judge import build_judge, config_dict
 
     assistant = build_assistant(cfg)
-    judge_cfg: JudgeConfig = cfg.judge  # type: ignore[attr-defined]
-    judge = build_judge(judge_cfg)
+    judge = build_judge(cfg.judge)
     result, turns = reasoning.evaluate(assistant, cfg.data, judge=judge, image_root=cfg.image_root,
                                        category=cfg.category, max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
-    result["judge"] = config_dict(judge_cfg) if judge else None
+    result["judge"] = config_dict(cfg.judge) if judge else None
     title = f"Reasoning (VisA-D&R protocol): {Path(cfg.data).name} ({mode(cfg)})"
     return _finish(result, cfg, lambda res, out: reasoning.write_report(res, turns, out, title), turns)
 
@@ -245,7 +185,7 @@ def run_mmad(cfg: MMADConfig) -> int:
     from anomaly_assistant.eval import mmad
 
     assistant = build_assistant(cfg)
-    result, rows = mmad.evaluate(assistant, cfg.data, image_root=cfg.image_root, use_reference=not cfg.no_reference,
+    result, rows = mmad.evaluate(assistant, cfg.data, image_root=cfg.image_root, use_reference=cfg.reference,
                                  max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
     title = f"MMAD-style multiple choice: {Path(cfg.data).name} ({mode(cfg)})"
     return _finish(result, cfg, lambda res, out: mmad.write_report(res, rows, out, title), rows)
@@ -262,23 +202,23 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None, command: str = "eval") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"anomaly-assistant {command}"
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         parser = argparse.ArgumentParser(prog=prog, description="Evaluate the assistant or its expert.")
         sub = parser.add_subparsers(dest="sub", metavar="SUBCOMMAND")
         for name, (_, _, help_text) in SUBCOMMANDS.items():
             sub.add_parser(name, help=help_text)
-        if not argv or argv[0] in ("-h", "--help"):
-            parser.print_help()
-            return 0
-        parser.error(f"unknown sub-command {argv[0]!r}")
+        parser.print_help()
+        return 0
     name, rest = argv[0], argv[1:]
-    cls, run, help_text = SUBCOMMANDS[name]
-    cfg = parse_config(cls, rest, f"{prog} {name}", help_text, judge=name == "reasoning")
-    missing = [_flag(f.name) for f in dataclasses.fields(cls) if f.metadata.get("required") and not getattr(cfg, f.name)]
-    if missing:
-        print(f"{prog} {name}: required: {', '.join(missing)}", file=sys.stderr)
+    if name not in SUBCOMMANDS:
+        print(f"{prog}: unknown sub-command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    return run(cfg)
+    cls, run, help_text = SUBCOMMANDS[name]
+    try:
+        return run(parse_config(cls, rest, f"{prog} {name}", help_text))
+    except UsageError as exc:
+        print(f"{prog} {name}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
