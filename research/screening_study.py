@@ -1,8 +1,8 @@
 """Few-shot reference screening study on real parts: ablations, AUROC, localisation and speed.
 
-Image AUROC, pixel AUROC (sklearn's roc_auc_score; maps and masks resized so the longer side is <= 256 px, masks by
-nearest neighbour), the rate at which a defective image's map argmax (original resolution) falls inside its
-ground-truth mask, and throughput with the extraction / matching time split.
+Image AUROC, pixel AUROC (sklearn's roc_auc_score; maps and masks resized so the longer side is <= 256 px,
+masks by nearest neighbour), the rate at which a defective image's map argmax (original resolution) falls
+inside its ground-truth mask, and throughput with the extraction / matching time split.
 
     python research/screening_study.py --presets baseline,final          # magnetic tile ablations
     python research/screening_study.py --presets all                     # the whole ablation table
@@ -10,8 +10,9 @@ ground-truth mask, and throughput with the extraction / matching time split.
     python research/screening_study.py --presets final_no_flip --deeppcb-quarters 60 --limit 99  # control
     python research/screening_study.py --speed-only --presets baseline,final
 
-Data: ../shared/data/real-dev relative to the repo root (MVTec layout; 4 references = the first 4 of train/good in
-sorted order, or `--reference-seed N` for a seeded random draw, `--k` for another count; all test images).
+Data: ../shared/data/real-dev relative to the repo root (MVTec layout; 4 references = the first 4 of
+train/good in sorted order, or `--reference-seed N` for a seeded random draw, `--k` for another count; all
+test images).
 
 A research script, not part of the installed package: it runs from a checkout and uses only public names of
 `anomaly_assistant` (the screener and feature source, `eval ad`'s reference and test-image rules, the DeepPCB
@@ -35,11 +36,25 @@ from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientN
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-dev"
 
-# name -> (source config, screener config). Each row adds one change to the row before it (the ablation chain).
+# name -> (source config, screener config). Each row adds one change to the row before (the ablation chain).
 # Every option is spelled out: the baseline must not drift when the library's defaults change.
 _BASE_SRC = EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0, batch_size=2)
-_BASE_SCR = ScreenerConfig(scale="source", image_size=256, illumination="none", augment=(), zoom=0.0, bank=BankConfig(
-    patch_size=3, knn=1, max_bank=16384, blur_sigma=1.0, instance_norm=False, relative=False, position_norm=0))
+_BASE_SCR = ScreenerConfig(
+    scale="source",
+    image_size=256,
+    illumination="none",
+    augment=(),
+    zoom=0.0,
+    bank=BankConfig(
+        patch_size=3,
+        knn=1,
+        max_bank=16384,
+        blur_sigma=1.0,
+        instance_norm=False,
+        relative=False,
+        position_norm=0,
+    ),
+)
 
 
 def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
@@ -78,7 +93,9 @@ def load_mvtec(root: Path, k: int = 4, reference_seed: int | None = None):
     """
     from anomaly_assistant.eval import ad
 
-    refs = [Image.open(p).convert("RGB") for p in ad.reference_paths(root.parent, root.name, k, reference_seed)]
+    refs = [
+        Image.open(p).convert("RGB") for p in ad.reference_paths(root.parent, root.name, k, reference_seed)
+    ]
     recs = []
     for rec in ad.test_records(root.parent, root.name):
         im = Image.open(rec.image_path).convert("RGB")
@@ -101,7 +118,7 @@ def evaluate(results, recs) -> dict[str, float]:
     scores = np.array([r.score for r in results])
     raw = np.array([r.raw_score for r in results])
     pm, pl, hits = [], [], []
-    for r, (im, mask, _) in zip(results, recs):
+    for r, (_, mask, _) in zip(results, recs):
         gt = mask if mask is not None else np.zeros(r.anomaly_map.shape, bool)
         if mask is not None:
             y, x = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
@@ -113,8 +130,10 @@ def evaluate(results, recs) -> dict[str, float]:
     for d in sorted(set(types[labels])):
         keep = (types == d) | ~labels  # this defect type's images plus all good images
         per_type[d] = roc_auc_score(labels[keep], raw[keep])
-        pixel_per_type[d] = roc_auc_score(np.concatenate([pl[i] for i in np.flatnonzero(keep)]),
-                                          np.concatenate([pm[i] for i in np.flatnonzero(keep)]))
+        pixel_per_type[d] = roc_auc_score(
+            np.concatenate([pl[i] for i in np.flatnonzero(keep)]),
+            np.concatenate([pm[i] for i in np.flatnonzero(keep)]),
+        )
         positive[d] = sum(int(pl[i].sum()) for i in np.flatnonzero(types == d))
     total = max(1, sum(positive.values()))
     return {
@@ -124,8 +143,8 @@ def evaluate(results, recs) -> dict[str, float]:
         "image_auroc": roc_auc_score(labels, raw if np.ptp(scores) == 0 else scores),
         "pixel_auroc": roc_auc_score(np.concatenate(pl), np.concatenate(pm)),
         "argmax_in_mask": float(np.mean(hits)) if hits else float("nan"),
-        "good_flagged": float(np.mean([r.label for r, l in zip(results, labels) if not l])),
-        "defect_flagged": float(np.mean([r.label for r, l in zip(results, labels) if l])),
+        "good_flagged": float(np.mean([r.label for r, bad in zip(results, labels) if not bad])),
+        "defect_flagged": float(np.mean([r.label for r, bad in zip(results, labels) if bad])),
     }
 
 
@@ -157,7 +176,7 @@ def speed(src_cfg, scr_cfg, refs, images, source_cache, repeats: int = 1):
 
 
 def load_deeppcb(root: Path, n: int):
-    """-> [(template PIL, test PIL, box mask)] for the first n pairs in sorted order (the project's DeepPCB reader)."""
+    """-> [(template PIL, test PIL, box mask)] for the first n pairs in the DeepPCB reader's order."""
     from anomaly_assistant.data_builders.sources import read_deeppcb
 
     pairs = []
@@ -194,8 +213,11 @@ def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
 
 
 def deeppcb_quarter_control(src_cfg, scr_cfg, pairs, source_cache):
-    """A normal control with real capture differences: each quarter of a test board is screened against the same
-    quarter of its template (the single reference); quarters that no defect box touches are the normals."""
+    """A normal control with real capture differences.
+
+    Each quarter of a test board is screened against the same quarter of its template (the single reference);
+    quarters that no defect box touches are the normals.
+    """
     src = _source(src_cfg, source_cache)
     labels, scores, flags = [], [], []
     for temp, test, mask in pairs:
@@ -222,12 +244,20 @@ def main(argv=None):
     ap.add_argument("--category", default="magnetic_tile")
     ap.add_argument("--presets", default="baseline,final", help="comma list, or 'all'")
     ap.add_argument("--k", type=int, default=4, help="number of reference normals")
-    ap.add_argument("--reference-seed", type=int, default=None,
-                    help="draw the k references at random with this seed (default: the first k of train/good)")
+    ap.add_argument(
+        "--reference-seed",
+        type=int,
+        default=None,
+        help="draw the k references at random with this seed (default: the first k of train/good)",
+    )
     ap.add_argument("--limit", type=int, default=0, help="use every n-th test image (0 = all)")
     ap.add_argument("--deeppcb", type=int, default=0, help="also run this many DeepPCB pairs")
-    ap.add_argument("--deeppcb-quarters", type=int, default=0,
-                    help="also screen the quarters of this many DeepPCB pairs (defect-free quarters = normal control)")
+    ap.add_argument(
+        "--deeppcb-quarters",
+        type=int,
+        default=0,
+        help="also screen the quarters of this many DeepPCB pairs (defect-free quarters = normal control)",
+    )
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -239,10 +269,14 @@ def main(argv=None):
         recs = recs[:: args.limit]
     cache: dict = {}
     speed_imgs = [im for im, _, _ in recs[::10]][:48]
-    print(f"{args.category}: {len(refs)} references, {len(recs)} test images "
-          f"({sum(m is not None for _, m, _ in recs)} defective)")
-    hdr = f"{'preset':<16}{'img AUROC':>10}{'px AUROC':>10}{'argmax∈mask':>12}{'good>thr':>9}{'bad>thr':>9}" \
-          f"{'img/s':>8}{'ext ms':>8}{'match ms':>9}"
+    print(
+        f"{args.category}: {len(refs)} references, {len(recs)} test images "
+        f"({sum(m is not None for _, m, _ in recs)} defective)"
+    )
+    hdr = (
+        f"{'preset':<16}{'img AUROC':>10}{'px AUROC':>10}{'argmax∈mask':>12}{'good>thr':>9}{'bad>thr':>9}"
+        f"{'img/s':>8}{'ext ms':>8}{'match ms':>9}"
+    )
     print(hdr)
     for name in names:
         src_cfg, scr_cfg = table[name]
@@ -252,13 +286,26 @@ def main(argv=None):
             continue
         results = run_preset(src_cfg, scr_cfg, refs, recs, cache)
         m = evaluate(results, recs)
-        print(f"{name:<16}{m['image_auroc']:>10.3f}{m['pixel_auroc']:>10.3f}{m['argmax_in_mask']:>12.3f}"
-              f"{m['good_flagged']:>9.2f}{m['defect_flagged']:>9.2f}{ips:>8.1f}{ext:>8.1f}{mat:>9.1f}", flush=True)
-        print(" " * 16 + "image AUROC per type: " + "  ".join(f"{k}={v:.2f}" for k, v in m["per_type"].items()))
-        print(" " * 16 + "pixel AUROC per type: " + "  ".join(
-            f"{k}={v:.2f} ({m['positive_pixel_share'][k]:.0%} of defect pixels)" for k, v in m["pixel_per_type"].items()))
-    deeppcb_runs = ((args.deeppcb, deeppcb_study, "template/test pairs (k=1)"),
-                    (args.deeppcb_quarters, deeppcb_quarter_control, "pairs in quarters, each vs its template quarter"))
+        print(
+            f"{name:<16}{m['image_auroc']:>10.3f}{m['pixel_auroc']:>10.3f}{m['argmax_in_mask']:>12.3f}"
+            f"{m['good_flagged']:>9.2f}{m['defect_flagged']:>9.2f}{ips:>8.1f}{ext:>8.1f}{mat:>9.1f}",
+            flush=True,
+        )
+        print(
+            " " * 16 + "image AUROC per type: " + "  ".join(f"{k}={v:.2f}" for k, v in m["per_type"].items())
+        )
+        print(
+            " " * 16
+            + "pixel AUROC per type: "
+            + "  ".join(
+                f"{k}={v:.2f} ({m['positive_pixel_share'][k]:.0%} of defect pixels)"
+                for k, v in m["pixel_per_type"].items()
+            )
+        )
+    deeppcb_runs = (
+        (args.deeppcb, deeppcb_study, "template/test pairs (k=1)"),
+        (args.deeppcb_quarters, deeppcb_quarter_control, "pairs in quarters, each vs its template quarter"),
+    )
     for n, study, what in deeppcb_runs:
         if not n:
             continue
@@ -267,8 +314,12 @@ def main(argv=None):
         for name in names:
             src_cfg, scr_cfg = table[name]
             m = study(src_cfg, scr_cfg, pairs, cache)
-            print(f"{name:<16}" + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in m.items()), flush=True)
+            print(
+                f"{name:<16}"
+                + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()),
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

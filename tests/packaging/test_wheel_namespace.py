@@ -1,5 +1,7 @@
-"""The built wheel must never put generic top-level `train`/`serve`/`eval` modules on a user's path."""
+"""The built wheel must never put generic top-level `train`/`serve`/`eval` modules on a user's path, and it
+carries the product only: research scripts (research/) stay in the checkout."""
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -13,11 +15,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel a fresh clone builds: from a copy without the ignored paths, since a stale build/lib would
+    carry files that are no longer in the tree (setuptools packs whatever build/lib holds)."""
+    ignored = [line.strip().rstrip("/") for line in (REPO / ".gitignore").read_text().splitlines()]
+    src = tmp_path_factory.mktemp("checkout") / "repo"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", *filter(None, ignored)))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
-        check=True, capture_output=True, text=True,
-    )
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*pip_wheel, "-w", str(out)], check=True, capture_output=True, text=True)
     (whl,) = out.glob("anomaly_assistant-*.whl")
     return whl
 
@@ -28,16 +33,30 @@ def test_wheel_has_a_single_top_level_package(wheel):
     assert top == {"anomaly_assistant"}, top
     for sub in ("train", "serve", "eval", "data_builders"):
         assert f"anomaly_assistant/{sub}/__init__.py" in names
-    samples = {"anomaly_assistant/resources/samples/good/good_1.png", "anomaly_assistant/resources/samples/test/scratch.png"}
+    samples = {
+        "anomaly_assistant/resources/samples/good/good_1.png",
+        "anomaly_assistant/resources/samples/test/scratch.png",
+    }
     assert samples <= set(names)  # `make run` inspects them after a plain install
+
+
+def test_wheel_carries_no_research_scripts(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "anomaly_assistant/eval/ad.py" in names  # the product's evaluation ships
+    research = [n for n in names if "research" in n.split("/") or "screening_study" in n]
+    assert research == [], research
 
 
 def test_installed_wheel_does_not_shadow_a_users_train_py(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     work = tmp_path / "project"
     work.mkdir()
     for name in ("train", "serve", "eval"):
@@ -49,6 +68,8 @@ def test_installed_wheel_does_not_shadow_a_users_train_py(wheel, tmp_path):
         "    spec = u.find_spec('anomaly_assistant.' + sub)\n"
         "    assert spec is not None and 'site-packages' in spec.origin, (sub, spec)\n"
         "assert u.find_spec('data_builders') is None\n"
+        "assert u.find_spec('research') is None\n"
+        "assert u.find_spec('anomaly_assistant.eval.screening_study') is None\n"
         "print('ok')\n"
     )
     result = subprocess.run([str(py), "-c", code], cwd=work, capture_output=True, text=True)
