@@ -27,13 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
+
 KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio",
         "expert_latency_ratio_no_references", "tokens_per_s", "peak_rss_mb")
 
 
 @dataclass
 class BenchConfig:
-    out: str = field(default="", metadata={"help": "result JSON path", "required": True})
+    out: str = field(metadata={"help": "result JSON path"})
     images: int = field(default=48, metadata={"help": "test images (SynthInspect, mixed normal/defective)"})
     repeats: int = field(default=3, metadata={"help": "timed screening passes over the images (median reported)"})
     image_size: int = field(default=256, metadata={"help": "image side in pixels"})
@@ -44,7 +46,7 @@ class BenchConfig:
     llm_layers: int | None = field(default=None, metadata={"help": "override the LLM depth (real widths: 36)"})
     feature_source: str = field(default="backbone", metadata={
         "help": "feature source of the model's expert", "choices": ["backbone", "efficientnet_lite0"]})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     category: str = field(default="woven", metadata={"help": "SynthInspect category of the images"})
     seed: int = field(default=0, metadata={"help": "image and weight seed"})
 
@@ -223,7 +225,7 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
 def run(cfg: BenchConfig) -> dict[str, Any]:
     import torch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     tests, refs = bench_images(cfg)
     result: dict[str, Any] = {}
@@ -275,11 +277,12 @@ def main(argv: list[str] | None = None, command: str = "bench") -> int:
     from anomaly_assistant.eval import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = cli.parse_config(BenchConfig, argv, f"anomaly-assistant {command}", __doc__.splitlines()[0])
-    if not cfg.out:
-        print(f"anomaly-assistant {command}: required: --out", file=sys.stderr)
+    try:
+        cfg = parse_config(BenchConfig, argv, f"anomaly-assistant {command}", __doc__.splitlines()[0])
+        result = run(cfg)
+    except UsageError as exc:
+        print(f"anomaly-assistant {command}: {exc}", file=sys.stderr)
         return 2
-    result = run(cfg)
     out = Path(cfg.out)
     md, html = write_report(result, out)
     result["report"] = {"markdown": md.name, "html": html.name}
