@@ -1,25 +1,27 @@
 """The one command-line config parser: one dataclass per command, `--config FILE.yaml`, flags win.
 
-Every command (data, eval, bench, and the training / serving stages) describes its options as one dataclass whose
-fields carry `help` metadata (optionally `choices`, `metavar`, `aliases`), and reads them with `parse_config`.
-Precedence: command-line flags > `--config` YAML > field defaults. A field without a default is required (on the
-command line or in the YAML).
+Every command (data, eval, bench, and the training / serving stages) describes its options as one dataclass
+whose fields carry `help` metadata (optionally `choices`, `metavar`, `aliases`) and reads them with
+`parse_config`. Precedence: command-line flags > `--config` YAML > field defaults. A field without a default
+is required (on the command line or in the YAML).
 
-The parser is TRL's `TrlParser`, i.e. transformers' `HfArgumentParser` (types, Optional, Literal/Enum choices,
-list fields, required fields, `--field_name` and `--field-name` spellings) plus YAML values as defaults, so TRL's own
-configs (`SFTConfig`, `GRPOConfig`, `ModelConfig`) parse by the same rules as ours. What it lacks, added here:
+The parser is TRL's `TrlParser`, i.e. transformers' `HfArgumentParser` (types, Optional, Literal/Enum
+choices, list fields, required fields, `--field_name` and `--field-name` spellings) plus YAML values as
+defaults, so TRL's own configs (`SFTConfig`, `GRPOConfig`, `ModelConfig`) parse by the same rules as ours.
+What it lacks is added here:
 
-- Booleans are plain switches, `--flag` / `--no-flag` (also `--no_flag`), for every bool field. HfArgumentParser's
-  `--flag [BOOL]` takes an optional value, so `--json part.png` would read the path as a boolean, and it offers
-  `--no_flag` only for fields that default to True (a YAML `true` could not be switched off by a flag).
+- Booleans are plain switches, `--flag` / `--no-flag` (also `--no_flag`), for every bool field.
+  HfArgumentParser's `--flag [BOOL]` takes an optional value, so `--json part.png` would read the path as a
+  boolean, and it offers `--no_flag` only for fields that default to True (a YAML `true` could not be switched
+  off by a flag).
 - List fields take several values and may be repeated (`--source a b --source c`); the command line replaces a
   YAML list instead of appending to it.
 - A field may be positional (`metadata={"positional": True}`).
 - A field whose type is a dataclass is a section: flags `--judge-endpoint`, YAML `judge: {endpoint: ...}` or
   `judge_endpoint: ...` (HfArgumentParser would need two dataclasses whose equal field names collide).
-- YAML keys are checked: an unknown key, a value outside `choices` or a non-boolean for a switch is a usage error
-  naming the key (TrlParser raises a ValueError listing leftover `--key value` strings).
-- Usage errors raise `UsageError` with a one-line message (the command exits 2) instead of printing the usage block.
+- YAML keys are checked: an unknown key, a value outside `choices` or a non-boolean for a switch is a usage
+  error naming the key (TrlParser raises a ValueError listing leftover `--key value` strings).
+- Usage errors raise `UsageError` with a one-line message (the command exits 2), not the usage block.
 - `--help` lists each option once, hyphenated, with its default once (argparse's ArgumentDefaultsHelpFormatter
   appends "(default: …)" even where the help text already gives one).
 """
@@ -48,8 +50,10 @@ class UsageError(Exception):
 
 
 def resolve_device(device: str | None = "auto") -> str:
-    """The device every command runs on: `auto` (or None) is CUDA when available, else CPU; other names are checked
-    here so a typo or a missing GPU is a usage error before any model loads."""
+    """The device every command runs on: `auto` (or None) is CUDA when available, else CPU.
+
+    Other names are checked here, so a typo or a missing GPU is a usage error before any model loads.
+    """
     import torch
 
     if device in (None, "", "auto"):
@@ -72,7 +76,7 @@ def parse_config(
 
 
 class ConfigParser(TrlParser):
-    """`TrlParser` with the rules in the module docstring; `parse(argv)` returns one instance per dataclass."""
+    """`TrlParser` with the rules in the module docstring; `parse(argv)` gives one instance per dataclass."""
 
     def __init__(self, dataclass_types: Sequence[type], **kwargs: Any):
         super().__init__(dataclass_types=None, formatter_class=_HelpFormatter, **kwargs)
@@ -101,8 +105,10 @@ class ConfigParser(TrlParser):
     # ------------------------------------------------------------------------------------------ building
 
     def _add_dataclass_arguments(self, dtype: type, prefix: str = "", group: Any = None) -> None:
-        """One argument per field (fields of a dataclass-typed field get `<name>_` and a help group of their own).
-        Works on copies of the fields: HfArgumentParser writes resolved types into the class's own fields."""
+        """One argument per field; the fields of a dataclass-typed field get `<name>_` and a help group.
+
+        Works on copies of the fields: HfArgumentParser writes resolved types into the class's own fields.
+        """
         if group is None:
             group = self.add_argument_group(dtype._argument_group_name) if hasattr(
                 dtype, "_argument_group_name") else self
@@ -113,7 +119,8 @@ class ConfigParser(TrlParser):
             if dataclasses.is_dataclass(hints[f.name]):
                 section = f"{prefix}{f.name}_"
                 self.sections.add(section)
-                title = f"{f.name} options (--{section.replace('_', '-')}*, or a `{f.name}:` mapping in the YAML)"
+                flags = f"--{section.replace('_', '-')}*"
+                title = f"{f.name} options ({flags}, or a `{f.name}:` mapping in the YAML)"
                 sub = self.add_argument_group(title, f.metadata.get("help"))
                 self._add_dataclass_arguments(hints[f.name], section, sub)
                 continue
@@ -242,7 +249,7 @@ class _Switch(argparse.Action):
 
 
 class _ListAction(argparse.Action):
-    """`--x a b --x c` gives [a, b, c]; the first use on the command line replaces the default (or the YAML list)."""
+    """`--x a b --x c` gives [a, b, c]; the first use replaces the default (or the YAML list)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         current = getattr(namespace, self.dest, None)
