@@ -2,6 +2,7 @@
 package through public names only: a refactoring of the product never has to keep a study's internals."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,12 @@ def test_screening_study_runs_from_a_checkout():
     )
     assert result.returncode == 0, result.stderr
     assert "--presets" in result.stdout
+
+
+def test_docs_name_research_scripts_that_exist():
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = {m for doc in docs for m in re.findall(r"research/[\w/]+\.py", doc.read_text())}
+    assert "research/screening_study.py" in named
+    assert [n for n in named if not (REPO / n).exists()] == []
+    stale = [doc.name for doc in docs if "anomaly_assistant.eval.screening_study" in doc.read_text()]
+    assert stale == []
