@@ -1,7 +1,7 @@
-"""`anomaly-assistant data {build,inspect,synth}`: thin wrappers over `build.build`, the readers and SynthInspect.
+"""`anomaly-assistant data {build,inspect,synth}`: thin wrappers over `build.build`, readers, SynthInspect.
 
-Each sub-command has one dataclass config read by the project's one config parser (`commands.config`): flags come
-from its fields and `--config file.yaml` supplies any of them (flags win).
+Each sub-command has one dataclass config read by the project's one config parser (`commands.config`): flags
+come from its fields and `--config file.yaml` supplies any of them (flags win).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class SynthCommandConfig:
 
 
 def cmd_build(cfg: BuildConfig) -> int:
+    """`data build`: SFT / GRPO / expert datasets, with a summary table."""
     from anomaly_assistant.data_builders.build import build
 
     if not cfg.sources and not (cfg.synth or cfg.textures):
@@ -86,6 +87,7 @@ def _load_for_inspect(cfg: InspectConfig):
 
 
 def cmd_inspect(cfg: InspectConfig) -> int:
+    """`data inspect`: counts and a preview grid."""
     from anomaly_assistant.data_builders.preview import render_grid
     from anomaly_assistant.data_builders.records import summarize
 
@@ -120,6 +122,7 @@ def cmd_inspect(cfg: InspectConfig) -> int:
 
 
 def cmd_synth(cfg: SynthCommandConfig) -> int:
+    """`data synth`: SynthInspect in the MVTec AD layout; prints one JSON summary line."""
     import time
 
     from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, SynthConfig, SynthInspect
@@ -152,6 +155,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None, command: str = "data") -> int:
+    """`anomaly-assistant data SUBCOMMAND ...`; usage errors print one line and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog=PROG, description="Build and inspect training / evaluation data.")
     sub = top.add_subparsers(dest="sub", metavar="SUBCOMMAND")
@@ -162,7 +166,6 @@ def main(argv: list[str] | None = None, command: str = "data") -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        top.print_usage(sys.stderr)
         print(f"{PROG}: unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     cls, fn, _ = COMMANDS[name]
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None, command: str = "data") -> int:
         return int(fn(cfg) or 0)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (UsageError, ValueError) as exc:  # configuration errors (unknown backbone, bad fractions): one line
+    except (UsageError, ValueError) as exc:  # configuration errors (unknown backbone, bad fractions)
         print(f"{PROG} {name}: {exc}", file=sys.stderr)
         return 2
 

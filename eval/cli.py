@@ -1,9 +1,9 @@
 """`anomaly-assistant eval {ad,detect,reasoning,mmad}`: thin entry points over the eval library.
 
-Each sub-command has one dataclass config read by the project's one config parser (`commands.config`: flags from
-its fields, or `--config file.yaml` with flags overriding it), builds the assistant, runs, and writes
-`--out FILE.json` plus `FILE.md` / `FILE.html` / `FILE_figures/`. Under `accelerate launch` every process evaluates
-its share; the main process writes.
+Each sub-command has one dataclass config read by the project's one config parser (`commands.config`: flags
+from its fields, or `--config file.yaml` with flags overriding it), builds the assistant, runs, and writes
+`--out FILE.json` plus `FILE.md` / `FILE.html` / `FILE_figures/`. Under `accelerate launch` every process
+evaluates its share; the main process writes.
 """
 
 from __future__ import annotations
@@ -27,20 +27,25 @@ class ModelArgs:
 
     model: str | None = field(default=None, metadata={"help": "checkpoint directory or hub id"})
     expert_only: bool = field(default=False, metadata={
-        "help": "no LLM generation: the expert screens (no --model needed; with --model, that model's expert)"})
+        "help": "no LLM generation: the expert screens (no --model needed; with --model, that model's "
+                "expert)"})
     feature_source: str | None = field(default=None, metadata={
-        "help": "expert feature source (expert-only: efficientnet_lite0; a model: its own, or the one given when "
-                "wrapping a plain backbone)", "choices": ["efficientnet_lite0", "backbone"]})
+        "help": "expert feature source (expert-only: efficientnet_lite0; a model: its own, or the one given "
+                "when wrapping a plain backbone)", "choices": ["efficientnet_lite0", "backbone"]})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    limit: int | None = field(default=None, metadata={"help": "evaluate only N items spread over the set (quick runs)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "evaluate only N items spread over the set (quick runs)"})
 
 
 @dataclass(kw_only=True)
 class ADConfig(ModelArgs):
+    """`eval ad`: image AUROC / AP, pixel AUROC and PRO of one MVTec-layout category, k-shot."""
+
     out: str = field(metadata={"help": "result JSON path"})
     data: str = field(metadata={"help": "MVTec-layout root (ROOT/CAT/{train,test,ground_truth})"})
     category: str = field(metadata={"help": "category folder under ROOT"})
-    shots: int = field(default=4, metadata={"help": "k reference normals: the first k of train/good, sorted (see --reference-seed)"})
+    shots: int = field(default=4, metadata={
+        "help": "k reference normals: the first k of train/good, sorted (see --reference-seed)"})
     reference_seed: int | None = field(default=None, metadata={
         "help": "draw the k references at random from train/good with this seed (default: the first k)"})
     batch_size: int = field(default=8, metadata={"help": "images per screening / batched inspection call"})
@@ -49,32 +54,43 @@ class ADConfig(ModelArgs):
 
 @dataclass(kw_only=True)
 class DetectConfig(ModelArgs):
+    """`eval detect`: yes/no detection by the VisA-D&R protocol."""
+
     out: str = field(metadata={"help": "result JSON path"})
     data: str = field(metadata={"help": "MVTec-layout root or VisA-D&R JSON"})
     category: str | None = field(default=None, metadata={"help": "one class (default: all)"})
     references: int = field(default=0, metadata={"help": "k reference normals per class (few-shot mode)"})
-    image_root: str | None = field(default=None, metadata={"help": "image root for a JSON (default: its folder)"})
+    image_root: str | None = field(default=None, metadata={
+        "help": "image root for a JSON (default: its folder)"})
     max_new_tokens: int = field(default=16, metadata={"help": "reply length"})
 
 
 @dataclass(kw_only=True)
 class ReasoningConfig(ModelArgs):
+    """`eval reasoning`: VisA-D&R dialogues replayed and scored against the reference answers."""
+
     out: str = field(metadata={"help": "result JSON path"})
     data: str = field(metadata={"help": "VisA-D&R JSON (LLaVA conversation format)"})
     image_root: str | None = field(default=None, metadata={"help": "image root (default: the JSON's folder)"})
     category: str | None = field(default=None, metadata={"help": "one class (default: all)"})
     max_new_tokens: int = field(default=256, metadata={"help": "answer length per turn"})
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={
-        "help": "the LLM judge of the answers (none unless --judge-endpoint or --judge-local-model is given)"})
+        "help": "the LLM judge of the answers (none unless --judge-endpoint or --judge-local-model is set)"})
 
 
 @dataclass(kw_only=True)
 class MMADConfig(ModelArgs):
+    """`eval mmad`: MMAD-style multiple-choice questions."""
+
     out: str = field(metadata={"help": "result JSON path"})
     data: str = field(metadata={"help": "MMAD JSON (object keyed by image path)"})
-    image_root: str | None = field(default=None, metadata={"help": "MMAD image root (default: the JSON's folder)"})
+    image_root: str | None = field(default=None, metadata={
+        "help": "MMAD image root (default: the JSON's folder)"})
     reference: bool = field(default=True, metadata={
         "help": "show one normal reference image with each question; --no-reference asks zero-shot"})
+    template: str = field(default="random", metadata={
+        "help": "which of MMAD's templates is the reference: random_templates[0] (MMAD's 1-shot default) or "
+                "similar_templates[0]", "choices": ["random", "similar"]})
     max_new_tokens: int = field(default=16, metadata={"help": "reply length"})
 
 
@@ -89,12 +105,14 @@ def build_assistant(cfg: ModelArgs) -> Any:
         return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0")
     # --expert-only with --model: the model's own expert screens (`screen`), the LLM never generates.
     if not cfg.model:
-        raise UsageError("--model is required unless --expert-only is given (`--model tiny` builds a toy model)")
+        raise UsageError("--model is required unless --expert-only is given (`--model tiny` builds a toy "
+                         "model)")
     kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
     return AnomalyAssistant.from_pretrained(cfg.model, device=resolve_device(cfg.device), **kwargs)
 
 
 def mode(cfg: ModelArgs) -> str:
+    """What answers in this run, as reports name it."""
     if cfg.expert_only and cfg.model:
         return f"expert of {cfg.model}"
     if cfg.expert_only:
@@ -103,9 +121,11 @@ def mode(cfg: ModelArgs) -> str:
 
 
 def write_json(result: dict[str, Any], out: str | Path) -> Path:
+    """The result as indented JSON (numpy scalars and paths made plain)."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_jsonable) + "\n", encoding="utf-8")
+    text = json.dumps(result, indent=2, ensure_ascii=False, default=_jsonable)
+    path.write_text(text + "\n", encoding="utf-8")
     return path
 
 
@@ -147,46 +167,53 @@ def _finish(result: dict[str, Any], cfg: ModelArgs, write_report, rows: list[dic
 
 
 def run_ad(cfg: ADConfig) -> int:
+    """`eval ad`."""
     from anomaly_assistant.eval import ad
 
     assistant = build_assistant(cfg)
-    result, records, preds = ad.evaluate(assistant, cfg.data, cfg.category, cfg.shots, batch_size=cfg.batch_size,
-                                         expert_only=cfg.expert_only, limit=cfg.limit,
-                                         max_new_tokens=cfg.max_new_tokens, reference_seed=cfg.reference_seed)
+    result, records, preds = ad.evaluate(assistant, cfg.data, cfg.category, cfg.shots,
+                                         batch_size=cfg.batch_size, expert_only=cfg.expert_only,
+                                         limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
+                                         reference_seed=cfg.reference_seed)
     draw = "" if cfg.reference_seed is None else f", references drawn with seed {cfg.reference_seed}"
     title = f"AD metrics: {cfg.category} ({cfg.shots}-shot{draw}, {mode(cfg)})"
     return _finish(result, cfg, lambda res, out: ad.write_report(res, records, preds, out, title), preds)
 
 
 def run_detect(cfg: DetectConfig) -> int:
+    """`eval detect`."""
     from anomaly_assistant.eval import detection
 
     assistant = build_assistant(cfg)
-    result, preds = detection.evaluate(assistant, cfg.data, cfg.category, cfg.references, expert_only=cfg.expert_only,
-                                       max_new_tokens=cfg.max_new_tokens, image_root=cfg.image_root, limit=cfg.limit)
+    result, preds = detection.evaluate(assistant, cfg.data, cfg.category, cfg.references,
+                                       expert_only=cfg.expert_only, max_new_tokens=cfg.max_new_tokens,
+                                       image_root=cfg.image_root, limit=cfg.limit)
     title = f"Detection (VisA-D&R protocol): {Path(cfg.data).name} ({mode(cfg)})"
     return _finish(result, cfg, lambda res, out: detection.write_report(res, preds, out, title), preds)
 
 
 def run_reasoning(cfg: ReasoningConfig) -> int:
+    """`eval reasoning`."""
     from anomaly_assistant.eval import reasoning
     from anomaly_assistant.eval.judge import build_judge, config_dict
 
     assistant = build_assistant(cfg)
     judge = build_judge(cfg.judge)
     result, turns = reasoning.evaluate(assistant, cfg.data, judge=judge, image_root=cfg.image_root,
-                                       category=cfg.category, max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
+                                       category=cfg.category, max_new_tokens=cfg.max_new_tokens,
+                                       limit=cfg.limit)
     result["judge"] = config_dict(cfg.judge) if judge else None
     title = f"Reasoning (VisA-D&R protocol): {Path(cfg.data).name} ({mode(cfg)})"
     return _finish(result, cfg, lambda res, out: reasoning.write_report(res, turns, out, title), turns)
 
 
 def run_mmad(cfg: MMADConfig) -> int:
+    """`eval mmad`."""
     from anomaly_assistant.eval import mmad
 
     assistant = build_assistant(cfg)
     result, rows = mmad.evaluate(assistant, cfg.data, image_root=cfg.image_root, use_reference=cfg.reference,
-                                 max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
+                                 template=cfg.template, max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
     title = f"MMAD-style multiple choice: {Path(cfg.data).name} ({mode(cfg)})"
     return _finish(result, cfg, lambda res, out: mmad.write_report(res, rows, out, title), rows)
 
@@ -195,11 +222,12 @@ SUBCOMMANDS = {
     "ad": (ADConfig, run_ad, "image AUROC/AP, pixel AUROC, PRO on an MVTec-layout category"),
     "detect": (DetectConfig, run_detect, "yes/no detection, VisA-D&R protocol (per class + macro)"),
     "reasoning": (ReasoningConfig, run_reasoning, "replay VisA-D&R dialogues; ROUGE-L, SBERT, LLM judge"),
-    "mmad": (MMADConfig, run_mmad, "MMAD-style multiple choice with one normal reference"),
+    "mmad": (MMADConfig, run_mmad, "MMAD multiple choice with one normal reference, scored as MMAD scores"),
 }
 
 
 def main(argv: list[str] | None = None, command: str = "eval") -> int:
+    """`anomaly-assistant eval SUBCOMMAND ...`; usage errors print one line and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"anomaly-assistant {command}"
     if not argv or argv[0] in ("-h", "--help"):
