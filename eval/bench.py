@@ -35,15 +35,19 @@ KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio
 
 @dataclass
 class BenchConfig:
+    """`anomaly-assistant bench`: what to measure, on which images and which model."""
+
     out: str = field(metadata={"help": "result JSON path"})
     images: int = field(default=48, metadata={"help": "test images (SynthInspect, mixed normal/defective)"})
-    repeats: int = field(default=3, metadata={"help": "timed screening passes over the images (median reported)"})
+    repeats: int = field(default=3, metadata={
+        "help": "timed screening passes over the images (median reported)"})
     image_size: int = field(default=256, metadata={"help": "image side in pixels"})
     references: int = field(default=4, metadata={"help": "reference normals"})
     new_tokens: int = field(default=32, metadata={"help": "generated tokens per inspection (forced exactly)"})
     inspections: int = field(default=8, metadata={"help": "images timed for the latency ratio (median)"})
     real_widths: bool = field(default=False, metadata={"help": "random model at Qwen2.5-VL-3B widths"})
-    llm_layers: int | None = field(default=None, metadata={"help": "override the LLM depth (real widths: 36)"})
+    llm_layers: int | None = field(default=None, metadata={
+        "help": "override the LLM depth (real widths: 36)"})
     feature_source: str = field(default="backbone", metadata={
         "help": "feature source of the model's expert", "choices": ["backbone", "efficientnet_lite0"]})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
@@ -274,6 +278,7 @@ def write_report(result: dict[str, Any], out_json: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None, command: str = "bench") -> int:
+    """`anomaly-assistant bench ...`: JSON + report to --out; usage errors print one line and return 2."""
     from anomaly_assistant.eval import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
