@@ -40,6 +40,7 @@ from anomaly_assistant.data_builders.records import (
     resolve_inside,
 )
 from anomaly_assistant.localize import boxes_from_map
+from anomaly_assistant.scoring import read_verdict, verdict_word
 
 DEEPPCB_TYPES = {1: "open", 2: "short", 3: "mousebite", 4: "spur", 5: "copper", 6: "pin-hole"}
 MVTEC_SPLITS = ("train", "validation", "test")
@@ -464,15 +465,13 @@ def _json_label(meta: dict[str, Any], turns: list[dict[str, str]], image: str) -
         if key in meta:
             value = meta[key]
             if isinstance(value, str):
-                value = value.lower() in ("1", "true", "yes", "anomaly", "anomalous", "bad")
+                value = _parse_label(value) == 1
             return int(bool(value))
     for q, a in zip(turns, turns[1:]):
         if q["role"] == "user" and a["role"] == "assistant" and _DETECTION_Q.search(q["content"]):
-            word = a["content"].strip().lower()[:4]
-            if word.startswith("yes"):
-                return 1
-            if word.startswith("no"):
-                return 0
+            verdict = read_verdict(a["content"])
+            if verdict is not None:
+                return int(verdict == "anomalous")
     return _label_from_path(image)
 
 
@@ -499,9 +498,13 @@ def read_mmad(
     skips: SkipLog | None = None,
     with_boxes: bool = False,
 ) -> list[Record]:
-    """MMAD: `meta["questions"]` holds the multiple-choice items ({Question, Answer, Options, type});
-    `reference_path` is the first `similar_templates` image, `meta["templates"]` all of them.
-    MMAD's masks are colour renderings (`rbg_mask`), so boxes are not derived unless asked."""
+    """MMAD: `meta["questions"]` holds the multiple-choice items ({Question, Answer, Options, type}).
+
+    `meta["key"]` is the image's key in the JSON (MMAD's scorer reads dataset and "good" from it);
+    `meta["random_templates"]` / `meta["similar_templates"]` are MMAD's normal references, `reference_path`
+    the first similar one. MMAD's masks are colour renderings (`rbg_mask`), so boxes are not derived unless
+    asked.
+    """
     skips = skips if skips is not None else SkipLog()
     json_path = Path(json_path)
     root = Path(image_root) if image_root else json_path.parent
@@ -524,22 +527,18 @@ def read_mmad(
         label = _label_from_path(rel)
         for q in questions:
             if str(q.get("type", "")).lower().startswith("anomaly detection"):
-                opts = q.get("Options") or {}
-                answer = str(opts.get(q.get("Answer"), "")).strip().lower()
-                if answer.startswith("yes"):
-                    label = 1
-                elif answer.startswith("no"):
-                    label = 0
+                verdict = read_verdict(str((q.get("Options") or {}).get(q.get("Answer"), "")))
+                label = label if verdict is None else int(verdict == "anomalous")
         if label is None:
             skips.add(img, "unlabelled: no good/defect folder or detection answer")
             continue
         parts = re.split(r"[\\/]", rel)
         category = parts[1] if len(parts) > 3 else (parts[0] if len(parts) > 1 else "")
-        templates = []
-        for t in item.get("similar_templates") or []:
-            p = resolve_inside(root, t) if isinstance(t, str) else None
-            if p is not None and p.is_file():
-                templates.append(str(p))
+        templates = {}
+        for kind in ("random_templates", "similar_templates"):
+            listed = [resolve_inside(root, t) if isinstance(t, str) else None for t in item.get(kind) or []]
+            templates[kind] = [str(p) for p in listed if p is not None and p.is_file()]
+        similar = templates["similar_templates"]
         mask_path = None
         if label and isinstance(item.get("mask_path"), str):
             m = resolve_inside(root, item["mask_path"])
@@ -558,8 +557,8 @@ def read_mmad(
             source="mmad",
             split="test",
             image_size=size,
-            reference_path=templates[0] if templates else None,
-            meta={"questions": questions, "templates": templates, "dataset": parts[0] if parts else ""},
+            reference_path=similar[0] if similar else None,
+            meta={"questions": questions, **templates, "key": str(key), "dataset": parts[0] if parts else ""},
         )
         rec = _with_mask(rec, size, skips, with_boxes) if with_boxes else rec
         if rec is not None:
@@ -570,33 +569,17 @@ def read_mmad(
 # --------------------------------------------------------------------------------------------- generic
 
 
-_LABEL_WORDS = {
-    "0": 0,
-    "1": 1,
-    "good": 0,
-    "ok": 0,
-    "normal": 0,
-    "false": 0,
-    "no": 0,
-    "bad": 1,
-    "ng": 1,
-    "anomaly": 1,
-    "anomalous": 1,
-    "defect": 1,
-    "defective": 1,
-    "true": 1,
-    "yes": 1,
-}
-
-
 def _parse_label(value: Any) -> int | None:
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, (int, float)):
         return int(float(value) >= 0.5)
     text = str(value).strip().lower()
-    if text in _LABEL_WORDS:
-        return _LABEL_WORDS[text]
+    if text in ("true", "false"):
+        return int(text == "true")
+    verdict = verdict_word(text)
+    if verdict is not None:
+        return int(verdict == "anomalous")
     try:
         return int(float(text) >= 0.5)  # a defect probability (e.g. ELPV's 0 / 0.33 / 0.67 / 1)
     except ValueError:

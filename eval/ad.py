@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from anomaly_assistant import scoring
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
 from anomaly_assistant.localize import boxes_from_map
@@ -111,7 +112,7 @@ def compute(records: Sequence[Any], predictions: Sequence[dict[str, Any]], max_f
         "n_images": len(predictions),
         "n_masks": sum(1 for r in records if r.gt_mask) if masks else 0,
     }
-    at = metrics.binary_metrics(y, [p["pred_label"] for p in predictions])
+    at = scoring.binary_metrics(y, [p["pred_label"] for p in predictions])
     out["at_threshold"] = {k: at[k] for k in ("accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn")}
     per_defect = {}
     normals = [p for p in predictions if p["gt_label"] == 0]

@@ -1,10 +1,10 @@
 """Detection in the VisA-D&R protocol: ask "Are there any defects…? Yes/No" and score the replies.
 
-A reply containing "yes" (case-insensitive, anywhere, as the protocol says) counts as anomalous. Accuracy,
-precision, recall and F1 are computed per class and then macro-averaged (the top-level numbers); the
-pooled (micro) numbers are kept alongside. Few-shot mode gives each class its first k normal images as
-references: for an MVTec-layout folder the first k of `train/good` in sorted order; for a VisA-D&R JSON
-(which has no train split) the first k normal images of that class in sorted order, which are then left
+A reply containing "yes" (case-insensitive, anywhere, as the protocol says: `scoring.is_yes`) counts as
+anomalous. Accuracy, precision, recall and F1 are computed per class and then macro-averaged (the top-level
+numbers); the pooled (micro) numbers are kept alongside. Few-shot mode gives each class its first k normal
+images as references: for an MVTec-layout folder the first k of `train/good` in sorted order; for a VisA-D&R
+JSON (which has no train split) the first k normal images of that class in sorted order, which are then left
 out of the evaluated set. An assistant without an LLM answers with the expert's verdict instead.
 """
 
@@ -15,15 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from anomaly_assistant import scoring
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
 
 from anomaly_assistant.prompts import DETECTION_PROMPT  # the protocol's question; one home for prompts
-
-
-def is_yes(reply: str) -> bool:
-    """The protocol's rule: a reply containing "yes" is an anomalous prediction."""
-    return "yes" in reply.lower()
 
 
 def is_json_source(data: str | Path) -> bool:
@@ -76,7 +72,7 @@ def predict(assistant: Any, records: Sequence[Any], refs: dict[str, list[str]], 
                 reply = assistant.chat(references=ref).ask(DETECTION_PROMPT, image=rec.image_path,
                                                            max_new_tokens=max_new_tokens)
             out.append({"image_path": rec.image_path, "category": rec.category, "gt_label": int(rec.gt_label),
-                        "defect_type": rec.defect_type, "reply": reply, "pred_label": int(is_yes(reply)),
+                        "defect_type": rec.defect_type, "reply": reply, "pred_label": int(scoring.is_yes(reply)),
                         "score": score})
         return out
 
@@ -88,11 +84,11 @@ def compute(preds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     cats = [p["category"] or "-" for p in preds]
     y = [p["gt_label"] for p in preds]
     yhat = [p["pred_label"] for p in preds]
-    per_class, macro = metrics.per_class_binary(cats, y, yhat)
-    micro = metrics.binary_metrics(y, yhat)
+    per_class, macro = scoring.per_class_binary(cats, y, yhat)
+    micro = scoring.binary_metrics(y, yhat)
     out: dict[str, Any] = {**macro, "n_images": len(preds)}
     out["per_class"] = per_class
-    out["micro"] = {k: micro[k] for k in metrics.BINARY_KEYS}
+    out["micro"] = {k: micro[k] for k in scoring.BINARY_KEYS}
     if preds and all(p.get("score") is not None for p in preds):
         out["image_auroc"] = metrics.image_auroc(y, [p["score"] for p in preds])
     return out
@@ -126,7 +122,7 @@ def write_report(result: dict[str, Any], preds: Sequence[dict[str, Any]], out_js
     rep.heading("Pooled over all images (micro)")
     rep.table([result["micro"]])
     rep.heading("Figures")
-    rep.figure(R.plot_bars(result["per_class"], list(metrics.BINARY_KEYS), rep.figure_path("per_class.png"),
+    rep.figure(R.plot_bars(result["per_class"], list(scoring.BINARY_KEYS), rep.figure_path("per_class.png"),
                            title="detection per class"), "Accuracy, precision, recall, F1 per class")
     if result.get("image_auroc") is not None:
         pts = metrics.roc_points([p["gt_label"] for p in preds], [p["score"] for p in preds])

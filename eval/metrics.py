@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics: image AUROC / AP, pixel AUROC, PRO, and thresholded binary metrics.
+"""Anomaly-detection expert metrics: image AUROC / AP, pixel AUROC, PRO.
 
 Threshold-free metrics come from scikit-learn (`roc_auc_score`, `average_precision_score`, `roc_curve`).
 PRO has no maintained implementation in our stack, so it follows the MVTec AD reference evaluation code
@@ -10,18 +10,16 @@ divided by `max_fpr`, so a perfect map scores 1.
 
 Maps and masks may have different sizes per image (real datasets do): pixel metrics take lists.
 Every function returns None instead of raising when a metric is undefined (one class only, no masks).
+Metrics on decisions (accuracy, precision, recall, F1 of labels) live in `anomaly_assistant.scoring`, shared
+with the training rewards.
 """
 
 from __future__ import annotations
 
 from bisect import bisect
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
-
-BINARY_KEYS = ("accuracy", "precision", "recall", "f1")
-
 
 def _labels_scores(gt_labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(gt_labels, dtype=np.int64).ravel()
@@ -149,50 +147,3 @@ def pro_score(gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarray]
         return None
     fprs, pros = curve
     return trapezoid(fprs, pros, x_max=max_fpr) / max_fpr
-
-
-def binary_metrics(gt_labels: Sequence[int], pred_labels: Sequence[int]) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1 with anomalous = positive, plus the confusion counts.
-
-    Precision (recall) is 0.0 when nothing is predicted (present) positive, as scikit-learn's
-    `zero_division=0`; F1 is 0.0 when precision + recall is 0.
-    """
-    y, p = _labels_scores(gt_labels, pred_labels)
-    p = p.astype(np.int64)
-    tp = int(((y == 1) & (p == 1)).sum())
-    fp = int(((y == 0) & (p == 1)).sum())
-    tn = int(((y == 0) & (p == 0)).sum())
-    fn = int(((y == 1) & (p == 0)).sum())
-    n = tp + fp + tn + fn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / n if n else None,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n,
-    }
-
-
-def per_class_binary(
-    categories: Sequence[str], gt_labels: Sequence[int], pred_labels: Sequence[int]
-) -> tuple[dict[str, dict[str, Any]], dict[str, float | None]]:
-    """Binary metrics per class and their macro average (the VisA-D&R way: average the per-class numbers)."""
-    groups: dict[str, list[int]] = {}
-    for i, c in enumerate(categories):
-        groups.setdefault(str(c), []).append(i)
-    y = np.asarray(gt_labels)
-    p = np.asarray(pred_labels)
-    per_class = {c: binary_metrics(y[idx], p[idx]) for c, idx in sorted(groups.items())}
-    return per_class, macro_average(per_class)
-
-
-def macro_average(per_class: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = BINARY_KEYS) -> dict[str, float | None]:
-    """Mean of each key over the classes where it is defined."""
-    out: dict[str, float | None] = {}
-    for k in keys:
-        vals = [float(m[k]) for m in per_class.values() if m.get(k) is not None]
-        out[k] = float(np.mean(vals)) if vals else None
-    return out

@@ -136,9 +136,10 @@ def test_eval_reasoning_and_mmad_with_tiny_model(mvtec_root, tmp_path):
     (mvtec_root / "mmad.json").write_text(json.dumps(mmad))
     out = tmp_path / "mm.json"
     assert cli_main(["eval", "mmad", "--data", str(mvtec_root / "mmad.json"), "--model", "tiny",
-                     "--max-new-tokens", "3", "--out", str(out)]) == 0
+                     "--template", "similar", "--max-new-tokens", "3", "--out", str(out)]) == 0
     res = _json(out)
     assert res["n_questions"] == 4 and set(res["per_type"]) == {"Anomaly Detection", "Defect Classification"}
+    assert (res["template"], res["references"]) == ("similar", 1) and set(res["per_dataset"]) == {"brick"}
     assert (tmp_path / "mm.html").is_file()
 
 

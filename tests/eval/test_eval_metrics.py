@@ -67,20 +67,6 @@ def test_pro_perfect_and_undefined():
     assert M.pro_score([np.zeros((2, 2), bool)], [np.ones((2, 2))]) is None
 
 
-def test_binary_metrics_hand_computed_and_macro_average():
-    m = M.binary_metrics([1, 1, 1, 0, 0], [1, 0, 1, 1, 0])
-    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 1)
-    assert m["accuracy"] == pytest.approx(0.6)
-    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 / 3)
-    none = M.binary_metrics([1, 0], [0, 0])
-    assert none["precision"] == 0.0 and none["f1"] == 0.0 and none["accuracy"] == 0.5
-    per, macro = M.per_class_binary(["a", "a", "b", "b"], [1, 0, 1, 0], [1, 0, 1, 1])
-    assert per["a"]["accuracy"] == 1.0 and per["b"]["accuracy"] == 0.5
-    assert macro["accuracy"] == pytest.approx(0.75)
-    assert macro["precision"] == pytest.approx((1.0 + 0.5) / 2)
-
-
 def test_pro_curve_matches_a_brute_force_threshold_sweep():
     from scipy import ndimage
 

@@ -1,14 +1,12 @@
-"""VisA-D&R detection / reasoning and MMAD pieces: prompts, reply parsing, per-class and per-kind aggregation."""
+"""VisA-D&R detection and reasoning: loading, per-class and per-kind aggregation (MMAD: test_eval_mmad.py)."""
 
 import json
 
 import pytest
-from anomaly_assistant.eval import detection, mmad, reasoning
+from anomaly_assistant.eval import detection, reasoning
 
 
-def test_detection_rule_and_macro_average():
-    assert detection.is_yes("Yes.") and detection.is_yes("I think YES, there is a crack")
-    assert not detection.is_yes("No.") and not detection.is_yes("")
+def test_detection_macro_average():
     preds = [
         {"category": "a", "gt_label": 1, "pred_label": 1, "score": None},
         {"category": "a", "gt_label": 0, "pred_label": 0, "score": None},
@@ -92,30 +90,3 @@ def test_reasoning_scores_and_summary_split_by_kind():
     assert res["complex"]["judge_relative"] == pytest.approx(0.25)
     assert res["low_level"]["n_turns"] == 1 and res["per_class"]["c"]["complex"]["n_turns"] == 1
     assert reasoning.summarize(turns, judged=False)["low_level"]["judge_score"] is None
-
-
-def test_mmad_question_and_choice_parsing():
-    q = {"Question": "Is there any defect in the object?", "Options": {"B": "No.", "A": "Yes."}, "Answer": "A",
-         "type": "Anomaly Detection"}
-    text = mmad.question_text(q)
-    assert "A. Yes.\nB. No." in text and text.endswith(mmad.ANSWER_RULE)
-    opts = q["Options"]
-    assert mmad.parse_choice("A", opts) == "A"
-    assert mmad.parse_choice("Answer: B.", opts) == "B"
-    assert mmad.parse_choice("(A) Yes", opts) == "A"
-    assert mmad.parse_choice("A scratch is visible.", {"A": "Crack", "B": "Scratch"}) == "B"  # "A" the article
-    assert mmad.parse_choice("The answer is (C) because", {"A": "x", "B": "y", "C": "z"}) == "C"
-    assert mmad.parse_choice("I pick C here", {"A": "x", "B": "y", "C": "z"}) == "C"
-    assert mmad.parse_choice("yes", opts) == "A"  # by option text
-    assert mmad.parse_choice("Both are possible", {"A": "Scratch", "B": "Crack"}) is None
-    assert mmad.parse_choice("It is Crack", {"A": "Scratch", "B": "Crack"}) == "B"
-
-
-def test_mmad_compute_per_subtask():
-    rows = [{"type": "Anomaly Detection", "correct": True, "pred": "A", "image_path": "1"},
-            {"type": "Anomaly Detection", "correct": False, "pred": None, "image_path": "2"},
-            {"type": "Defect Classification", "correct": True, "pred": "B", "image_path": "1"}]
-    res = mmad.compute(rows)
-    assert res["per_type"]["Anomaly Detection"]["accuracy"] == 0.5
-    assert res["accuracy"] == pytest.approx(0.75) and res["micro_accuracy"] == pytest.approx(2 / 3)
-    assert (res["n_questions"], res["n_images"], res["unparsed"]) == (3, 2, 1)
