@@ -29,10 +29,9 @@ from PIL import Image
 from .finding import Finding
 from .grammar import parse_answer
 from .images import ImageLike, load_image
-from .localize import boxes_from_map
+from .localize import DEFAULT_THRESHOLD, boxes_from_map, check_threshold, is_anomalous
 from .prompts import INSPECTION_PROMPT
 
-DECISION_THRESHOLD = 0.5  # calibrated expert / reference scores: 0.5 = as unusual as the least typical reference
 NO_MAP_NOTE = "no anomaly map: the expert is untrained and no reference images were given"
 
 
@@ -67,12 +66,14 @@ class AnomalyAssistant:
     """An inspection model (LLM + expert) or an expert-only screener, behind one API."""
 
     def __init__(self, model: Any = None, processor: Any = None, device: str | torch.device = "cpu",
-                 generation: GenerationSettings | None = None, screener_config: Any = None):
+                 generation: GenerationSettings | None = None, screener_config: Any = None,
+                 threshold: float = DEFAULT_THRESHOLD):
         self.model = model.to(device).eval() if model is not None else None
         self.processor = processor
         self.device = torch.device(device)
         self.generation = generation or GenerationSettings()
         self._screener_config = screener_config
+        self.threshold = check_threshold(threshold)  # decides unless a session or a call gives its own
         self._source = None  # EfficientNet-Lite0, shared by every reference screener of this assistant
         self._screeners: OrderedDict[str, Future] = OrderedDict()  # screeners by reference content (LRU)
         self._screeners_lock = threading.Lock()  # guards the cache and the source, never a fit
@@ -82,7 +83,7 @@ class AnomalyAssistant:
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu", feature_source: str = "backbone",
-                        **model_kwargs: Any) -> AnomalyAssistant:
+                        threshold: float = DEFAULT_THRESHOLD, **model_kwargs: Any) -> AnomalyAssistant:
         """Load an anomaly checkpoint, or wrap a plain Qwen2.5-VL / LLaVA-OneVision / LLaVA one with a new expert.
 
         `"tiny"` / `"tiny:<family>"` builds a tiny random model in code (offline demos and tests).
@@ -93,21 +94,22 @@ class AnomalyAssistant:
         if path_or_id == "tiny" or path_or_id.startswith("tiny:"):
             family = path_or_id.partition(":")[2] or "qwen2_5_vl"
             model, processor = modeling.tiny_anomaly_model(family, feature_source=feature_source)
-            return cls(model, processor, device=device)
+            return cls(model, processor, device=device, threshold=threshold)
         config = AutoConfig.from_pretrained(path_or_id)
         if config.model_type.startswith("anomaly_"):
             model = AutoModelForImageTextToText.from_pretrained(path_or_id, **model_kwargs)
             processor = AutoProcessor.from_pretrained(path_or_id)
         else:
             model, processor = modeling.load_backbone_as_anomaly(path_or_id, feature_source, **model_kwargs)
-        return cls(model, processor, device=device)
+        return cls(model, processor, device=device, threshold=threshold)
 
     @classmethod
-    def expert_only(cls, feature_source: str = "efficientnet_lite0", screener_config: Any = None) -> AnomalyAssistant:
+    def expert_only(cls, feature_source: str = "efficientnet_lite0", screener_config: Any = None,
+                    threshold: float = DEFAULT_THRESHOLD) -> AnomalyAssistant:
         """No language model: `screen` / `inspect` give expert Findings from reference matching (needs references)."""
         if feature_source != "efficientnet_lite0":
             raise ValueError("expert-only screening without a model uses the efficientnet_lite0 feature source")
-        return cls(None, None, screener_config=screener_config)
+        return cls(None, None, screener_config=screener_config, threshold=threshold)
 
     @property
     def has_llm(self) -> bool:
@@ -160,18 +162,20 @@ class AnomalyAssistant:
         return pending.result()
 
     # -- sessions and batch APIs ------------------------------------------------------------------------------------
-    def chat(self, references: Sequence[ImageLike] | None = None, image: ImageLike | None = None) -> ChatSession:
-        """A conversation about one part, optionally against reference normals."""
-        return ChatSession(self, references=references, image=image)
+    def chat(self, references: Sequence[ImageLike] | None = None, image: ImageLike | None = None,
+             threshold: float | None = None) -> ChatSession:
+        """A conversation about one part, with optional reference normals; threshold None: the assistant's."""
+        return ChatSession(self, references=references, image=image, threshold=threshold)
 
     def screen(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
-               screener: Any = None) -> list[Finding]:
+               screener: Any = None, threshold: float | None = None) -> list[Finding]:
         """Expert only (no LLM): verdict, calibrated score, anomaly map at original size and boxes per image."""
+        threshold = self._decision_threshold(threshold)
         pils = [load_image(im) for im in images]
         if references or screener is not None:
             screener = screener or self.reference_screener(references)
-            return [self._finding_from_map(im, r.anomaly_map, r.score, src, "reference")
-                    for im, r, src in zip(pils, screener.predict(pils), images)]
+            return [self._finding_from_map(im, r.anomaly_map, r.score, src, "reference", threshold)
+                    for im, r, src in zip(pils, screener.predict(pils, threshold), images)]
         if not self.has_llm or not self.model.expert.is_trained:
             raise ValueError(f"cannot screen: {NO_MAP_NOTE}; pass references=[...] or load a trained expert")
         findings = []
@@ -180,23 +184,28 @@ class AnomalyAssistant:
             with torch.no_grad():
                 _, (out,) = self.model.run_expert(inputs)
             findings.append(self._finding_from_map(im, _upsample(out.anomaly_map, im.size), float(out.score), src,
-                                                   out.map_source))
+                                                   out.map_source, threshold))
         return findings
 
     def inspect_batch(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
-                      **generate_kwargs: Any) -> list[Finding]:
+                      threshold: float | None = None, **generate_kwargs: Any) -> list[Finding]:
         """Inspect several images in one batched generation (expert-only assistants screen instead)."""
+        threshold = self._decision_threshold(threshold)
         if not self.has_llm:
-            return self.screen(images, references)
+            return self.screen(images, references, threshold=threshold)
         screener = self.reference_screener(references) if references else None
         pils = [load_image(im) for im in images]
         conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
                          for _ in pils]
         texts, outputs, matches = self._generate(pils, conversations, screener, **generate_kwargs)
-        return [self._finding_from_text(im, t, o, m, src)
+        return [self._finding_from_text(im, t, o, m, src, threshold)
                 for im, t, o, m, src in zip(pils, texts, outputs, matches, images)]
 
     # -- internals ------------------------------------------------------------------------------------------------
+    def _decision_threshold(self, threshold: float | None) -> float:
+        """The call's threshold, or the assistant's when the call gives none."""
+        return self.threshold if threshold is None else check_threshold(threshold)
+
     def _encode(self, images: list[Image.Image], conversations: list[list[dict]], generation: bool = True) -> dict:
         texts = [self.processor.apply_chat_template(c, add_generation_prompt=generation, tokenize=False)
                  for c in conversations]
@@ -225,17 +234,18 @@ class AnomalyAssistant:
         return [t.strip() for t in texts], outputs, matches
 
     def _finding_from_map(self, image: Image.Image, amap: np.ndarray, score: float, source: Any,
-                          map_source: str) -> Finding:
-        anomalous = score >= DECISION_THRESHOLD
+                          map_source: str, threshold: float) -> Finding:
+        anomalous = is_anomalous(score, threshold)
         return Finding(
             verdict="anomalous" if anomalous else "normal", score=float(score),
-            boxes=boxes_from_map(amap, DECISION_THRESHOLD) if anomalous else [],
+            boxes=boxes_from_map(amap, threshold) if anomalous else [],
             anomaly_map=amap.astype(np.float32), source="expert", image_size=image.size,
             image_path=_path_of(source),
             notes=[f"map source: {map_source}"],
         )
 
-    def _finding_from_text(self, image: Image.Image, text: str, output: Any, match: Any, source: Any) -> Finding:
+    def _finding_from_text(self, image: Image.Image, text: str, output: Any, match: Any, source: Any,
+                           threshold: float) -> Finding:
         """Parse the model's answer; fall back to the expert's verdict and map when it does not parse."""
         from .backbones import family_of, get
 
@@ -262,10 +272,10 @@ class AnomalyAssistant:
             notes.append("no verdict from the model or the expert: flagged as anomalous for human review")
             return Finding(verdict="anomalous", score=None, raw_text=text, parse_error=problem, source="none",
                            image_size=image.size, image_path=path, notes=notes)
-        anomalous = score >= DECISION_THRESHOLD
+        anomalous = is_anomalous(score, threshold)
         return Finding(
             verdict="anomalous" if anomalous else "normal", score=score,
-            boxes=boxes_from_map(amap, DECISION_THRESHOLD) if anomalous else [], anomaly_map=amap, raw_text=text,
+            boxes=boxes_from_map(amap, threshold) if anomalous else [], anomaly_map=amap, raw_text=text,
             parse_error=problem, source="expert", image_size=image.size, image_path=path, notes=notes,
         )
 
@@ -277,11 +287,15 @@ class _Turn:
 
 
 class ChatSession:
-    """One conversation about one image (plus optional reference normals); every turn sees the whole history."""
+    """One conversation about one image (plus optional reference normals); every turn sees the whole history.
+
+    `threshold` decides this session's verdicts and boxes; None follows the assistant's.
+    """
 
     def __init__(self, assistant: AnomalyAssistant, references: Sequence[ImageLike] | None = None,
-                 image: ImageLike | None = None):
+                 image: ImageLike | None = None, threshold: float | None = None):
         self.assistant = assistant
+        self.threshold = None if threshold is None else check_threshold(threshold)
         self.references = [load_image(r) for r in references] if references else []
         self._screener = assistant.reference_screener(self.references) if self.references else None
         self.image: Image.Image | None = load_image(image) if image is not None else None
@@ -318,13 +332,15 @@ class ChatSession:
             raise ValueError("no image to inspect: pass one to inspect() or chat(image=...)")
         a = self.assistant
         if not a.has_llm:
-            finding = a.screen([self.image], screener=self._screener)[0] if self._screener else None
+            finding = (a.screen([self.image], screener=self._screener, threshold=self.threshold)[0]
+                       if self._screener else None)
             if finding is None:
                 raise ValueError(f"cannot inspect without a language model: {NO_MAP_NOTE}")
         else:
             texts, outputs, matches = a._generate([self.image], [self._messages(INSPECTION_PROMPT)], self._screener,
                                                   **generate_kwargs)
-            finding = a._finding_from_text(self.image, texts[0], outputs[0], matches[0], self.image_source)
+            finding = a._finding_from_text(self.image, texts[0], outputs[0], matches[0], self.image_source,
+                                           a._decision_threshold(self.threshold))
             self.turns += [_Turn("user", INSPECTION_PROMPT), _Turn("assistant", texts[0])]
         finding.image_path = finding.image_path or _path_of(self.image_source)
         self.last_finding = finding

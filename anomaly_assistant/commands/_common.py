@@ -26,12 +26,18 @@ from PIL import Image, ImageDraw
 
 from anomaly_assistant.finding import Finding
 from anomaly_assistant.images import ImageError, list_images, load_image
+from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 MODEL_HELP = (
     "model to load: a Hugging Face hub id, a local checkpoint directory, or `tiny` / `tiny:<family>` "
     "(a small random model built offline, for trying the commands; families: qwen2_5_vl, llava_onevision, llava)"
+)
+THRESHOLD_HELP = (
+    f"decision threshold on the calibrated score, in [0, 1] (default {DEFAULT_THRESHOLD}: as unusual as the "
+    "least typical reference looks to the others); it decides the verdict and the boxes alike: higher flags "
+    "fewer parts"
 )
 REFERENCES_HELP = (
     "known-good reference images of the same part: a directory and/or files. It takes every path that follows "
@@ -48,12 +54,22 @@ class InputError(Exception):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model / --references / --device / --max-new-tokens, identical for every command that inspects."""
+    """--model, --references, --device, --max-new-tokens, --threshold: shared by the inspecting commands."""
     parser.add_argument("--model", metavar="PATH_OR_ID", help=MODEL_HELP)
     parser.add_argument("--references", metavar="PATH", nargs="+", action="extend", default=[], help=REFERENCES_HELP)
     parser.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help="longest answer the model may generate (default: the assistant's setting)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T",
+                        help=THRESHOLD_HELP)
+
+
+def threshold_of(args: argparse.Namespace) -> float:
+    """The --threshold value; UsageError (exit 2) when it is not in [0, 1], before anything loads."""
+    try:
+        return check_threshold(args.threshold)
+    except ValueError:
+        raise UsageError(f"--threshold must be a calibrated score in [0, 1], got {args.threshold}") from None
 
 
 def warn(message: str) -> None:
@@ -100,7 +116,8 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_assistant(model: str | None, device: str | None = None, max_new_tokens: int | None = None) -> Any:
+def load_assistant(model: str | None, device: str | None = None, max_new_tokens: int | None = None,
+                   threshold: float = DEFAULT_THRESHOLD) -> Any:
     """`AnomalyAssistant.from_pretrained(model)`, or an expert-only assistant when `model` is None.
 
     Raises UsageError when the model cannot be loaded (wrong id, no network for a hub id, not a supported family).
@@ -108,10 +125,11 @@ def load_assistant(model: str | None, device: str | None = None, max_new_tokens:
     from anomaly_assistant.assistant import AnomalyAssistant
 
     if model is None:
-        return AnomalyAssistant.expert_only()
+        return AnomalyAssistant.expert_only(threshold=threshold)
     try:
         with quiet_stdout():
-            assistant = AnomalyAssistant.from_pretrained(model, device=device or default_device())
+            assistant = AnomalyAssistant.from_pretrained(model, device=device or default_device(),
+                                                         threshold=threshold)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"could not load model {model!r}: {exc}") from exc
     if max_new_tokens is not None:

@@ -28,6 +28,7 @@ from anomaly_assistant.commands._common import (
     load_assistant,
     load_inputs,
     quiet_stdout,
+    threshold_of,
     warn,
 )
 
@@ -55,6 +56,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any]:
             "Expert-only screening has no language to chat with; for a verdict without a model use "
             "`anomaly-assistant inspect IMAGE --expert-only --references DIR`"
         )
+    threshold = threshold_of(args)
     if Path(args.image).is_dir():
         raise UsageError(f"{args.image} is a directory: chat talks about one image file")
     (item,) = load_inputs([args.image])
@@ -67,7 +69,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any]:
     ref_images = [r.image for r in references if r.image is not None]
     if args.references and not ref_images:
         raise UsageError("none of the --references could be read as images")
-    assistant = load_assistant(args.model, args.device, args.max_new_tokens)
+    assistant = load_assistant(args.model, args.device, args.max_new_tokens, threshold)
     with quiet_stdout():
         session = assistant.chat(references=ref_images or None, image=item.image)
         session.image_source = str(item.path)

@@ -30,6 +30,7 @@ from anomaly_assistant.commands._common import (
     load_inputs,
     overlay_map,
     quiet_stdout,
+    threshold_of,
     unique_path,
     warn,
 )
@@ -114,6 +115,7 @@ class Inspector:
 
 
 def run(args: argparse.Namespace) -> int:
+    threshold = threshold_of(args)
     mode = choose_mode(args)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             report_error(item.path, item.error)
     todo = [it for it in items if it.error is None]
     if todo:  # nothing readable: no reason to load a model
-        assistant = load_assistant(args.model if mode == "model" else None, args.device, args.max_new_tokens)
+        assistant = load_assistant(args.model if mode == "model" else None, args.device, args.max_new_tokens,
+                                   threshold)
         inspector = Inspector(assistant, ref_images, args.batch_size)
     if args.save_maps:
         args.save_maps.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ reference patch. Pieces, each usable alone:
 Calibration (the documented decision threshold). Let tau be the largest image score any reference gets against the
 bank built from the OTHER references (leave-one-out; with a single reference, its patches against the same image's
 patches outside a spatial neighbourhood). A raw distance d becomes z = d / tau and then `z² / (1 + z²)` in [0, 1].
-So 0.5 means "as unusual as the least typical known-good reference looks to the others"; `label = score >= 0.5`.
+So 0.5 means "as unusual as the least typical known-good reference looks to the others", the default decision
+threshold (`localize.DEFAULT_THRESHOLD`; `label = score >= threshold`, the threshold given per `predict` call).
 The same mapping is applied per pixel, so map values are comparable with the score.
 
 Screening options that matter on real parts (see research/screening_study.py for their measured effect):
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from anomaly_assistant.expert.sources import FeatureSource, LevelGrids
+from anomaly_assistant.localize import DEFAULT_THRESHOLD, is_anomalous
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,7 +371,7 @@ class ScreenerConfig:
         leave empty where a mirrored part would itself be a defect).
     zoom: magnification of the second look (0 or 1 disables). zoom_regions: how many top cells get a second look;
         zoom_window: side of each window as a fraction of the image's shorter side.
-    threshold: decision threshold on the calibrated score (0.5 = the leave-one-out scale, see module docstring).
+    The decision threshold is not a setting: it comes with each `predict` call.
     """
 
     scale: str = "reference"
@@ -379,7 +381,6 @@ class ScreenerConfig:
     zoom: float = 0.0
     zoom_regions: int = 2
     zoom_window: float = 0.35
-    threshold: float = 0.5
     bank: BankConfig = field(default_factory=BankConfig)
 
 
@@ -451,8 +452,8 @@ class ReferenceScreener:
         return self.config.image_size / math.sqrt(area) * self.config.zoom
 
     # -- prediction -----------------------------------------------------------------------------------------------
-    def predict(self, images: Sequence[Image.Image]) -> list[ScreenResult]:
-        """Score images; maps are returned at each image's original (H, W)."""
+    def predict(self, images: Sequence[Image.Image], threshold: float = DEFAULT_THRESHOLD) -> list[ScreenResult]:
+        """Score images; maps are returned at each image's original (H, W), `label` decided at `threshold`."""
         prepped = self._prep(images)
         levels = self._extract(prepped, self.scale)
         with _timed("match"):
@@ -466,7 +467,7 @@ class ReferenceScreener:
                 reduce_score(z, self.config.bank.score, self.config.bank.topk)
             )
             score = float(calibrate(s))
-            out.append(ScreenResult(score, calibrate(z).numpy().astype(np.float32), score >= self.config.threshold, s))
+            out.append(ScreenResult(score, calibrate(z).numpy().astype(np.float32), is_anomalous(score, threshold), s))
         return out
 
     def _second_look(self, images: Sequence[Image.Image], full: list[torch.Tensor]) -> list[torch.Tensor]:

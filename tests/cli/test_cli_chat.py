@@ -75,3 +75,21 @@ def test_expert_only_chat_is_refused_with_a_pointer(sample_paths, capsys):
 def test_chat_on_an_unreadable_image_exits_1(bad_inputs, capsys):
     assert chat_cmd.main([str(bad_inputs["empty"]), "--model", "tiny"]) == 1
     assert "empty file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold, verdict", [("0", "ANOMALOUS"), ("1", "NORMAL")])
+def test_threshold_flag_changes_the_printed_verdict(threshold, verdict, sample_paths, monkeypatch, capsys):
+    """The tiny model does not write the grammar, so the expert's calibrated score (in (0, 1)) decides."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))
+    rc = chat_cmd.main([str(sample_paths["scratch"]), "--model", "tiny", "--max-new-tokens", "4",
+                        "--threshold", threshold, "--references", str(sample_paths["good"])])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith(f"{sample_paths['scratch']}: {verdict} ")
+    assert ("boxes -" in out) == (verdict == "NORMAL")
+
+
+def test_a_bad_threshold_exits_2_before_loading(sample_paths, capsys):
+    assert chat_cmd.main([str(sample_paths["scratch"]), "--model", "tiny", "--threshold", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "anomaly-assistant chat: --threshold must be a calibrated score in [0, 1], got 2.0\n"
