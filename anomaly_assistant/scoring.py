@@ -325,16 +325,16 @@ class Choice(NamedTuple):
 
 
 def read_choice(reply: str, options: Mapping[str, Any]) -> Choice:
-    r"""The option letter a reply chooses, read as MMAD's query scripts read it, with three refinements.
+    r"""The option letter a reply chooses, read as MMAD's query scripts read it, with care where they slip.
 
-    MMAD: the first standalone capital letter (`\b[A-E]\b`), else the option whose text is closest to the
-    reply (`difflib.get_close_matches(..., cutoff=0.0)`), so every non-empty reply names an option.
-    Refinements, each for replies MMAD's rule misreads: a reply that is only a letter counts in any case
-    ("b", "(b)"); letters stand alone against ASCII letters and digits only ("答案：B" names B) and must be
-    option letters; an "A" followed by a lowercase word is the article ("A scratch is visible.") and counts
-    only when no option text does. Before the closest text, an option whose whole text the reply contains as
-    words, when exactly one does ("There is no defect." -> "No", where difflib picks "Yes").
-    Full-width and other compatibility characters are read as their ASCII forms.
+    MMAD: a standalone capital letter (`\b[A-E]\b`; LLaVA's script takes the first, as here, GPT-4o's and
+    Qwen's the last), else the option whose text is closest to the reply (`difflib.get_close_matches(...,
+    cutoff=0.0)`), so every non-empty reply names an option. Where MMAD's rule misreads a reply: a reply that
+    is only a letter counts in any case ("b", "(b)"); a letter stands alone against ASCII letters and digits
+    ("答案：B" names B) and must be one of the options; an "A" followed by a lowercase word is the article ("A
+    scratch is visible.") and counts only when no option text does; before the closest text comes the option
+    whose whole text the reply contains as words, when exactly one does ("There is no defect." -> "No", where
+    difflib picks "Yes"). Full-width and other compatibility characters read as their ASCII forms.
     """
     letters = sorted(str(k) for k in options)
     text = unicodedata.normalize("NFKC", reply).strip()
@@ -343,7 +343,7 @@ def read_choice(reply: str, options: Mapping[str, Any]) -> Choice:
     alt = "|".join(map(re.escape, letters))
     only = re.fullmatch(rf"[(\[]?({alt})[)\]]?[.:)]?", text, flags=re.IGNORECASE)
     if only:
-        return Choice(only.group(1).upper(), "letter")
+        return Choice(next(k for k in letters if k.lower() == only.group(1).lower()), "letter")
     article = False
     for m in re.finditer(rf"(?<![A-Za-z0-9])({alt})(?![A-Za-z0-9])", text):
         if m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end():]):
@@ -356,8 +356,8 @@ def read_choice(reply: str, options: Mapping[str, Any]) -> Choice:
     if article:
         return Choice("A", "letter")
     texts = {str(options[k]): k for k in reversed(letters)}  # the first letter wins a shared text
-    closest = difflib.get_close_matches(text, list(texts), n=1, cutoff=0.0)
-    return Choice(texts[closest[0]], "closest option text") if closest else Choice(None, "nothing")
+    closest = difflib.get_close_matches(text, list(texts), n=1, cutoff=0.0)[0]  # cutoff 0: always one
+    return Choice(texts[closest], "closest option text")
 
 
 def _says(text: str, option: str) -> bool:
