@@ -143,7 +143,8 @@ def evaluate(assistant: Any, root: str | Path, category: str, shots: int, batch_
                     max_new_tokens=max_new_tokens)
     result = compute(records, preds)
     result["seconds"] = time.perf_counter() - t0
-    result.update({"category": category, "shots": shots, "reference_seed": reference_seed, "references": refs})
+    result.update({"category": category, "shots": shots, "reference_seed": reference_seed, "references": refs,
+                   "threshold": assistant.threshold})
     return result, records, preds
 
 
@@ -190,7 +191,8 @@ def write_report(result: dict[str, Any], records: Sequence[Any], preds: Sequence
     rep.text(f"Category `{result.get('category')}`, {result.get('shots')} reference image(s), "
              f"mode: {result.get('mode', '')}. PRO is the normalised area under the per-region-overlap curve for "
              f"FPR ≤ {result.get('pro_max_fpr', 0.3)}.")
-    rep.heading("At the operating threshold (the verdict)")
+    at = f" {result['threshold']:g}" if result.get("threshold") is not None else ""
+    rep.heading(f"At the operating threshold{at} (the verdict)")
     rep.table([result["at_threshold"]])
     rep.heading("Per defect type (normal test images vs that defect)")
     rep.table([{"defect": d, **v} for d, v in result["per_defect"].items()])

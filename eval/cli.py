@@ -17,6 +17,7 @@ from typing import Any
 
 from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
 from anomaly_assistant.eval.judge import JudgeConfig
+from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -35,6 +36,12 @@ class ModelArgs:
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     limit: int | None = field(default=None, metadata={
         "help": "evaluate only N items spread over the set (quick runs)"})
+    threshold: float = field(default=DEFAULT_THRESHOLD, metadata={
+        "help": "decision threshold on the calibrated score, in [0, 1]: the verdicts (and the metrics at the "
+                "operating threshold) follow it"})
+
+    def __post_init__(self) -> None:
+        self.threshold = check_threshold(self.threshold)
 
 
 @dataclass(kw_only=True)
@@ -102,13 +109,15 @@ def build_assistant(cfg: ModelArgs) -> Any:
     from anomaly_assistant import AnomalyAssistant
 
     if cfg.expert_only and not cfg.model:
-        return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0")
+        return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0",
+                                            threshold=cfg.threshold)
     # --expert-only with --model: the model's own expert screens (`screen`), the LLM never generates.
     if not cfg.model:
         raise UsageError("--model is required unless --expert-only is given (`--model tiny` builds a toy "
                          "model)")
     kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
-    return AnomalyAssistant.from_pretrained(cfg.model, device=resolve_device(cfg.device), **kwargs)
+    return AnomalyAssistant.from_pretrained(cfg.model, device=resolve_device(cfg.device),
+                                            threshold=cfg.threshold, **kwargs)
 
 
 def mode(cfg: ModelArgs) -> str:
