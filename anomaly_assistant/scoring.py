@@ -7,8 +7,9 @@
 - free replies: the verdict a short reply states, VisA-D&R's "yes" rule, multiple-choice letters (MMAD).
 
 Pure functions over plain values: strings, 0/1 labels, boxes as [x1, y1, x2, y2] (x2/y2 exclusive edges,
-like `finding.Box`). numpy only, scipy for the Hungarian matching. Nothing from the project is imported at run
-time, so `grammar` (verdict words, format validity) and `finding` (`Box.iou`) build on this module.
+like `finding.Box`). numpy only, scipy for the Hungarian matching. Nothing from the project is imported
+at module load (`exact_layout` reads grammar's tags when called), so `grammar` (verdict words, format
+validity) and `finding` (`Box.iou`) build on this module.
 """
 
 from __future__ import annotations
@@ -82,6 +83,49 @@ def format_ok(parsed: ParsedAnswer) -> bool:
     (`parsed.problems` lists what it repaired).
     """
     return parsed.has_answer_block and parsed.json_ok and parsed.verdict is not None and not parsed.problems
+
+
+def exact_layout(text: str) -> bool:
+    """Whether text is one <think>…</think> then one <answer>…</answer> and nothing else (the format reward).
+
+    Stricter than `format_ok`, which accepts what the parser can read (it takes the last of two answer blocks
+    and ignores text around them). String scans only: linear time on any input.
+    """
+    from anomaly_assistant import grammar  # here, not at the top: grammar imports this module
+
+
+    text = text.strip()
+    tags = (grammar.THINK_OPEN, grammar.THINK_CLOSE, grammar.ANSWER_OPEN, grammar.ANSWER_CLOSE)
+    if any(text.count(tag) != 1 for tag in tags):
+        return False
+    between = text[text.index(grammar.THINK_CLOSE) + len(grammar.THINK_CLOSE):text.index(grammar.ANSWER_OPEN)]
+    return text.startswith(grammar.THINK_OPEN) and text.endswith(grammar.ANSWER_CLOSE) and not between.strip()
+
+
+_NEGATED = re.compile(
+    r"(?:(?<![\w-])(?:no|not|nor|without|never|free of|absence of)|n['\u2019]t)(?:\s+[\w-]+){0,2}\s+$"
+)
+
+
+def concluded_verdict(text: str) -> str | None:
+    """The verdict a reasoning text ends on: its last verdict word, flipped after a negation (else None).
+
+    Reasoning states its conclusion last ("… no scratch or crack, so it is normal."); a negation within two
+    words before the verdict word flips it ("no visible defect" -> normal, "not normal" -> anomalous).
+
+    >>> [concluded_verdict(t) for t in ("Dark line at the top: anomalous.", "There is no visible defect.")]
+    ['anomalous', 'normal']
+    """
+    plain = _plain(text)
+    last = None
+    for match in _VERDICT_WORD.finditer(plain):
+        last = match
+    if last is None:
+        return None
+    verdict = verdict_word(last.group(1))
+    if _NEGATED.search(plain[max(0, last.start() - 60):last.start()]):
+        verdict = "normal" if verdict == "anomalous" else "anomalous"
+    return verdict
 
 
 # --------------------------------------------------------------------------------------- binary labels

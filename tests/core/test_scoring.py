@@ -192,3 +192,41 @@ def test_read_choice_falls_back_to_difflib_like_mmad():
         closest = difflib.get_close_matches(reply, list(options.values()), n=1, cutoff=0.0)[0]
         want = next(k for k, v in options.items() if v == closest)
         assert tuple(scoring.read_choice(reply, options)) == (want, "closest option text"), reply
+
+
+# ------------------------------------------------------------- reasoning text and layout (GRPO rewards)
+
+
+@pytest.mark.parametrize("think, verdict", [
+    ("I see no scratch, crack, hole, stain or missing part, so it is normal.", "normal"),  # data wording
+    ("Scanning the bottle: at the top the surface is broken by a dark line. Verdict: anomalous, scratch.",
+     "anomalous"),
+    ("There is no visible defect.", "normal"),
+    ("This isn't defective.", "normal"),
+    ("This isn’t defective.", "normal"),
+    ("It is not normal.", "anomalous"),
+    ("At first it looks normal, but a crack runs across it: defective.", "anomalous"),  # the last word counts
+    ("The part is defect-free", "normal"),
+    ("I cannot tell.", None),
+    ("", None),
+])
+def test_concluded_verdict(think, verdict):
+    assert scoring.concluded_verdict(think) == verdict
+
+
+def test_concluded_verdict_is_linear_on_long_text():
+    import time
+
+    start = time.perf_counter()
+    assert scoring.concluded_verdict("normal anomalous " * 20_000 + "no defect") == "normal"
+    assert time.perf_counter() - start < 1.0
+
+
+def test_exact_layout_rejects_what_the_parser_tolerates():
+    answer = render_answer("a dark line, anomalous", "anomalous", "scratch", [[1, 2, 30, 40]], "r")
+    assert scoring.exact_layout(answer) and scoring.exact_layout(f"\n {answer}\n")
+    glued = answer.replace("</think>\n", "</think>x")
+    tolerated = (answer + answer, "Sure! " + answer, answer + " done", glued)
+    broken = (answer.replace("</answer>", ""), answer[answer.index("<answer>"):], "")
+    assert all(parse_answer(t).ok for t in tolerated) and not any(parse_answer(t).ok for t in broken)
+    assert not any(scoring.exact_layout(t) for t in tolerated + broken)
