@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .finding import Finding
+from .localize import DEFAULT_THRESHOLD
 
 # Anchor colours of the ramp, evenly spaced over [0, 1]: matplotlib's "turbo" sampled from 0.125 to 0.875.
 _RAMP_RGB = np.array(
@@ -120,8 +121,8 @@ def _colour_bar(height: int, threshold: float) -> Image.Image:
     return panel
 
 
-def render_overlay(image: Image.Image, finding: Finding, threshold: float = 0.5, max_alpha: float = 0.7,
-                   min_side: int = 384, max_side: int = 1024) -> Image.Image:
+def render_overlay(image: Image.Image, finding: Finding, threshold: float = DEFAULT_THRESHOLD,
+                   max_alpha: float = 0.7, min_side: int = 384, max_side: int = 1024) -> Image.Image:
     """The finding drawn on its image: heat (where a map exists), numbered boxes, a verdict header, a colour bar.
 
     `finding` coordinates are in `image`'s original pixels; the picture is scaled for display (see

@@ -18,7 +18,7 @@ import numpy as np
 from anomaly_assistant import scoring
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
-from anomaly_assistant.localize import boxes_from_map
+from anomaly_assistant.localize import DEFAULT_THRESHOLD, boxes_from_map
 
 
 def reference_paths(root: str | Path, category: str, k: int, seed: int | None = None) -> list[str]:
@@ -216,7 +216,8 @@ def write_report(result: dict[str, Any], records: Sequence[Any], preds: Sequence
                        "PRO curve; the shaded area up to the FPR limit, normalised, is the PRO score")
     rep.figure(R.plot_bars(result["per_defect"], ["image_auroc", "recall"], rep.figure_path("per_defect.png"),
                            title="per defect type"), "Image AUROC and recall at the threshold per defect type")
-    rep.figure(R.plot_heatmap_grid(example_rows(records, preds), rep.figure_path("examples.png")),
+    rep.figure(R.plot_heatmap_grid(example_rows(records, preds), rep.figure_path("examples.png"),
+                                   threshold=result.get("threshold", DEFAULT_THRESHOLD)),
                "Examples: image with ground-truth mask/boxes (green); anomaly map (0–1) with predicted boxes (red)")
     return rep.save()
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from anomaly_assistant.localize import DEFAULT_THRESHOLD
+
 
 def _mpl():
     import matplotlib
@@ -199,10 +201,14 @@ def _draw_boxes(ax, boxes: Sequence[Sequence[float]], color: str) -> None:
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=color, lw=1.4))
 
 
-def plot_heatmap_grid(examples: Sequence[Mapping[str, Any]], path: Path, cols: int = 4) -> Path | None:
-    """Each example: the image (left) with GT boxes (green) / GT mask contour, and the finding as the inspector
-    sees it (right: `anomaly_assistant.overlay.render_overlay`). Keys: image_path, anomaly_map (H, W) or None,
-    gt_mask (H, W) or None, gt_boxes, pred_boxes, score, verdict, title."""
+def plot_heatmap_grid(examples: Sequence[Mapping[str, Any]], path: Path, cols: int = 4,
+                      threshold: float = DEFAULT_THRESHOLD) -> Path | None:
+    """Each example side by side: the image with its ground truth, and the finding as the inspector sees it.
+
+    Left: GT boxes (green) / GT mask contour; right: `anomaly_assistant.overlay.render_overlay`, with
+    `threshold` (the run's) marked on its colour bar. Keys: image_path, anomaly_map (H, W) or None, gt_mask
+    (H, W) or None, gt_boxes, pred_boxes, score, verdict, title.
+    """
     examples = list(examples)
     if not examples:
         return None
@@ -232,7 +238,7 @@ def plot_heatmap_grid(examples: Sequence[Mapping[str, Any]], path: Path, cols: i
         finding = Finding(verdict=ex.get("verdict", "normal"), score=ex.get("score"),
                           boxes=[Box(*map(float, b[:4])) for b in ex.get("pred_boxes") or []],
                           anomaly_map=ex.get("anomaly_map"), image_size=image.size)
-        ax_map.imshow(np.asarray(render_overlay(image, finding)))
+        ax_map.imshow(np.asarray(render_overlay(image, finding, threshold)))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
