@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, resolve_device
 from anomaly_assistant.finding import Finding
 from anomaly_assistant.images import ImageError, list_images, load_image
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
@@ -45,10 +46,6 @@ REFERENCES_HELP = (
 )
 
 
-class UsageError(Exception):
-    """A command line that cannot run; the message says what to pass instead (exit code 2)."""
-
-
 class InputError(Exception):
     """An input image that cannot be read, where the command cannot go on without it (exit code 1)."""
 
@@ -57,7 +54,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --references, --device, --max-new-tokens, --threshold: shared by the inspecting commands."""
     parser.add_argument("--model", metavar="PATH_OR_ID", help=MODEL_HELP)
     parser.add_argument("--references", metavar="PATH", nargs="+", action="extend", default=[], help=REFERENCES_HELP)
-    parser.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help="longest answer the model may generate (default: the assistant's setting)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T",
@@ -110,13 +107,7 @@ def load_inputs(paths: Sequence[str | Path]) -> list[Loaded]:
     return out
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_assistant(model: str | None, device: str | None = None, max_new_tokens: int | None = None,
+def load_assistant(model: str | None, device: str = "auto", max_new_tokens: int | None = None,
                    threshold: float = DEFAULT_THRESHOLD) -> Any:
     """`AnomalyAssistant.from_pretrained(model)`, or an expert-only assistant when `model` is None.
 
@@ -126,10 +117,10 @@ def load_assistant(model: str | None, device: str | None = None, max_new_tokens:
 
     if model is None:
         return AnomalyAssistant.expert_only(threshold=threshold)
+    device = resolve_device(device)
     try:
         with quiet_stdout():
-            assistant = AnomalyAssistant.from_pretrained(model, device=device or default_device(),
-                                                         threshold=threshold)
+            assistant = AnomalyAssistant.from_pretrained(model, device=device, threshold=threshold)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"could not load model {model!r}: {exc}") from exc
     if max_new_tokens is not None:
