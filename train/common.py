@@ -89,7 +89,11 @@ class StageConfig:
     batch_size: int = field(default=2, metadata={"help": "rows per device and step"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear warm-up"})
+    lr_scheduler: str = field(default="linear", metadata={
+        "help": "learning-rate schedule",
+        "choices": ("linear", "cosine", "constant", "constant_with_warmup")})
+    warmup: float = field(default=0.0, metadata={
+        "help": "linear warm-up: steps (>= 1) or a fraction of all steps"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, adapters and data order"})
     save_steps: int = field(default=50, metadata={"help": "write a checkpoint every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
@@ -102,12 +106,10 @@ class StageConfig:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and ask torch for deterministic kernels (CPU runs repeat exactly)."""
-    import torch
+    """Seed python, numpy and torch before the model and its adapters are built (CPU runs repeat exactly)."""
     from transformers import set_seed
 
     set_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -299,7 +301,8 @@ def trainer_arguments(config: StageConfig, device: str) -> dict[str, Any]:
         "per_device_train_batch_size": config.batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "learning_rate": config.learning_rate,
-        "warmup_ratio": config.warmup_ratio,
+        "lr_scheduler_type": config.lr_scheduler,
+        "warmup_steps": config.warmup,
         "seed": config.seed,
         "data_seed": config.seed,
         "save_strategy": "steps",
