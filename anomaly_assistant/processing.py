@@ -5,10 +5,13 @@ Text goes in with the family's ordinary image placeholder (from its chat templat
 (text that already carries the block is left alone, so applying the processor twice is harmless). With the
 EfficientNet-Lite0 feature source the processor also emits `expert_pixel_values` (B, 3, S, S), the CNN's input
 for each image in order, so the model never needs the original PIL images.
+
+`AnomalyBlockMixin` is the mechanism; each family's anomaly processor class lives in `backbones/<family>.py`.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -16,11 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaProcessor
 
+from . import backbones
 from .backbones import ANOMALY_END, ANOMALY_LEVEL, ANOMALY_PAD, ANOMALY_START
-from .backbones.llava_onevision import ImageOnlyLlavaOnevisionProcessor
-from .backbones.qwen2_5_vl import ImageOnlyQwen2_5_VLProcessor
 
 # EfficientNet-Lite normalisation ((x - 127) / 128): the same constants as expert.sources.EfficientNetLite0Source.
 _CNN_MEAN, _CNN_STD = 0.5, 0.5
@@ -61,8 +62,11 @@ def cnn_pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
     return (torch.stack(batch) - _CNN_MEAN) / _CNN_STD
 
 
-class _AnomalyBlockMixin:
-    """Shared `__call__`: insert blocks into the text, then the family's own processing."""
+class AnomalyBlockMixin:
+    """What every family's anomaly processor adds to its processor: blocks in the text, the CNN's pixels.
+
+    A family declares `placeholder` and takes `num_anomaly_tokens` / `expert_image_size` in its constructor.
+    """
 
     placeholder: str = ""  # unexpanded image placeholder after which the block goes
     num_anomaly_tokens: int
@@ -88,73 +92,22 @@ class _AnomalyBlockMixin:
         return names + (["expert_pixel_values"] if self.expert_image_size else [])
 
 
-class AnomalyQwen2_5_VLProcessor(_AnomalyBlockMixin, ImageOnlyQwen2_5_VLProcessor):
-    """Qwen2.5-VL processor with the anomaly block after `<|vision_end|>`."""
-
-    placeholder = "<|image_pad|><|vision_end|>"
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_anomaly_tokens: int = 5,
-                 expert_image_size: int | None = None, **kwargs):
-        self.num_anomaly_tokens = int(num_anomaly_tokens)
-        self.expert_image_size = expert_image_size
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
-class AnomalyLlavaOnevisionProcessor(_AnomalyBlockMixin, ImageOnlyLlavaOnevisionProcessor):
-    """LLaVA-OneVision processor with the anomaly block after `<image>`."""
-
-    placeholder = "<image>"
-
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
-                 vision_feature_select_strategy=None, chat_template=None, vision_aspect_ratio="anyres_max_9",
-                 num_anomaly_tokens: int = 5, expert_image_size: int | None = None, **kwargs):
-        self.num_anomaly_tokens = int(num_anomaly_tokens)
-        self.expert_image_size = expert_image_size
-        super().__init__(image_processor, tokenizer, num_image_tokens=num_image_tokens,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         vision_aspect_ratio=vision_aspect_ratio, **kwargs)
-
-
-class AnomalyLlavaProcessor(_AnomalyBlockMixin, LlavaProcessor):
-    """LLaVA-1.5 processor with the anomaly block after `<image>`."""
-
-    placeholder = "<image>"
-
-    def __init__(self, image_processor=None, tokenizer=None, patch_size=None, vision_feature_select_strategy=None,
-                 chat_template=None, num_additional_image_tokens=0, num_anomaly_tokens: int = 5,
-                 expert_image_size: int | None = None, **kwargs):
-        self.num_anomaly_tokens = int(num_anomaly_tokens)
-        self.expert_image_size = expert_image_size
-        super().__init__(image_processor, tokenizer, patch_size=patch_size,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         num_additional_image_tokens=num_additional_image_tokens, **kwargs)
-
-
-PROCESSOR_CLASSES = {
-    "qwen2_5_vl": AnomalyQwen2_5_VLProcessor,
-    "llava_onevision": AnomalyLlavaOnevisionProcessor,
-    "llava": AnomalyLlavaProcessor,
-}
-
-
-# Processor attributes (beyond image processor, tokenizer and template) that each family carries over.
-_CARRIED: dict[str, tuple[str, ...]] = {
-    "qwen2_5_vl": (),
-    "llava_onevision": ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"),
-    "llava": ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"),
-}
+# Constructor arguments of an anomaly processor that `anomaly_processor` does not copy from the base processor.
+_OWN_ARGUMENTS = {"self", "image_processor", "tokenizer", "chat_template", "num_anomaly_tokens", "expert_image_size",
+                  "kwargs"}
 
 
 def anomaly_processor(base: Any, family: str, num_anomaly_tokens: int, expert_image_size: int | None = None):
-    """Wrap a family's processor (same image processor, tokenizer and template) into its anomaly subclass."""
-    extra = {name: getattr(base, name) for name in _CARRIED[family] if getattr(base, name, None) is not None}
-    return PROCESSOR_CLASSES[family](
+    """Wrap a family's processor into its anomaly subclass (same image processor, tokenizer and template).
+
+    Every other argument of the anomaly class's constructor (LLaVA's `patch_size`, LLaVA-OneVision's
+    `num_image_tokens`, ...) is carried over from `base`: the same signature rule by which transformers saves and
+    loads processor attributes.
+    """
+    cls = backbones.get(family).ANOMALY_PROCESSOR_CLASS
+    carried = set(inspect.signature(cls.__init__).parameters) - _OWN_ARGUMENTS
+    extra = {name: getattr(base, name) for name in sorted(carried) if getattr(base, name, None) is not None}
+    return cls(
         image_processor=base.image_processor, tokenizer=base.tokenizer, chat_template=base.chat_template,
         num_anomaly_tokens=num_anomaly_tokens, expert_image_size=expert_image_size, **extra,
     )
-
-
-def register(config_classes: dict[str, type]) -> None:
-    """Register each anomaly processor for its anomaly config class (called by `modeling`)."""
-    for family, config_cls in config_classes.items():
-        AutoProcessor.register(config_cls, PROCESSOR_CLASSES[family], exist_ok=True)

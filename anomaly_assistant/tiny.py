@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .backbones import ANOMALY_TOKENS, FAMILIES, LEVEL_WORDS, add_anomaly_tokens, get
+from .backbones import ANOMALY_TOKENS, LEVEL_WORDS, add_anomaly_tokens, get
 
 # A short domain corpus for the BPE merges: the answer grammar, inspection vocabulary, chat phrasing.
 _CORPUS = """
@@ -72,7 +72,6 @@ def build_tokenizer(family: str) -> Any:
 
     module = get(family)
     vocab, merges = _bpe()
-    eos = module.EOS_TOKEN if hasattr(module, "EOS_TOKEN") else "<|im_end|>"
     tokenizer = Qwen2Tokenizer(
         vocab=dict(vocab), merges=list(merges), unk_token=None, bos_token=None, eos_token=None, pad_token=None,
     )
@@ -80,8 +79,8 @@ def build_tokenizer(family: str) -> Any:
         {"additional_special_tokens": list(module.SPECIAL_TOKENS)}, replace_extra_special_tokens=False
     )
     add_anomaly_tokens(tokenizer)
-    tokenizer.eos_token = eos
-    tokenizer.pad_token = module.PAD_TOKEN if hasattr(module, "PAD_TOKEN") else "<|endoftext|>"
+    tokenizer.eos_token = module.EOS_TOKEN
+    tokenizer.pad_token = module.PAD_TOKEN
     tokenizer.chat_template = module.CHAT_TEMPLATE
     return tokenizer
 
@@ -91,63 +90,15 @@ def _pad_vocab(n: int, multiple: int = 64) -> int:
 
 
 def tiny_config(family: str, tokenizer: Any) -> Any:
-    """The family's tiny config, with token ids taken from `tokenizer`."""
-    ids = tokenizer.convert_tokens_to_ids
+    """The family's tiny config (`backbones.<family>.tiny_config`) around a 2-layer, 64-wide LLM."""
     vocab_size = _pad_vocab(len(tokenizer))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     text = {
-        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 4096, "eos_token_id": eos, "pad_token_id": pad, "bos_token_id": None,
+        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
         "tie_word_embeddings": False,
     }
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        return Qwen2_5_VLConfig(
-            text_config=dict(
-                **text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-            ),
-            vision_config={
-                "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2,
-                "temporal_patch_size": 2, "out_hidden_size": 64,
-                # 56-px windows = 2x2 merge units: a 224-px image has 16 windows, so the permutation is real.
-                "window_size": 56, "fullatt_block_indexes": [1, 3],
-            },
-            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-            tie_word_embeddings=False,
-        )
-    if family == "llava_onevision":
-        from transformers import LlavaOnevisionConfig
-
-        from .backbones.llava_onevision import TINY_GRID_PINPOINTS, TINY_IMAGE_SIZE
-
-        return LlavaOnevisionConfig(
-            text_config=dict(model_type="qwen2", **text),
-            vision_config={
-                "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-                "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE, "patch_size": 14,
-            },
-            image_token_id=ids("<image>"), video_token_id=ids("<video>"),
-            vision_feature_layer=-1, vision_feature_select_strategy="full",
-            image_grid_pinpoints=TINY_GRID_PINPOINTS, vision_aspect_ratio="anyres_max_9",
-            tie_word_embeddings=False,
-        )
-    if family == "llava":
-        from transformers import LlavaConfig
-
-        from .backbones.llava import TINY_IMAGE_SIZE
-
-        return LlavaConfig(
-            text_config=dict(model_type="llama", **text),
-            vision_config={
-                "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-                "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE, "patch_size": 14, "projection_dim": 32,
-            },
-            image_token_id=ids("<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default",
-            tie_word_embeddings=False,
-        )
-    raise ValueError(f"unknown backbone family {family!r}; expected one of {FAMILIES}")
+    return get(family).tiny_config(tokenizer, text)
 
 
 def build_tiny(family: str, seed: int = 0) -> tuple[Any, Any]:

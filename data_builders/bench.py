@@ -47,9 +47,9 @@ def bench_synth(n: int, size: int) -> dict[str, float]:
 
 
 def bench_conversations(rows: int) -> dict[str, float]:
+    from anomaly_assistant.backbones import input_frame
     from anomaly_assistant.data_builders.conversations import build_samples
     from anomaly_assistant.data_builders.export import sft_row
-    from anomaly_assistant.data_builders.frames import input_frame
     from anomaly_assistant.data_builders.records import Record
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from anomaly_assistant.backbones import FAMILIES, input_frame
 from anomaly_assistant.data_builders import conversations, export
 from anomaly_assistant.data_builders.defects import foreground, skimage_texture_paths, synthesize
-from anomaly_assistant.data_builders.frames import BACKBONES, input_frame
 from anomaly_assistant.data_builders.records import Record, SkipLog, summarize, validate_records
 from anomaly_assistant.data_builders.sources import read_source
 from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, SynthConfig, SynthInspect
@@ -49,7 +49,7 @@ class BuildConfig:
         default=0, metadata={"help": "crops of scikit-image's CC0 textures (half given defects)"}
     )
     backbone: str = field(
-        default="qwen2_5_vl", metadata={"help": "box frame of the targets", "choices": BACKBONES}
+        default="qwen2_5_vl", metadata={"help": "box frame of the targets", "choices": list(FAMILIES)}
     )
     processor: str = field(
         default="",
@@ -221,8 +221,8 @@ def texture_records(
 
 def build(cfg: BuildConfig) -> BuildResult:
     """Run the whole build (see the module docstring). Never raises on bad input files: they are logged."""
-    if cfg.backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {', '.join(BACKBONES)}")
+    if cfg.backbone not in FAMILIES:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {', '.join(FAMILIES)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)

@@ -1,16 +1,36 @@
-"""Backbone families: one module per family, one shared vocabulary of hooks.
+"""Backbone families: a registry of family modules, one module per family, shared helpers.
 
-Each family module (`qwen2_5_vl`, `llava_onevision`, `llava`) exposes the same functions:
+`FAMILIES` maps each family name to its module; it is the only list of families. Everything else is derived from
+it: `family_of` (model types), `get` (which also registers the family's classes with transformers' `AutoConfig`,
+`AutoModelForImageTextToText` and `AutoProcessor` on first use), `modeling` (which loads every family so saved
+anomaly checkpoints load), `tiny` (tiny configs), and `input_frame` (the box frame of training targets).
 
-- `load(path_or_id, **kw) -> (model, processor)`: a real checkpoint (hub id or local dir) or a saved tiny one.
-- `build_processor(image_processor, tokenizer, chat_template) -> processor`: the image-only processor subclass
-  (no torchvision), registered with `AutoProcessor` so `AutoProcessor.from_pretrained(dir)` returns it.
+A family module holds everything the family needs:
+
+- names: `FAMILY` (its registry name), `CONFIG_CLASS`, `MODEL_CLASS`, `PROCESSOR_CLASS` (transformers' classes or
+  an image-only processor subclass that builds and loads without torchvision), `IMAGE_TOKEN`, `EOS_TOKEN`,
+  `PAD_TOKEN`, `SPECIAL_TOKENS`, and `CHAT_TEMPLATE` (with `{% generation %}` markers for TRL's assistant-only
+  loss);
+- the real checkpoints' resize rule as module constants, used by `build_image_processor()` (the PIL image
+  processor; with no arguments it resizes exactly like the real checkpoint) and `build_processor(tokenizer)`;
+- `load(path_or_id, **kw) -> (model, processor)`: a real checkpoint (hub id or local dir) or a saved tiny one;
 - `vision_features(model, inputs, levels=None) -> VisionFeatures`: multi-level vision-tower features in raster
   order + the visual tokens v° the LLM sees, per image. It runs in the caller's grad mode: wrap it in
-  `torch.no_grad()` for a frozen tower; leave grads on when the projector/merger behind v° is trained.
-- `input_frame(processor, original_size) -> Frame`: original pixels -> the model-input pixel frame of boxes.
-- `default_levels(config) -> tuple[int, ...]`: which `hidden_states` indices the expert reads by default.
-- `CHAT_TEMPLATE`: the family's chat template with `{% generation %}` markers (TRL assistant-only loss).
+  `torch.no_grad()` for a frozen tower; leave grads on when the projector/merger behind v° is trained;
+- `default_levels(config) -> tuple[int, ...]`: which `hidden_states` indices the expert reads by default;
+- `input_frame(processor, original_size) -> Frame`: original pixels -> the model-input pixel frame of boxes
+  (`processor` may be a processor or an image processor);
+- `embeds_forward_kwargs(inputs, inputs_embeds) -> dict`: the forward's kwargs on precomputed embeddings;
+- `tiny_config(tokenizer, text) -> config` and `build_tiny_processor(tokenizer)`: the offline test model;
+- the anomaly classes, built from `injection`'s mixins and `processing.AnomalyBlockMixin`, named by
+  `ANOMALY_CONFIG_CLASS` (whose `model_type` is "anomaly_" + the plain config's), `ANOMALY_MODEL_CLASS` and
+  `ANOMALY_PROCESSOR_CLASS`.
+
+How to add a fourth family: copy the closest module (e.g. `llava.py`) to `backbones/<name>.py`, replace what differs
+(the transformers classes, template, resize constants, `vision_features`, `input_frame`, tiny config), and add one
+line `"<name>": f"{__name__}.<name>"` to `FAMILIES`. Nothing else changes: processors, Auto* registration, tiny
+models, data-builder frames, `from_backbone` and the assistant all find the family through the registry
+(tests/backbones/test_registry.py builds a family from outside the package this way).
 
 Level indices always index the vision tower's `hidden_states` tuple: 0 is the patch embedding (input of the first
 block), k is the output of block k-1. The helpers below (`embed_inputs`, `image_token_id`, `text_embeddings`)
@@ -23,12 +43,20 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from types import ModuleType
 from typing import Any
 
 import torch
 
-FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "llava_onevision", "llava")
+from ..finding import Frame
+
+# The registry: family name -> its module. Adding a family is one file in this package and one line here.
+FAMILIES: dict[str, str] = {
+    "qwen2_5_vl": f"{__name__}.qwen2_5_vl",
+    "llava_onevision": f"{__name__}.llava_onevision",
+    "llava": f"{__name__}.llava",
+}
 
 # The anomaly block the expert fills: <|anomaly_start|> <|anomaly_level|> <|anomaly_pad|>xK <|anomaly_end|>.
 # The level slot is one position whose embedding the model sets, inside its forward, to the level word that the
@@ -37,13 +65,6 @@ ANOMALY_START, ANOMALY_PAD, ANOMALY_END = "<|anomaly_start|>", "<|anomaly_pad|>"
 ANOMALY_LEVEL = "<|anomaly_level|>"
 ANOMALY_TOKENS: tuple[str, str, str, str] = (ANOMALY_START, ANOMALY_PAD, ANOMALY_END, ANOMALY_LEVEL)
 from ..expert.config import LEVEL_WORDS  # noqa: E402  (one home: the expert decides the level word)
-
-# model_type -> family. Anomaly* subclasses may prefix their model_type with "anomaly_".
-_MODEL_TYPES: dict[str, str] = {
-    "qwen2_5_vl": "qwen2_5_vl",
-    "llava_onevision": "llava_onevision",
-    "llava": "llava",
-}
 
 
 @dataclass
@@ -76,22 +97,58 @@ class VisionFeatures:
 
 
 def get(family: str) -> ModuleType:
-    """The backbone module of a family name (`qwen2_5_vl`, `llava_onevision`, `llava`)."""
+    """The module of a registered family; the first call also registers its classes with transformers."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown backbone family {family!r}; expected one of {FAMILIES}")
-    return importlib.import_module(f"{__name__}.{family}")
+        raise ValueError(f"unknown backbone family {family!r}; expected one of {list(FAMILIES)}")
+    return _load(FAMILIES[family])
+
+
+@cache
+def _load(module_name: str) -> ModuleType:
+    """Import a family module and register it with the Auto* classes, once per process."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    module = importlib.import_module(module_name)
+    # the plain config loads through the family's (image-only) processor: AutoProcessor would otherwise need
+    # torchvision for Qwen2.5-VL / LLaVA-OneVision, or silently return only the tokenizer
+    AutoProcessor.register(module.CONFIG_CLASS, module.PROCESSOR_CLASS, exist_ok=True)
+    anomaly_config = module.ANOMALY_CONFIG_CLASS
+    AutoConfig.register(anomaly_config.model_type, anomaly_config, exist_ok=True)
+    AutoModelForImageTextToText.register(anomaly_config, module.ANOMALY_MODEL_CLASS, exist_ok=True)
+    AutoProcessor.register(anomaly_config, module.ANOMALY_PROCESSOR_CLASS, exist_ok=True)
+    return module
 
 
 def family_of(config: Any) -> str:
-    """Infer the family from a config (or a model, or a plain config dict) by its model_type."""
+    """Infer the family from a config (or a model, or a plain config dict) by its model_type.
+
+    A family's model types are its plain config's and that with the "anomaly_" prefix of its anomaly config.
+    """
     config = getattr(config, "config", config)
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type is None:
         raise ValueError("config has no model_type")
+    by_model_type = {get(family).CONFIG_CLASS.model_type: family for family in FAMILIES}
     name = model_type.removeprefix("anomaly_")
-    if name in _MODEL_TYPES:
-        return _MODEL_TYPES[name]
-    raise ValueError(f"model_type {model_type!r} is not a supported backbone; supported: {sorted(_MODEL_TYPES)}")
+    if name in by_model_type:
+        return by_model_type[name]
+    raise ValueError(f"model_type {model_type!r} is not a supported backbone; supported: {sorted(by_model_type)}")
+
+
+def input_frame(family: str, original_size: tuple[int, int], processor: Any = None) -> Frame:
+    """Original pixels -> `family`'s model-input pixels, the frame its boxes are written in.
+
+    With `processor` (a loaded checkpoint's), its resize settings; without, the real checkpoint's default resize
+    rule (`build_image_processor()` of the family): the frame of training targets built without a checkpoint.
+    """
+    module = get(family)
+    return module.input_frame(processor if processor is not None else _default_image_processor(family),
+                              tuple(original_size))
+
+
+@cache
+def _default_image_processor(family: str) -> Any:
+    return get(family).build_image_processor()
 
 
 def image_token_id(model_or_config: Any) -> int:

@@ -1,4 +1,7 @@
-"""LLaVA-1.5 backbone (CLIP tower + Llama LLM): processor, chat template, raster features, input frame.
+"""LLaVA-1.5 (CLIP tower + Llama LLM): chat template, processor, raster features, input frame, tiny config.
+
+Also the real checkpoints' resize rule (`IMAGE_SIZE`: shortest edge, then a centre crop) and the family's
+anomaly classes.
 
 CLIP puts a CLS token before the raster patch tokens; levels and v° drop it. v° is the projector output of
 `hidden_states[vision_feature_layer]` (real: -2), exactly the tokens the LLM sees (offset 0 in the run).
@@ -13,11 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..finding import Frame
+from ..injection import AnomalyConfigFields, AnomalyInnerMixin, AnomalyOuterMixin, anomaly_forward
+from ..processing import AnomalyBlockMixin
 from . import (
     VisionFeatures,
     check_placeholders,
@@ -27,10 +32,15 @@ from . import (
 )
 
 FAMILY = "llava"
+CONFIG_CLASS = LlavaConfig
 MODEL_CLASS = LlavaForConditionalGeneration
+PROCESSOR_CLASS = LlavaProcessor  # no video slot: transformers' own works as is
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN, PAD_TOKEN = "</s>", "<pad>"
 SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "</s>", "<pad>", "<image>")
+# The real checkpoints' resize rule (llava-hf/llava-1.5-*-hf): shortest edge to 336 px, then a 336 px centre
+# crop, 14-px patches. The one home of these values.
+IMAGE_SIZE, PATCH_SIZE = 336, 14
 TINY_IMAGE_SIZE = 112  # 8x8 patch tokens of 14 px
 # CLIP ViT-L/14 levels used by AnomalyCLIP / WinCLIP-style detectors: layers 6, 12, 18, 24.
 CLIP_L_LEVELS = (6, 12, 18, 24)
@@ -59,16 +69,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_processor(
-    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, image_size: int = 336, patch_size: int = 14
-) -> LlavaProcessor:
-    """LlavaProcessor (no video slot, works as is) over the PIL CLIP image processor."""
-    image_processor = CLIPImageProcessorPil(
+def build_image_processor(image_size: int = IMAGE_SIZE) -> CLIPImageProcessorPil:
+    """The PIL CLIP image processor (shortest edge, then centre crop); by default the real one's."""
+    return CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
+
+
+def build_processor(
+    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, image_size: int = IMAGE_SIZE
+) -> LlavaProcessor:
+    """LlavaProcessor over the PIL CLIP image processor; by default it resizes like the real checkpoints."""
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=build_image_processor(image_size), tokenizer=tokenizer, chat_template=chat_template,
+        patch_size=PATCH_SIZE, vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
 
 
@@ -76,9 +90,21 @@ def build_tiny_processor(tokenizer: Any) -> LlavaProcessor:
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE)
 
 
-# (model, processor) from a hub id or local directory; see `backbones.load_pretrained`. `LlavaProcessor` has
-# no video slot, so AutoProcessor works too.
-load = partial(load_pretrained, MODEL_CLASS, LlavaProcessor)
+# (model, processor) from a hub id or local directory; see `backbones.load_pretrained`.
+load = partial(load_pretrained, MODEL_CLASS, PROCESSOR_CLASS)
+
+
+def tiny_config(tokenizer: Any, text: dict) -> LlavaConfig:
+    """The tiny test config: `text` holds the tiny LLM's sizes (a Llama); a 4-layer CLIP on 112-px crops."""
+    return LlavaConfig(
+        text_config=dict(model_type="llama", **text),
+        vision_config={
+            "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE, "patch_size": PATCH_SIZE, "projection_dim": 32,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
 
 
 def default_levels(config: Any) -> tuple[int, ...]:
@@ -142,3 +168,47 @@ def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
     """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`): positions are
     plain 1-D, so only the mask travels along; the vision tower is not run again."""
     return {k: inputs[k] for k in ("attention_mask",) if k in inputs} | {"inputs_embeds": inputs_embeds}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family's anomaly classes (the mechanism is `injection`'s; `model_type` strings are saved in checkpoints).
+# ---------------------------------------------------------------------------------------------------------------
+class AnomalyLlavaConfig(AnomalyConfigFields, LlavaConfig):
+    """LLaVA-1.5's config with the expert's settings and the anomaly token ids."""
+
+    model_type = "anomaly_llava"
+
+
+class AnomalyLlavaModel(AnomalyInnerMixin, LlavaModel):
+    """LLaVA-1.5's inner model with the expert in its forward."""
+
+    family = FAMILY
+
+
+class AnomalyLlavaForConditionalGeneration(AnomalyOuterMixin, LlavaForConditionalGeneration):
+    """LLaVA-1.5 with the anomaly expert."""
+
+    config_class = AnomalyLlavaConfig
+    family = FAMILY
+    inner_class = AnomalyLlavaModel
+    forward = anomaly_forward(LlavaForConditionalGeneration)
+
+
+class AnomalyLlavaProcessor(AnomalyBlockMixin, LlavaProcessor):
+    """LLaVA-1.5 processor with the anomaly block after `<image>`."""
+
+    placeholder = IMAGE_TOKEN
+
+    def __init__(self, image_processor=None, tokenizer=None, patch_size=None, vision_feature_select_strategy=None,
+                 chat_template=None, num_additional_image_tokens=0, num_anomaly_tokens: int = 5,
+                 expert_image_size: int | None = None, **kwargs):
+        self.num_anomaly_tokens = int(num_anomaly_tokens)
+        self.expert_image_size = expert_image_size
+        super().__init__(image_processor, tokenizer, patch_size=patch_size,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         num_additional_image_tokens=num_additional_image_tokens, **kwargs)
+
+
+ANOMALY_CONFIG_CLASS = AnomalyLlavaConfig
+ANOMALY_MODEL_CLASS = AnomalyLlavaForConditionalGeneration
+ANOMALY_PROCESSOR_CLASS = AnomalyLlavaProcessor

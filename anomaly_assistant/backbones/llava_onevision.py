@@ -1,4 +1,7 @@
-"""LLaVA-OneVision backbone (SigLIP tower + Qwen2 LLM): image-only processor, chat template, features, frame.
+"""LLaVA-OneVision (SigLIP tower + Qwen2 LLM): chat template, image-only processor, features, frame, tiny config.
+
+Also the real checkpoints' resize rule (`IMAGE_SIZE`, anyres pinpoints of the image processor) and the family's
+anomaly classes.
 
 Choice of v° and levels: the base view. A single image reaches the LLM as [base view tokens (the whole image
 squashed to the tower's square size, row-major), then the anyres crops' tokens (unpadded, one newline token
@@ -12,12 +15,12 @@ square and gives base tokens + one newline; `input_frame(..., multi_image=True)`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
@@ -25,6 +28,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
 from ..finding import Frame
+from ..injection import AnomalyConfigFields, AnomalyInnerMixin, AnomalyOuterMixin, anomaly_forward
+from ..processing import AnomalyBlockMixin
 from . import (
     VisionFeatures,
     check_placeholders,
@@ -34,10 +39,14 @@ from . import (
 )
 
 FAMILY = "llava_onevision"
+CONFIG_CLASS = LlavaOnevisionConfig
 MODEL_CLASS = LlavaOnevisionForConditionalGeneration
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+# The real checkpoints' base view (llava-hf/llava-onevision-qwen2-*-ov-hf): SigLIP's 384 px square, 14-px
+# patches; their anyres pinpoints are the image processor's defaults. The one home of these values.
+IMAGE_SIZE, PATCH_SIZE = 384, 14
 TINY_IMAGE_SIZE = 112  # 8x8 base tokens of 14 px
 TINY_GRID_PINPOINTS = [[112, 112], [112, 224], [224, 112], [224, 224]]
 # Anomaly-OV's levels on SigLIP-so400m (27 layers): hidden_states[7, 13, 19, 25].
@@ -84,21 +93,28 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         )
 
 
-AutoProcessor.register(LlavaOnevisionConfig, ImageOnlyLlavaOnevisionProcessor, exist_ok=True)
+PROCESSOR_CLASS = ImageOnlyLlavaOnevisionProcessor
 
 
-def build_processor(
-    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, image_size: int = 384, patch_size: int = 14,
-    grid_pinpoints: list[list[int]] | None = None, vision_feature_select_strategy: str = "full",
-) -> ImageOnlyLlavaOnevisionProcessor:
-    """The image-only processor over the PIL image processor (base view `image_size`, anyres `grid_pinpoints`)."""
+def build_image_processor(
+    image_size: int = IMAGE_SIZE, grid_pinpoints: list[list[int]] | None = None
+) -> LlavaOnevisionImageProcessorPil:
+    """The PIL image processor (base view `image_size`, anyres `grid_pinpoints`); by default the real one's."""
     kwargs: dict[str, Any] = {"size": {"height": image_size, "width": image_size}}
     if grid_pinpoints is not None:
         kwargs["image_grid_pinpoints"] = grid_pinpoints
-    image_processor = LlavaOnevisionImageProcessorPil(**kwargs)
+    return LlavaOnevisionImageProcessorPil(**kwargs)
+
+
+def build_processor(
+    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, image_size: int = IMAGE_SIZE,
+    grid_pinpoints: list[list[int]] | None = None, vision_feature_select_strategy: str = "full",
+) -> ImageOnlyLlavaOnevisionProcessor:
+    """The image-only processor; by default it resizes like the real checkpoints."""
     return ImageOnlyLlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
-        num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy=vision_feature_select_strategy,
+        image_processor=build_image_processor(image_size, grid_pinpoints), tokenizer=tokenizer,
+        chat_template=chat_template, num_image_tokens=(image_size // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy=vision_feature_select_strategy,
     )
 
 
@@ -109,7 +125,23 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyLlavaOnevisionProcessor:
 # (model, processor) from a hub id or local directory; see `backbones.load_pretrained`. The processor loads
 # through the image-only class (AutoProcessor would need torchvision for a real checkpoint's processor
 # files).
-load = partial(load_pretrained, MODEL_CLASS, ImageOnlyLlavaOnevisionProcessor)
+load = partial(load_pretrained, MODEL_CLASS, PROCESSOR_CLASS)
+
+
+def tiny_config(tokenizer: Any, text: dict) -> LlavaOnevisionConfig:
+    """The tiny test config: `text` holds the tiny LLM's sizes (a Qwen2); a 4-layer SigLIP on 112-px views."""
+    ids = tokenizer.convert_tokens_to_ids
+    return LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **text),
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE, "patch_size": PATCH_SIZE,
+        },
+        image_token_id=ids("<image>"), video_token_id=ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_grid_pinpoints=TINY_GRID_PINPOINTS, vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
 
 
 def default_levels(config: Any) -> tuple[int, ...]:
@@ -211,3 +243,47 @@ def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
     """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`): positions are
     plain 1-D, so only the mask travels along; the vision tower is not run again."""
     return {k: inputs[k] for k in ("attention_mask",) if k in inputs} | {"inputs_embeds": inputs_embeds}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family's anomaly classes (the mechanism is `injection`'s; `model_type` strings are saved in checkpoints).
+# ---------------------------------------------------------------------------------------------------------------
+class AnomalyLlavaOnevisionConfig(AnomalyConfigFields, LlavaOnevisionConfig):
+    """LLaVA-OneVision's config with the expert's settings and the anomaly token ids."""
+
+    model_type = "anomaly_llava_onevision"
+
+
+class AnomalyLlavaOnevisionModel(AnomalyInnerMixin, LlavaOnevisionModel):
+    """LLaVA-OneVision's inner model with the expert in its forward."""
+
+    family = FAMILY
+
+
+class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyOuterMixin, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with the anomaly expert."""
+
+    config_class = AnomalyLlavaOnevisionConfig
+    family = FAMILY
+    inner_class = AnomalyLlavaOnevisionModel
+    forward = anomaly_forward(LlavaOnevisionForConditionalGeneration)
+
+
+class AnomalyLlavaOnevisionProcessor(AnomalyBlockMixin, ImageOnlyLlavaOnevisionProcessor):
+    """LLaVA-OneVision processor with the anomaly block after `<image>`."""
+
+    placeholder = IMAGE_TOKEN
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, vision_aspect_ratio="anyres_max_9",
+                 num_anomaly_tokens: int = 5, expert_image_size: int | None = None, **kwargs):
+        self.num_anomaly_tokens = int(num_anomaly_tokens)
+        self.expert_image_size = expert_image_size
+        super().__init__(image_processor, tokenizer, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         vision_aspect_ratio=vision_aspect_ratio, **kwargs)
+
+
+ANOMALY_CONFIG_CLASS = AnomalyLlavaOnevisionConfig
+ANOMALY_MODEL_CLASS = AnomalyLlavaOnevisionForConditionalGeneration
+ANOMALY_PROCESSOR_CLASS = AnomalyLlavaOnevisionProcessor

@@ -1,4 +1,6 @@
-"""Qwen2.5-VL backbone: image-only processor, chat template, raster-order multi-level features, input frame.
+"""Qwen2.5-VL: chat template, image-only processor, raster-order multi-level features, input frame, tiny config.
+
+Also the real checkpoints' resize rule (`MIN_PIXELS`, `MAX_PIXELS`) and the family's anomaly classes.
 
 The vision tower sees 14-px patches (grouped 2x2 into merge units) and permutes merge units into attention
 windows before the first block; its per-block hidden states therefore come out in window order, while the
@@ -14,12 +16,14 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.vision_utils import get_vision_window_index
 
 from ..finding import Frame
+from ..injection import AnomalyConfigFields, AnomalyInnerMixin, AnomalyOuterMixin, anomaly_forward
+from ..processing import AnomalyBlockMixin
 from . import (
     VisionFeatures,
     check_placeholders,
@@ -29,9 +33,15 @@ from . import (
 )
 
 FAMILY = "qwen2_5_vl"
+CONFIG_CLASS = Qwen2_5_VLConfig
 MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
 IMAGE_TOKEN = "<|image_pad|>"
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
+# The real checkpoints' resize rule (Qwen/Qwen2.5-VL-*-Instruct preprocessor_config.json): smart resize to
+# multiples of 28 px within these pixel counts. The one home of these values: processors, frames and training
+# targets all read them here.
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # 3136 .. 12845056
+PATCH_SIZE, MERGE_SIZE = 14, 2
 # Tiny processor: at most 224x224 pixels (8x8 = 64 visual tokens), at least 56x56.
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 56 * 56, 224 * 224
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -86,18 +96,25 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor, exist_ok=True)
+PROCESSOR_CLASS = ImageOnlyQwen2_5_VLProcessor
+
+
+def build_image_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Qwen2VLImageProcessorPil:
+    """The PIL image processor; by default with the real checkpoints' resize rule (min/max pixels fixed here)."""
+    return Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE
+    )
 
 
 def build_processor(
-    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
-    patch_size: int = 14, merge_size: int = 2,
+    tokenizer: Any, chat_template: str | None = CHAT_TEMPLATE, min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
 ) -> ImageOnlyQwen2_5_VLProcessor:
-    """The image-only processor over a PIL image processor (min/max pixels fixed at construction)."""
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=merge_size
+    """The image-only processor; by default it resizes like the real checkpoints."""
+    return ImageOnlyQwen2_5_VLProcessor(
+        image_processor=build_image_processor(min_pixels, max_pixels), tokenizer=tokenizer,
+        chat_template=chat_template,
     )
-    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
 def build_tiny_processor(tokenizer: Any) -> ImageOnlyQwen2_5_VLProcessor:
@@ -108,7 +125,26 @@ def build_tiny_processor(tokenizer: Any) -> ImageOnlyQwen2_5_VLProcessor:
 # (model, processor) from a hub id or local directory; see `backbones.load_pretrained`. The processor loads
 # through the image-only class (AutoProcessor would need torchvision for a real checkpoint's processor
 # files).
-load = partial(load_pretrained, MODEL_CLASS, ImageOnlyQwen2_5_VLProcessor)
+load = partial(load_pretrained, MODEL_CLASS, PROCESSOR_CLASS)
+
+
+def tiny_config(tokenizer: Any, text: dict) -> Qwen2_5_VLConfig:
+    """The tiny test config: `text` holds the tiny LLM's sizes; 4 vision blocks, 2 of them full attention."""
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            **text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        ),
+        vision_config={
+            "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": 2, "out_hidden_size": text["hidden_size"],
+            # 56-px windows = 2x2 merge units: a 224-px image has 16 windows, so the permutation is real.
+            "window_size": 56, "fullatt_block_indexes": [1, 3],
+        },
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
 
 
 def default_levels(config: Any) -> tuple[int, ...]:
@@ -192,3 +228,44 @@ def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
     """
     keep = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
     return {k: inputs[k] for k in keep if k in inputs} | {"inputs_embeds": inputs_embeds}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family's anomaly classes (the mechanism is `injection`'s; `model_type` strings are saved in checkpoints).
+# ---------------------------------------------------------------------------------------------------------------
+class AnomalyQwen2_5_VLConfig(AnomalyConfigFields, Qwen2_5_VLConfig):
+    """Qwen2.5-VL's config with the expert's settings and the anomaly token ids."""
+
+    model_type = "anomaly_qwen2_5_vl"
+
+
+class AnomalyQwen2_5_VLModel(AnomalyInnerMixin, Qwen2_5_VLModel):
+    """Qwen2.5-VL's inner model with the expert in its forward."""
+
+    family = FAMILY
+
+
+class AnomalyQwen2_5_VLForConditionalGeneration(AnomalyOuterMixin, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with the anomaly expert."""
+
+    config_class = AnomalyQwen2_5_VLConfig
+    family = FAMILY
+    inner_class = AnomalyQwen2_5_VLModel
+    forward = anomaly_forward(Qwen2_5_VLForConditionalGeneration)
+
+
+class AnomalyQwen2_5_VLProcessor(AnomalyBlockMixin, ImageOnlyQwen2_5_VLProcessor):
+    """Qwen2.5-VL processor with the anomaly block after `<|vision_end|>`."""
+
+    placeholder = "<|image_pad|><|vision_end|>"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_anomaly_tokens: int = 5,
+                 expert_image_size: int | None = None, **kwargs):
+        self.num_anomaly_tokens = int(num_anomaly_tokens)
+        self.expert_image_size = expert_image_size
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+ANOMALY_CONFIG_CLASS = AnomalyQwen2_5_VLConfig
+ANOMALY_MODEL_CLASS = AnomalyQwen2_5_VLForConditionalGeneration
+ANOMALY_PROCESSOR_CLASS = AnomalyQwen2_5_VLProcessor

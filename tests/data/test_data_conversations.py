@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
+from anomaly_assistant.backbones import FAMILIES, input_frame
 from anomaly_assistant.data_builders import knowledge
 from anomaly_assistant.data_builders.conversations import (
     DETECTION_PROMPT,
@@ -18,7 +19,6 @@ from anomaly_assistant.data_builders.conversations import (
     inspection_answer,
     location_words,
 )
-from anomaly_assistant.data_builders.frames import BACKBONES, input_frame
 from anomaly_assistant.data_builders.records import Record
 from anomaly_assistant.data_builders.teacher import Teacher
 from anomaly_assistant.finding import Box
@@ -48,7 +48,7 @@ def _records():
     return recs
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", FAMILIES)
 def test_every_target_parses_and_boxes_map_back(backbone):
     for j, rec in enumerate(_records()):
         frame = input_frame(backbone, rec.image_size)

@@ -10,7 +10,6 @@ from anomaly_assistant import backbones
 from anomaly_assistant.backbones import ANOMALY_END, ANOMALY_LEVEL, ANOMALY_PAD, ANOMALY_START, FAMILIES
 from anomaly_assistant.expert import ReferenceMatch
 from anomaly_assistant.modeling import (
-    MODEL_CLASSES,
     from_backbone,
     from_config,
     load_backbone_as_anomaly,
@@ -183,7 +182,7 @@ def test_lora_wrapped_model_still_injects(tiny_models):
 def test_plain_backbone_checkpoint_loads_with_a_new_expert(family, tmp_path):
     save_tiny(family, tmp_path)
     model, processor = load_backbone_as_anomaly(str(tmp_path))
-    assert type(model) is MODEL_CLASSES[family]
+    assert type(model) is backbones.get(family).ANOMALY_MODEL_CLASS
     batch = _batch(processor, _images(6)[:1])
     with torch.no_grad(), model.anomaly_context() as ctx:
         model(**batch)
@@ -215,7 +214,7 @@ def test_from_config_builds_a_random_model_in_the_asked_dtype_that_injects(famil
     """Real-width benchmarks build from a config alone; the tiny config stands in for the real one here."""
     backbone, plain = build_tiny(family)
     model, processor = from_config(backbone.config, plain, "efficientnet_lite0", dtype=torch.float64)
-    assert type(model) is MODEL_CLASSES[family] and not model.training
+    assert type(model) is backbones.get(family).ANOMALY_MODEL_CLASS and not model.training
     assert {p.dtype for p in model.parameters()} == {torch.float64} and torch.get_default_dtype() == torch.float32
     assert model.config.expert["feature_source"] == "efficientnet_lite0"
     batch = _batch(processor, _images(8)[:1])
