@@ -160,7 +160,7 @@ def test_json_line_survives_unicode_line_separators():
 
 
 def test_threshold_flag_moves_verdicts_and_boxes_together(expert_run, sample_paths):
-    """Thresholds around the default run's scores flip the clean part to ANOMALOUS and the scratch to NORMAL."""
+    """Thresholds around the default run's scores flip the clean part to ANOMALOUS, the scratch to NORMAL."""
     scores = {row["image"].rsplit("/", 1)[-1]: row["score"] for row in expert_run[1]}
     rc, out, err = run_main("--json", "--threshold", scores["clean.png"] / 2, sample_paths["clean"],
                             "--references", sample_paths["good"])
@@ -176,6 +176,8 @@ def test_threshold_flag_moves_verdicts_and_boxes_together(expert_run, sample_pat
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
 def test_a_threshold_outside_0_1_exits_2_with_one_line(value, sample_paths):
-    rc, out, err = run_main("--threshold", value, sample_paths["scratch"], "--references", sample_paths["good"])
+    rc, out, err = run_main("--threshold", value, sample_paths["scratch"], "--references",
+                            sample_paths["good"])
     assert rc == 2 and out == ""
-    assert err.strip() == f"anomaly-assistant inspect: --threshold must be a calibrated score in [0, 1], got {value}"
+    expected = f"anomaly-assistant inspect: --threshold must be a calibrated score in [0, 1], got {value}"
+    assert err.strip() == expected

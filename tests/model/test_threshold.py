@@ -1,4 +1,4 @@
-"""One decision threshold per call, session or assistant: it drives the screener's label, the verdict and the boxes."""
+"""One threshold per call, session or assistant drives the screener's label, the verdict and the boxes."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _assert_agrees(finding, threshold, label=None):
         assert finding.boxes == []
 
 
-def test_the_same_image_flips_with_the_threshold_and_label_verdict_boxes_agree(expert, scratch, references, score):
+def test_verdict_flips_with_the_threshold_and_label_verdict_boxes_agree(expert, scratch, references, score):
     screener = expert.reference_screener(references)
     verdicts = {}
     for threshold in (0.0, score / 2, score, (1 + score) / 2, 1.0, DEFAULT_THRESHOLD):
@@ -65,13 +65,14 @@ def test_session_threshold_overrides_the_assistants(scratch, references, score):
     strict = AnomalyAssistant.expert_only(threshold=(1 + score) / 2)
     assert strict.threshold == pytest.approx((1 + score) / 2)
     assert strict.screen([scratch], references=references)[0].verdict == "normal"
-    assert strict.chat(references=references).inspect(scratch).verdict == "normal"  # None follows the assistant
+    assert strict.chat(references=references).inspect(scratch).verdict == "normal"  # None: the assistant's
     lenient = strict.chat(references=references, threshold=score / 2)
     finding = lenient.inspect(scratch)
     assert finding.verdict == "anomalous" and finding.boxes
     _assert_agrees(finding, score / 2)
     assert strict.screen([scratch], references=references, threshold=score / 2)[0].verdict == "anomalous"
-    assert strict.inspect_batch([scratch], references=references, threshold=score / 2)[0].verdict == "anomalous"
+    (batched,) = strict.inspect_batch([scratch], references=references, threshold=score / 2)
+    assert batched.verdict == "anomalous"
 
 
 def test_out_of_range_thresholds_are_refused(references):
