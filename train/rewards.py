@@ -174,7 +174,7 @@ def verdict_metrics(completions: Sequence[Any], gt_label: Sequence[int]) -> dict
 
 def localization_reward(
     completions: Sequence[Any], gt_label: Sequence[int], solution_boxes: Sequence[Sequence[Sequence[float]]],
-    frame: Sequence[str | None] | None = None, **kwargs: Any,
+    frame: Sequence[str | None], **kwargs: Any,
 ) -> list[float | None]:
     """Dense box agreement in the model-input frame (no IoU step: small defects still give a gradient).
 
@@ -185,9 +185,8 @@ def localization_reward(
     image-level label) gives None. Predicted boxes are clipped to the input image first, so a box outside it
     is a false box, and huge coordinates cannot inflate an IoU.
     """
-    frames = frame if frame is not None else [None] * len(completions)
     out: list[float | None] = []
-    for parsed, label, target, frame_json in zip(_answers(completions), gt_label, solution_boxes, frames):
+    for parsed, label, target, frame_json in zip(_answers(completions), gt_label, solution_boxes, frame):
         if int(label) and not target:
             out.append(None)
             continue
