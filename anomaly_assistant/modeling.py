@@ -1,4 +1,4 @@
-"""Building anomaly models: a family's plain backbone (or config) + a new expert -> (anomaly model, processor).
+"""Building anomaly models: a family's plain backbone (or config) + a new expert -> (model, processor).
 
 The anomaly classes themselves live with their family (`backbones/<family>.py`), the mechanism they share in
 `injection`. Importing this module loads every registered family, so `AutoModelForImageTextToText` /
@@ -22,23 +22,26 @@ for _family in backbones.FAMILIES:
     backbones.get(_family)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Building an anomaly model from a plain backbone.
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def default_expert_config(base_config: Any, family: str, feature_source: str = "backbone",
-                          levels: Sequence[int] | None = None, **overrides: Any) -> tuple[ExpertConfig, list[int]]:
-    """Expert sizes that fit a backbone: level widths from its vision tower (or EfficientNet-Lite0), D = LLM width."""
+                          levels: Sequence[int] | None = None,
+                          **overrides: Any) -> tuple[ExpertConfig, list[int]]:
+    """Expert sizes that fit a backbone: level widths of its vision tower (or the CNN's), D = the LLM's."""
     module = backbones.get(family)
     chosen = list(levels if levels is not None else module.default_levels(base_config))
     text_hidden = int(base_config.text_config.hidden_size)
     source: dict = {}
     if feature_source == "backbone":
         vision = base_config.vision_config
-        level_dims = [int(getattr(vision, "hidden_size"))] * len(chosen)
+        level_dims = [int(vision.hidden_size)] * len(chosen)
     elif feature_source == "efficientnet_lite0":
         from .expert.sources import EFFNET_LITE0_BLOCKS, EfficientNetLite0Config
 
-        source = {"blocks": list(EfficientNetLite0Config.blocks), "image_size": EfficientNetLite0Config.image_size}
+        source = {
+            "blocks": list(EfficientNetLite0Config.blocks), "image_size": EfficientNetLite0Config.image_size
+        }
         level_dims = [EFFNET_LITE0_BLOCKS[b][1] for b in source["blocks"]]
     else:
         raise ValueError(f"unknown feature source {feature_source!r}")
@@ -61,7 +64,8 @@ def level_word_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
     return [tokenizer(" " + w.split()[0], add_special_tokens=False)["input_ids"] for w in words]
 
 
-def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: ExpertConfig, levels: Sequence[int]) -> Any:
+def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: ExpertConfig,
+                   levels: Sequence[int]) -> Any:
     """The anomaly config of `family` built from a plain backbone config."""
     data = base_config.to_dict()
     data.pop("model_type", None)
@@ -78,7 +82,7 @@ def anomaly_config(base_config: Any, family: str, tokenizer: Any, expert: Expert
 
 def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
                   levels: Sequence[int] | None = None, **expert_overrides: Any) -> tuple[Any, Any]:
-    """(anomaly model, anomaly processor) around an in-memory backbone; its weights are copied, the expert is new."""
+    """(anomaly model, anomaly processor) around an in-memory backbone: its weights copied, a new expert."""
     family = backbones.family_of(model.config)
     backbones.ensure_anomaly_tokens(model, processor.tokenizer)
     expert, chosen = default_expert_config(model.config, family, feature_source, levels, **expert_overrides)
@@ -93,19 +97,21 @@ def from_backbone(model: Any, processor: Any, feature_source: str = "backbone",
     return anomaly, anomaly_processor(processor, family, expert.num_tokens, cnn_input_size(expert))
 
 
-def from_config(base_config: Any, processor: Any, feature_source: str = "backbone", dtype: torch.dtype | None = None,
-                device: str | torch.device = "cpu", levels: Sequence[int] | None = None,
-                **expert_overrides: Any) -> tuple[Any, Any]:
-    """(anomaly model, anomaly processor) with random weights for a plain backbone config: no checkpoint needed.
+def from_config(base_config: Any, processor: Any, feature_source: str = "backbone",
+                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                levels: Sequence[int] | None = None, **expert_overrides: Any) -> tuple[Any, Any]:
+    """(anomaly model, anomaly processor) with random weights for a plain backbone config: no checkpoint.
 
-    For measuring speed and memory at real widths (e.g. Qwen2.5-VL-3B's) where no weights can be had; the weights
-    are created directly on `device` in `dtype`. The tokenizer must already hold the anomaly markers and fit in the
-    config's vocabulary.
+    For measuring speed and memory at real widths (e.g. Qwen2.5-VL-3B's) where no weights can be had; the
+    weights are created directly on `device` in `dtype`. The tokenizer must already hold the anomaly markers
+    and fit in the config's vocabulary.
     """
     family = backbones.family_of(base_config)
     tokenizer = processor.tokenizer
     if missing := backbones.missing_anomaly_tokens(tokenizer):
-        raise ValueError(f"the tokenizer lacks the anomaly markers {missing} (backbones.add_anomaly_tokens adds them)")
+        raise ValueError(
+            f"the tokenizer lacks the anomaly markers {missing} (backbones.add_anomaly_tokens adds them)"
+        )
     if len(tokenizer) > int(base_config.text_config.vocab_size):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the config's vocabulary only "
                          f"{base_config.text_config.vocab_size}")

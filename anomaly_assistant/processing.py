@@ -1,10 +1,10 @@
 """Processors that insert the anomaly block after every image, so token counts always match the expert's K.
 
 Text goes in with the family's ordinary image placeholder (from its chat template); each placeholder gets
-`<|anomaly_start|><|anomaly_level|><|anomaly_pad|>×K<|anomaly_end|>` appended before tokenisation, exactly once
-(text that already carries the block is left alone, so applying the processor twice is harmless). With the
-EfficientNet-Lite0 feature source the processor also emits `expert_pixel_values` (B, 3, S, S), the CNN's input
-for each image in order, so the model never needs the original PIL images.
+`<|anomaly_start|><|anomaly_level|><|anomaly_pad|>×K<|anomaly_end|>` appended before tokenisation, exactly
+once (text that already carries the block is left alone, so applying the processor twice is harmless). With
+the EfficientNet-Lite0 feature source the processor also emits `expert_pixel_values` (B, 3, S, S), the CNN's
+input for each image in order, so the model never needs the original PIL images.
 
 `AnomalyBlockMixin` is the mechanism; each family's anomaly processor class lives in `backbones/<family>.py`.
 """
@@ -23,7 +23,7 @@ from PIL import Image
 from . import backbones
 from .backbones import ANOMALY_END, ANOMALY_LEVEL, ANOMALY_PAD, ANOMALY_START
 
-# EfficientNet-Lite normalisation ((x - 127) / 128): the same constants as expert.sources.EfficientNetLite0Source.
+# EfficientNet-Lite normalisation ((x - 127) / 128): the constants of expert.sources.EfficientNetLite0Source.
 _CNN_MEAN, _CNN_STD = 0.5, 0.5
 
 
@@ -78,7 +78,7 @@ class AnomalyBlockMixin:
             texts = [text] if single else list(text)
             texts = [insert_anomaly_blocks(t, self.placeholder, self.num_anomaly_tokens) for t in texts]
             text = texts[0] if single else texts
-        out = super().__call__(images=images, text=text, *args, **kwargs)
+        out = super().__call__(images, text, *args, **kwargs)
         if images is not None and self.expert_image_size:
             flat = _flatten_images(images)
             if flat:
@@ -92,17 +92,19 @@ class AnomalyBlockMixin:
         return names + (["expert_pixel_values"] if self.expert_image_size else [])
 
 
-# Constructor arguments of an anomaly processor that `anomaly_processor` does not copy from the base processor.
-_OWN_ARGUMENTS = {"self", "image_processor", "tokenizer", "chat_template", "num_anomaly_tokens", "expert_image_size",
-                  "kwargs"}
+# Constructor arguments of an anomaly processor that `anomaly_processor` does not copy from the base one.
+_OWN_ARGUMENTS = {
+    "self", "image_processor", "tokenizer", "chat_template", "num_anomaly_tokens", "expert_image_size",
+    "kwargs",
+}
 
 
 def anomaly_processor(base: Any, family: str, num_anomaly_tokens: int, expert_image_size: int | None = None):
     """Wrap a family's processor into its anomaly subclass (same image processor, tokenizer and template).
 
     Every other argument of the anomaly class's constructor (LLaVA's `patch_size`, LLaVA-OneVision's
-    `num_image_tokens`, ...) is carried over from `base`: the same signature rule by which transformers saves and
-    loads processor attributes.
+    `num_image_tokens`, ...) is carried over from `base`: the same signature rule by which transformers saves
+    and loads processor attributes.
     """
     cls = backbones.get(family).ANOMALY_PROCESSOR_CLASS
     carried = set(inspect.signature(cls.__init__).parameters) - _OWN_ARGUMENTS

@@ -1,4 +1,4 @@
-"""Tiny backbones built entirely in code: configs, a small BPE tokenizer, image-only processors, random weights.
+"""Tiny backbones built entirely in code: configs, a small BPE tokenizer, image-only processors, weights.
 
 Tests and the embedded default use these instead of downloaded checkpoints. Each family keeps the real
 architecture, processor and token layout (same patch sizes, merge units, window permutation, anyres crops,
@@ -67,13 +67,14 @@ def _bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def build_tokenizer(family: str) -> Any:
-    """A `Qwen2Tokenizer` over the tiny BPE with the family's special tokens, anomaly markers and chat template."""
+    """A `Qwen2Tokenizer` over the tiny BPE with the family's special tokens, anomaly markers and template."""
     from transformers import Qwen2Tokenizer
 
     module = get(family)
     vocab, merges = _bpe()
     tokenizer = Qwen2Tokenizer(
-        vocab=dict(vocab), merges=list(merges), unk_token=None, bos_token=None, eos_token=None, pad_token=None,
+        vocab=dict(vocab), merges=list(merges), unk_token=None, bos_token=None, eos_token=None,
+        pad_token=None,
     )
     tokenizer.add_special_tokens(
         {"additional_special_tokens": list(module.SPECIAL_TOKENS)}, replace_extra_special_tokens=False
@@ -111,13 +112,14 @@ def build_tiny(family: str, seed: int = 0) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen.bos_token_id = None
     gen.do_sample = False
     return model, processor
 
 
 def save_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
-    """Build a tiny backbone and save model + processor to `path` (loadable by `backbones.get(family).load`)."""
+    """Build a tiny backbone and save model + processor to `path` (`backbones.get(family).load` reads it)."""
     path = Path(path)
     model, processor = build_tiny(family, seed=seed)
     model.save_pretrained(path)

@@ -1,14 +1,15 @@
 """Backbone families: a registry of family modules, one module per family, shared helpers.
 
-`FAMILIES` maps each family name to its module; it is the only list of families. Everything else is derived from
-it: `family_of` (model types), `get` (which also registers the family's classes with transformers' `AutoConfig`,
-`AutoModelForImageTextToText` and `AutoProcessor` on first use), `modeling` (which loads every family so saved
-anomaly checkpoints load), `tiny` (tiny configs), and `input_frame` (the box frame of training targets).
+`FAMILIES` maps each family name to its module; it is the only list of families. Everything else is derived
+from it: `family_of` (model types), `get` (which also registers the family's classes with transformers'
+`AutoConfig`, `AutoModelForImageTextToText` and `AutoProcessor` on first use), `modeling` (which loads every
+family so saved anomaly checkpoints load), `tiny` (tiny configs), and `input_frame` (the box frame of training
+targets).
 
 A family module holds everything the family needs:
 
-- names: `FAMILY` (its registry name), `CONFIG_CLASS`, `MODEL_CLASS`, `PROCESSOR_CLASS` (transformers' classes or
-  an image-only processor subclass that builds and loads without torchvision), `IMAGE_TOKEN`, `EOS_TOKEN`,
+- names: `FAMILY` (its registry name), `CONFIG_CLASS`, `MODEL_CLASS`, `PROCESSOR_CLASS` (transformers' classes
+  or an image-only processor subclass that builds and loads without torchvision), `IMAGE_TOKEN`, `EOS_TOKEN`,
   `PAD_TOKEN`, `SPECIAL_TOKENS`, and `CHAT_TEMPLATE` (with `{% generation %}` markers for TRL's assistant-only
   loss);
 - the real checkpoints' resize rule as module constants, used by `build_image_processor()` (the PIL image
@@ -26,16 +27,16 @@ A family module holds everything the family needs:
   `ANOMALY_CONFIG_CLASS` (whose `model_type` is "anomaly_" + the plain config's), `ANOMALY_MODEL_CLASS` and
   `ANOMALY_PROCESSOR_CLASS`.
 
-How to add a fourth family: copy the closest module (e.g. `llava.py`) to `backbones/<name>.py`, replace what differs
-(the transformers classes, template, resize constants, `vision_features`, `input_frame`, tiny config), and add one
-line `"<name>": f"{__name__}.<name>"` to `FAMILIES`. Nothing else changes: processors, Auto* registration, tiny
-models, data-builder frames, `from_backbone` and the assistant all find the family through the registry
-(tests/backbones/test_registry.py builds a family from outside the package this way).
+How to add a fourth family: copy the closest module (e.g. `llava.py`) to `backbones/<name>.py`, replace what
+differs (the transformers classes, template, resize constants, `vision_features`, `input_frame`, tiny config),
+and add one line `"<name>": f"{__name__}.<name>"` to `FAMILIES`. Nothing else changes: processors, Auto*
+registration, tiny models, data-builder frames, `from_backbone` and the assistant all find the family through
+the registry (tests/backbones/test_registry.py builds a family from outside the package this way).
 
-Level indices always index the vision tower's `hidden_states` tuple: 0 is the patch embedding (input of the first
-block), k is the output of block k-1. The helpers below (`embed_inputs`, `image_token_id`, `text_embeddings`)
-are family-independent: every family marks image positions in `input_ids` with one placeholder id and scatters
-the per-image embeddings into them in order.
+Level indices always index the vision tower's `hidden_states` tuple: 0 is the patch embedding (input of the
+first block), k is the output of block k-1. The helpers below (`embed_inputs`, `image_token_id`,
+`text_embeddings`) are family-independent: every family marks image positions in `input_ids` with one
+placeholder id and scatters the per-image embeddings into them in order.
 """
 
 from __future__ import annotations
@@ -59,22 +60,23 @@ FAMILIES: dict[str, str] = {
 }
 
 # The anomaly block the expert fills: <|anomaly_start|> <|anomaly_level|> <|anomaly_pad|>xK <|anomaly_end|>.
-# The level slot is one position whose embedding the model sets, inside its forward, to the level word that the
-# expert's score selects (slightly / moderately / highly), so prompts never depend on a score known in advance.
+# The level slot is one position whose embedding the model sets, inside its forward, to the level word that
+# the expert's score selects (slightly / moderately / highly), so prompts never depend on a score known in
+# advance.
 ANOMALY_START, ANOMALY_PAD, ANOMALY_END = "<|anomaly_start|>", "<|anomaly_pad|>", "<|anomaly_end|>"
 ANOMALY_LEVEL = "<|anomaly_level|>"
 ANOMALY_TOKENS: tuple[str, str, str, str] = (ANOMALY_START, ANOMALY_PAD, ANOMALY_END, ANOMALY_LEVEL)
-from ..expert.config import LEVEL_WORDS  # noqa: E402  (one home: the expert decides the level word)
+from ..expert.config import LEVEL_WORDS as LEVEL_WORDS  # noqa: E402  (re-exported: the expert decides the word)
 
 
 @dataclass
 class VisionFeatures:
     """Per-image vision features of one processor batch, all in raster order (row-major, y then x).
 
-    `level_grids[i][j]` is image i's `hidden_states[levels[j]]` as an (H, W, C) grid on the vision tower's patch
-    grid (Qwen2.5-VL: the 14-px patch grid, 2x the token grid; LLaVA-OV: the base view; LLaVA: CLS dropped).
-    `v0[i]` is the (h, w, D) grid of visual tokens the LLM sees for the whole image (D = LLM hidden size).
-    `image_embeds[i]` is the full (num_image_tokens[i], D) sequence the model scatters into image i's
+    `level_grids[i][j]` is image i's `hidden_states[levels[j]]` as an (H, W, C) grid on the vision tower's
+    patch grid (Qwen2.5-VL: the 14-px patch grid, 2x the token grid; LLaVA-OV: the base view; LLaVA: CLS
+    dropped). `v0[i]` is the (h, w, D) grid of visual tokens the LLM sees for the whole image (D = LLM hidden
+    size). `image_embeds[i]` is the full (num_image_tokens[i], D) sequence the model scatters into image i's
     placeholder tokens; v° occupies `image_embeds[i][v0_offset[i] : v0_offset[i] + h * w]`, row-major.
     """
 
@@ -132,14 +134,17 @@ def family_of(config: Any) -> str:
     name = model_type.removeprefix("anomaly_")
     if name in by_model_type:
         return by_model_type[name]
-    raise ValueError(f"model_type {model_type!r} is not a supported backbone; supported: {sorted(by_model_type)}")
+    raise ValueError(
+        f"model_type {model_type!r} is not a supported backbone; supported: {sorted(by_model_type)}"
+    )
 
 
 def input_frame(family: str, original_size: tuple[int, int], processor: Any = None) -> Frame:
     """Original pixels -> `family`'s model-input pixels, the frame its boxes are written in.
 
-    With `processor` (a loaded checkpoint's), its resize settings; without, the real checkpoint's default resize
-    rule (`build_image_processor()` of the family): the frame of training targets built without a checkpoint.
+    With `processor` (a loaded checkpoint's), its resize settings; without, the real checkpoint's default
+    resize rule (`build_image_processor()` of the family): the frame of training targets built without a
+    checkpoint.
     """
     module = get(family)
     return module.input_frame(processor if processor is not None else _default_image_processor(family),
@@ -198,9 +203,10 @@ def ensure_anomaly_tokens(model: Any, tokenizer: Any) -> int:
     return added
 
 
-def load_pretrained(model_class: Any, processor_class: Any, path_or_id: str, processor_kwargs: dict | None = None,
-                    anomaly_tokens: bool = True, **model_kwargs: Any) -> tuple[Any, Any]:
-    """(model, processor) of one family from a hub id or local directory (real checkpoint or a saved tiny one).
+def load_pretrained(model_class: Any, processor_class: Any, path_or_id: str,
+                    processor_kwargs: dict | None = None, anomaly_tokens: bool = True,
+                    **model_kwargs: Any) -> tuple[Any, Any]:
+    """(model, processor) of one family from a hub id or local directory (real checkpoint or saved tiny one).
 
     `anomaly_tokens` adds the anomaly markers (and embedding rows) where the checkpoint lacks them.
     """
@@ -228,7 +234,9 @@ def embed_inputs(model: Any, input_ids: torch.Tensor, image_embeds: Sequence[tor
     if image_embeds:
         flat = torch.cat(list(image_embeds), dim=0).to(embeds.dtype)  # [sum N_i, D]
         if int(mask.sum()) != flat.shape[0]:
-            raise ValueError(f"{int(mask.sum())} image placeholder tokens but {flat.shape[0]} image embeddings")
+            raise ValueError(
+                f"{int(mask.sum())} image placeholder tokens but {flat.shape[0]} image embeddings"
+            )
         embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), flat)
     return embeds
 
@@ -256,7 +264,7 @@ def check_placeholders(inputs: dict, model: Any, n_tokens: Sequence[int]) -> Non
 
 
 def spread_levels(depth: int, n: int = 4) -> tuple[int, ...]:
-    """n hidden-state indices evenly spread over a tower of `depth` blocks, ending at the last block."""
+    """N hidden-state indices evenly spread over a tower of `depth` blocks, ending at the last block."""
     return tuple(sorted({max(1, round(depth * (i + 1) / n)) for i in range(n)}))
 
 

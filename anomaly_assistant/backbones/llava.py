@@ -53,7 +53,8 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}"
     "{%- set texts = [message['content']] -%}{%- set n_images = 0 -%}"
     "{%- else -%}"
-    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list -%}"
+    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | list -%}"
     "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
     "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{{- texts | join(' ') + '\\n' -}}"
@@ -62,7 +63,8 @@ CHAT_TEMPLATE = (
     "{%- generation -%}{{- ' ' + texts | join(' ') + '</s>' -}}{%- endgeneration -%}"
     "{{- '\\n' -}}"
     "{%- else -%}"
-    "{{- 'USER: ' -}}{%- for _ in range(n_images) -%}{{- '<image>\\n' -}}{%- endfor -%}{{- texts | join(' ') + ' ' -}}"
+    "{{- 'USER: ' -}}{%- for _ in range(n_images) -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{{- texts | join(' ') + ' ' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
@@ -87,6 +89,7 @@ def build_processor(
 
 
 def build_tiny_processor(tokenizer: Any) -> LlavaProcessor:
+    """The tiny models' processor: the real rule at 112 px."""
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE)
 
 
@@ -99,8 +102,9 @@ def tiny_config(tokenizer: Any, text: dict) -> LlavaConfig:
     return LlavaConfig(
         text_config=dict(model_type="llama", **text),
         vision_config={
-            "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-            "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE, "patch_size": PATCH_SIZE, "projection_dim": 32,
+            "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE,
+            "patch_size": PATCH_SIZE, "projection_dim": 32,
         },
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
         vision_feature_select_strategy="default", tie_word_embeddings=False,
@@ -131,7 +135,8 @@ def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = Non
     projected = inner.multi_modal_projector(selected[:, drop:])  # [B, N, D]
 
     n = pixel_values.shape[0]
-    level_grids = [[hidden[lv][i, 1:].reshape(side_h, side_w, -1) for lv in chosen] for i in range(n)]  # CLS out
+    level_grids = [[hidden[lv][i, 1:].reshape(side_h, side_w, -1) for lv in chosen]  # CLS dropped
+                   for i in range(n)]
     image_embeds = [projected[i] for i in range(n)]  # [N, D] raster
     v0 = [e.reshape(side_h, side_w, -1) for e in image_embeds]
     n_tokens = [e.shape[0] for e in image_embeds]
@@ -165,14 +170,16 @@ def input_frame(processor: Any, original_size: tuple[int, int]) -> Frame:
 
 
 def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
-    """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`): positions are
-    plain 1-D, so only the mask travels along; the vision tower is not run again."""
+    """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`).
+
+    Positions are plain 1-D, so only the mask travels along; the vision tower is not run again.
+    """
     return {k: inputs[k] for k in ("attention_mask",) if k in inputs} | {"inputs_embeds": inputs_embeds}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The family's anomaly classes (the mechanism is `injection`'s; `model_type` strings are saved in checkpoints).
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# The family's anomaly classes (the mechanism: `injection`); their `model_type` strings are in checkpoints.
+# ------------------------------------------------------------------------------------------------------------
 class AnomalyLlavaConfig(AnomalyConfigFields, LlavaConfig):
     """LLaVA-1.5's config with the expert's settings and the anomaly token ids."""
 
@@ -199,14 +206,15 @@ class AnomalyLlavaProcessor(AnomalyBlockMixin, LlavaProcessor):
 
     placeholder = IMAGE_TOKEN
 
-    def __init__(self, image_processor=None, tokenizer=None, patch_size=None, vision_feature_select_strategy=None,
-                 chat_template=None, num_additional_image_tokens=0, num_anomaly_tokens: int = 5,
-                 expert_image_size: int | None = None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, patch_size=None,
+                 vision_feature_select_strategy=None, chat_template=None, num_additional_image_tokens=0,
+                 num_anomaly_tokens: int = 5, expert_image_size: int | None = None, **kwargs):
         self.num_anomaly_tokens = int(num_anomaly_tokens)
         self.expert_image_size = expert_image_size
         super().__init__(image_processor, tokenizer, patch_size=patch_size,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         num_additional_image_tokens=num_additional_image_tokens, **kwargs)
+                         vision_feature_select_strategy=vision_feature_select_strategy,
+                         chat_template=chat_template, num_additional_image_tokens=num_additional_image_tokens,
+                         **kwargs)
 
 
 ANOMALY_CONFIG_CLASS = AnomalyLlavaConfig

@@ -1,15 +1,16 @@
-"""LLaVA-OneVision (SigLIP tower + Qwen2 LLM): chat template, image-only processor, features, frame, tiny config.
+"""LLaVA-OneVision (SigLIP + Qwen2): chat template, image-only processor, features, frame, tiny config.
 
-Also the real checkpoints' resize rule (`IMAGE_SIZE`, anyres pinpoints of the image processor) and the family's
-anomaly classes.
+Also the real checkpoints' resize rule (`IMAGE_SIZE`, anyres pinpoints of the image processor) and the
+family's anomaly classes.
 
 Choice of v° and levels: the base view. A single image reaches the LLM as [base view tokens (the whole image
 squashed to the tower's square size, row-major), then the anyres crops' tokens (unpadded, one newline token
 per row)]. The expert reads the base view: it covers the whole image in one fixed (S/p x S/p) grid, is the
-first `(S/p)^2` placeholder tokens of each image (offset 0), and its boxes frame is the squashed image. The anyres
-crops are only for the LLM (their per-crop levels are available with `crops=True`, see `vision_features`).
-Several images in one sample (batch_num_images > 1) are not anyres-split by transformers: each is padded to a
-square and gives base tokens + one newline; `input_frame(..., multi_image=True)` gives that frame.
+first `(S/p)^2` placeholder tokens of each image (offset 0), and its boxes frame is the squashed image. The
+anyres crops are only for the LLM (their per-crop levels are available with `crops=True`, see
+`vision_features`). Several images in one sample (batch_num_images > 1) are not anyres-split by transformers:
+each is padded to a square and gives base tokens + one newline; `input_frame(..., multi_image=True)` gives
+that frame.
 """
 
 from __future__ import annotations
@@ -52,15 +53,17 @@ TINY_GRID_PINPOINTS = [[112, 112], [112, 224], [224, 112], [224, 224]]
 # Anomaly-OV's levels on SigLIP-so400m (27 layers): hidden_states[7, 13, 19, 25].
 ANOMALY_OV_LEVELS = (7, 13, 19, 25)
 
-# ChatML as in llava-hf/llava-onevision-qwen2-*-ov-hf for user/system turns ("<|im_start|>user <image>\ntext"),
-# extended to string contents; assistant turns open exactly like the generation prompt ("<|im_start|>assistant\n")
-# so training and inference see the same prefix, with {% generation %} around the text and its <|im_end|>.
+# ChatML as in llava-hf/llava-onevision-qwen2-*-ov-hf for user/system turns ("<|im_start|>user
+# <image>\ntext"), extended to string contents; assistant turns open exactly like the generation prompt
+# ("<|im_start|>assistant\n") so training and inference see the same prefix, with {% generation %} around the
+# text and its <|im_end|>.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}"
     "{%- set texts = [message['content']] -%}{%- set n_images = 0 -%}"
     "{%- else -%}"
-    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list -%}"
+    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | list -%}"
     "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
     "{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -81,15 +84,16 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
     """LLaVA-OneVision processor without the video slot (builds and loads without torchvision)."""
 
     def __init__(
-        self, image_processor=None, tokenizer=None, num_image_tokens=None, vision_feature_select_strategy=None,
-        chat_template=None, image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9",
-        **kwargs,
+        self, image_processor=None, tokenizer=None, num_image_tokens=None,
+        vision_feature_select_strategy=None, chat_template=None, image_token="<image>", video_token="<video>",
+        vision_aspect_ratio="anyres_max_9", **kwargs,
     ):
         kwargs.pop("video_processor", None)
         super().__init__(
             image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
             vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-            image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio, **kwargs,
+            image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
         )
 
 
@@ -99,7 +103,7 @@ PROCESSOR_CLASS = ImageOnlyLlavaOnevisionProcessor
 def build_image_processor(
     image_size: int = IMAGE_SIZE, grid_pinpoints: list[list[int]] | None = None
 ) -> LlavaOnevisionImageProcessorPil:
-    """The PIL image processor (base view `image_size`, anyres `grid_pinpoints`); by default the real one's."""
+    """The PIL image processor (base view `image_size`, anyres `grid_pinpoints`); by default the real's."""
     kwargs: dict[str, Any] = {"size": {"height": image_size, "width": image_size}}
     if grid_pinpoints is not None:
         kwargs["image_grid_pinpoints"] = grid_pinpoints
@@ -119,6 +123,7 @@ def build_processor(
 
 
 def build_tiny_processor(tokenizer: Any) -> ImageOnlyLlavaOnevisionProcessor:
+    """The tiny models' processor: the real rule with 112-px views and 112/224-px anyres grids."""
     return build_processor(tokenizer, image_size=TINY_IMAGE_SIZE, grid_pinpoints=TINY_GRID_PINPOINTS)
 
 
@@ -134,8 +139,9 @@ def tiny_config(tokenizer: Any, text: dict) -> LlavaOnevisionConfig:
     return LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **text),
         vision_config={
-            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-            "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE, "patch_size": PATCH_SIZE,
+            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
         },
         image_token_id=ids("<image>"), video_token_id=ids("<video>"),
         vision_feature_layer=-1, vision_feature_select_strategy="full",
@@ -166,10 +172,10 @@ def _num_crops(model: Any, inputs: dict) -> list[int]:
 def vision_features(
     model: Any, inputs: dict, levels: Sequence[int] | None = None, crops: bool = False
 ) -> VisionFeatures:
-    """Base-view SigLIP levels as (S/p, S/p, C) grids and v° = the base view after the projector (S/p, S/p, D).
+    """Base-view SigLIP levels as (S/p, S/p, C) grids and v° = the projected base view (S/p, S/p, D).
 
-    With `crops=True`, `extras["crop_level_grids"][i][j]` holds image i's level j for every view (base first) as
-    (n_views, S/p, S/p, C).
+    With `crops=True`, `extras["crop_level_grids"][i][j]` holds image i's level j for every view (base first)
+    as (n_views, S/p, S/p, C).
     """
     inner = model.model
     cfg = model.config
@@ -194,7 +200,8 @@ def vision_features(
 
     level_grids, v0, crop_grids = [], [], []
     for s, n in zip(starts, n_views):
-        level_grids.append([hidden[lv][s, drop_cls:].reshape(side, side, -1) for lv in chosen])  # [S/p, S/p, C]
+        level_grids.append([hidden[lv][s, drop_cls:].reshape(side, side, -1)  # [S/p, S/p, C]
+                            for lv in chosen])
         v0.append(projected[s].reshape(side, side, -1))  # [S/p, S/p, D]
         if crops:
             crop_grids.append([hidden[lv][s : s + n, drop_cls:].reshape(n, side, side, -1) for lv in chosen])
@@ -240,14 +247,16 @@ def input_frame(processor: Any, original_size: tuple[int, int], multi_image: boo
 
 
 def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
-    """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`): positions are
-    plain 1-D, so only the mask travels along; the vision tower is not run again."""
+    """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`).
+
+    Positions are plain 1-D, so only the mask travels along; the vision tower is not run again.
+    """
     return {k: inputs[k] for k in ("attention_mask",) if k in inputs} | {"inputs_embeds": inputs_embeds}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The family's anomaly classes (the mechanism is `injection`'s; `model_type` strings are saved in checkpoints).
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# The family's anomaly classes (the mechanism: `injection`); their `model_type` strings are in checkpoints.
+# ------------------------------------------------------------------------------------------------------------
 class AnomalyLlavaOnevisionConfig(AnomalyConfigFields, LlavaOnevisionConfig):
     """LLaVA-OneVision's config with the expert's settings and the anomaly token ids."""
 
@@ -260,7 +269,9 @@ class AnomalyLlavaOnevisionModel(AnomalyInnerMixin, LlavaOnevisionModel):
     family = FAMILY
 
 
-class AnomalyLlavaOnevisionForConditionalGeneration(AnomalyOuterMixin, LlavaOnevisionForConditionalGeneration):
+class AnomalyLlavaOnevisionForConditionalGeneration(
+    AnomalyOuterMixin, LlavaOnevisionForConditionalGeneration
+):
     """LLaVA-OneVision with the anomaly expert."""
 
     config_class = AnomalyLlavaOnevisionConfig
@@ -280,8 +291,8 @@ class AnomalyLlavaOnevisionProcessor(AnomalyBlockMixin, ImageOnlyLlavaOnevisionP
         self.num_anomaly_tokens = int(num_anomaly_tokens)
         self.expert_image_size = expert_image_size
         super().__init__(image_processor, tokenizer, num_image_tokens=num_image_tokens,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         vision_aspect_ratio=vision_aspect_ratio, **kwargs)
+                         vision_feature_select_strategy=vision_feature_select_strategy,
+                         chat_template=chat_template, vision_aspect_ratio=vision_aspect_ratio, **kwargs)
 
 
 ANOMALY_CONFIG_CLASS = AnomalyLlavaOnevisionConfig

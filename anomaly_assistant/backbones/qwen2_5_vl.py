@@ -1,4 +1,4 @@
-"""Qwen2.5-VL: chat template, image-only processor, raster-order multi-level features, input frame, tiny config.
+"""Qwen2.5-VL: chat template, image-only processor, raster-order features, input frame, tiny config.
 
 Also the real checkpoints' resize rule (`MIN_PIXELS`, `MAX_PIXELS`) and the family's anomaly classes.
 
@@ -49,9 +49,9 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 
-# Qwen2.5-VL's own template (as shipped by Qwen/Qwen2.5-VL-*-Instruct) with {% generation %} markers around the
-# assistant turn, including its closing <|im_end|>: the same text as TRL's qwen2_5_vl_training.jinja, so a real
-# checkpoint renders byte-identically with or without it.
+# Qwen2.5-VL's own template (as shipped by Qwen/Qwen2.5-VL-*-Instruct) with {% generation %} markers around
+# the assistant turn, including its closing <|im_end|>: the same text as TRL's qwen2_5_vl_training.jinja, so a
+# real checkpoint renders byte-identically with or without it.
 CHAT_TEMPLATE = (
     "{%- set image_count = namespace(value=0) %}"
     "{%- for message in messages %}"
@@ -99,8 +99,10 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 PROCESSOR_CLASS = ImageOnlyQwen2_5_VLProcessor
 
 
-def build_image_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Qwen2VLImageProcessorPil:
-    """The PIL image processor; by default with the real checkpoints' resize rule (min/max pixels fixed here)."""
+def build_image_processor(
+    min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> Qwen2VLImageProcessorPil:
+    """The PIL image processor; by default with the real checkpoints' resize rule (min/max pixels)."""
     return Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE
     )
@@ -133,11 +135,13 @@ def tiny_config(tokenizer: Any, text: dict) -> Qwen2_5_VLConfig:
     ids = tokenizer.convert_tokens_to_ids
     return Qwen2_5_VLConfig(
         text_config=dict(
-            **text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+            **text,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config={
             "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": PATCH_SIZE,
-            "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": 2, "out_hidden_size": text["hidden_size"],
+            "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": 2,
+            "out_hidden_size": text["hidden_size"],
             # 56-px windows = 2x2 merge units: a 224-px image has 16 windows, so the permutation is real.
             "window_size": 56, "fullatt_block_indexes": [1, 3],
         },
@@ -148,7 +152,7 @@ def tiny_config(tokenizer: Any, text: dict) -> Qwen2_5_VLConfig:
 
 
 def default_levels(config: Any) -> tuple[int, ...]:
-    """hidden_states indices of the full-attention blocks' outputs (real model: blocks 7,15,23,31 -> 8,16,24,32).
+    """Hidden-state indices of the full-attention blocks' outputs (real: blocks 7,15,23,31 -> 8,16,24,32).
 
     A tower with fewer than four full-attention blocks (tiny configs) uses four levels spread over its depth.
     """
@@ -172,9 +176,10 @@ def _unblock(hidden: torch.Tensor, t: int, h: int, w: int, merge: int) -> torch.
 
 
 def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = None) -> VisionFeatures:
-    """Multi-level patch features (raster (H, W, C) on the 14-px patch grid) and v° (merger output, (h, w, D)).
+    """Multi-level patch features (raster (H, W, C) on the 14-px patch grid) and v° (merger output (h, w, D)).
 
-    v° is the whole image-token run (offset 0): Qwen2.5-VL gives the LLM exactly the merged tokens, in raster order.
+    v° is the whole image-token run (offset 0): Qwen2.5-VL gives the LLM exactly the merged tokens, in raster
+    order.
     """
     visual = model.model.visual
     cfg = visual.config
@@ -194,7 +199,8 @@ def vision_features(model: Any, inputs: dict, levels: Sequence[int] | None = Non
     per_level = [torch.split(_unpermute(hidden[lv], reverse, unit), sizes) for lv in chosen]
 
     thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
-    level_grids = [[_unblock(per_level[j][i], *thw[i], merge) for j in range(len(chosen))] for i in range(len(thw))]
+    level_grids = [[_unblock(per_level[j][i], *thw[i], merge) for j in range(len(chosen))]
+                   for i in range(len(thw))]
     image_embeds = list(torch.split(out.pooler_output, [s // unit for s in sizes]))  # [N_i, D] raster
     v0 = [e.reshape(h // merge, w // merge, -1) for e, (_, h, w) in zip(image_embeds, thw)]  # [h, w, D]
     n_tokens = [e.shape[0] for e in image_embeds]
@@ -211,28 +217,30 @@ def input_size(processor: Any, original_size: tuple[int, int]) -> tuple[int, int
     ip = getattr(processor, "image_processor", processor)
     w, h = original_size
     factor = ip.patch_size * ip.merge_size
-    rh, rw = smart_resize(h, w, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+    rh, rw = smart_resize(
+        h, w, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"]
+    )
     return rw, rh
 
 
 def input_frame(processor: Any, original_size: tuple[int, int]) -> Frame:
-    """Original pixels -> absolute pixels of the smart-resized input (the frame Qwen2.5-VL writes boxes in)."""
+    """Original pixels -> absolute pixels of the smart-resized input (where Qwen2.5-VL writes boxes)."""
     return Frame.resize(tuple(original_size), input_size(processor, original_size))
 
 
 def embeds_forward_kwargs(inputs: dict, inputs_embeds: torch.Tensor) -> dict:
     """Model kwargs for a forward on precomputed `inputs_embeds` (see `backbones.embed_inputs`).
 
-    Qwen2.5-VL still needs `input_ids`, `image_grid_thw` and `mm_token_type_ids` for its 3-D (mrope) positions;
-    with `pixel_values` left out the vision tower is not run again.
+    Qwen2.5-VL still needs `input_ids`, `image_grid_thw` and `mm_token_type_ids` for its 3-D (mrope)
+    positions; with `pixel_values` left out the vision tower is not run again.
     """
     keep = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
     return {k: inputs[k] for k in keep if k in inputs} | {"inputs_embeds": inputs_embeds}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The family's anomaly classes (the mechanism is `injection`'s; `model_type` strings are saved in checkpoints).
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# The family's anomaly classes (the mechanism: `injection`); their `model_type` strings are in checkpoints.
+# ------------------------------------------------------------------------------------------------------------
 class AnomalyQwen2_5_VLConfig(AnomalyConfigFields, Qwen2_5_VLConfig):
     """Qwen2.5-VL's config with the expert's settings and the anomaly token ids."""
 

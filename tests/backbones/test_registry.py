@@ -1,7 +1,8 @@
 """The family registry is the only list of families, and a family's resize rule has one home.
 
-Training targets (data_builders, no checkpoint at hand) and parsed answers (the assistant, with the checkpoint's
-processor) must put boxes in the same frame, or a model trained on the targets answers in the wrong pixels.
+Training targets (data_builders, no checkpoint at hand) and parsed answers (the assistant, with the
+checkpoint's processor) must put boxes in the same frame, or a model trained on the targets answers in the
+wrong pixels.
 """
 
 from __future__ import annotations
@@ -56,17 +57,17 @@ def test_tiny_processors_keep_their_own_budget_while_defaults_follow_the_real_ch
     assert qwen.build_tiny_processor(tokenizer).image_processor.size["longest_edge"] == qwen.TINY_MAX_PIXELS
 
 
-# A fourth family from outside the package: LLaVA-1.5's architecture under a model_type of its own. Its module is
-# the whole addition; the test then adds the one registry line.
+# A fourth family from outside the package: LLaVA-1.5's architecture under a model_type of its own. Its module
+# is the whole addition; the test then adds the one registry line.
 FOURTH_FAMILY = '''
     """A fourth family for the registry test: LLaVA-1.5 under its own model_type, in one module."""
 
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 
     from anomaly_assistant.backbones.llava import (  # noqa: F401  (the family's hooks, reused as they are)
-        CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, PROCESSOR_CLASS, SPECIAL_TOKENS, AnomalyLlavaProcessor,
-        build_image_processor, build_processor, build_tiny_processor, default_levels, embeds_forward_kwargs,
-        input_frame, load, vision_features,
+        CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, PROCESSOR_CLASS, SPECIAL_TOKENS,
+        AnomalyLlavaProcessor, build_image_processor, build_processor, build_tiny_processor, default_levels,
+        embeds_forward_kwargs, input_frame, load, vision_features,
     )
     from anomaly_assistant.backbones.llava import tiny_config as llava_tiny_config
     from anomaly_assistant.injection import (
@@ -124,7 +125,7 @@ def test_a_fourth_family_is_one_module_and_one_registry_line(tmp_path, monkeypat
     assert backbones.family_of({"model_type": "anomaly_fourth_vlm"}) == "fourth_vlm"
     assert backbones.input_frame("fourth_vlm", LARGE) == backbones.input_frame("llava", LARGE)
 
-    model, processor = tiny_anomaly_model("fourth_vlm")  # tiny config, tokenizer, expert: all from the registry
+    model, processor = tiny_anomaly_model("fourth_vlm")  # tiny config, tokenizer, expert: via the registry
     assert type(model) is module.ANOMALY_MODEL_CLASS and model.config.model_type == "anomaly_fourth_vlm"
     assert type(processor) is module.ANOMALY_PROCESSOR_CLASS
     text = processor.apply_chat_template(
