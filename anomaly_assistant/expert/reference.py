@@ -457,7 +457,7 @@ class ReferenceScreener:
         prepped = self._prep(images)
         levels = self._extract(prepped, self.scale)
         with _timed("match"):
-            maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]  # z-maps on each image's grid
+            maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]  # z-maps on each image grid
         full = [upsample_map(m, (im.size[1], im.size[0])) for m, im in zip(maps, images)]  # [H0, W0]
         if self.zoom_bank is not None:
             full = self._second_look(prepped, full)
