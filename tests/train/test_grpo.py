@@ -1,0 +1,124 @@
+"""GRPO stage: a tiny run of configs/grpo_tiny.yaml saves what the assistant loads; bad input fails early."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomaly_assistant.assistant import AnomalyAssistant
+from anomaly_assistant.commands.config import UsageError, parse_config
+from anomaly_assistant.finding import Finding
+from anomaly_assistant.modeling import tiny_anomaly_model
+from anomaly_assistant.train.common import InputError
+from anomaly_assistant.train.grpo import GrpoStageConfig, placeholder_token_ids, reward_columns, run
+from anomaly_assistant.train.rewards import RewardConfig, reward_functions
+
+CONFIG = Path(__file__).parents[2] / "configs" / "grpo_tiny.yaml"
+
+
+def config(data, out, *flags):
+    argv = ["--config", str(CONFIG), "--data", str(data), "--output-dir", str(out), *flags]
+    return parse_config(GrpoStageConfig, argv, prog="anomaly-assistant train grpo")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_build, tmp_path_factory):
+    """Two GRPO steps of the tiny model.
+
+    16 random tokens are 30-50 characters: a 24-character budget makes their length rewards differ, so groups
+    carry signal. The terms that may be None are off, so the logged total is the weighted sum of the means.
+    """
+    out = tmp_path_factory.mktemp("grpo_run")
+    cfg = config(data_build, out, "--rewards-max-chars", "24", "--rewards-localization", "0",
+                 "--rewards-defect-type", "0")
+    final = run(cfg)
+    return cfg, out, final
+
+
+def test_a_grpo_run_saves_a_model_the_assistant_loads_and_inspects_with(tiny_run, grpo_train):
+    cfg, out, final = tiny_run
+    assert final == out / "final" and (final / "config.json").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    trained = AnomalyAssistant.from_pretrained(str(final))
+    start, _ = tiny_anomaly_model("qwen2_5_vl", seed=cfg.seed)
+    before, after = start.state_dict(), trained.model.state_dict()
+    changed = [k for k in before if "language_model" in k and not torch.equal(before[k], after[k])]
+    assert changed, "GRPO left the language model unchanged"
+    assert not any("expert" in k and not torch.equal(before[k], after[k]) for k in before)  # expert frozen
+    finding = trained.chat().inspect(grpo_train[0]["image"], max_new_tokens=8)
+    assert isinstance(finding, Finding) and finding.verdict in ("normal", "anomalous")
+
+
+def test_the_mean_total_reward_and_the_verdict_rates_are_logged(tiny_run):
+    cfg, out, _ = tiny_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "reward" in line]
+    assert [line["step"] for line in steps] == [1, 2]
+    funcs, weights = reward_functions(cfg.rewards)
+    names = [getattr(f, "func", f).__name__ for f in funcs]
+    for line in steps:
+        total = sum(w * line[f"rewards/{name}/mean"] for name, w in zip(names, weights))
+        assert math.isfinite(line["reward"]) and line["reward"] == pytest.approx(total, abs=1e-5)
+        assert 0.0 <= line["verdict/accuracy"] <= 1.0
+        assert "verdict/miss_rate" in line or "verdict/false_alarm_rate" in line
+        assert line["frac_groups_dropped"] == pytest.approx(line["frac_reward_zero_std"])
+    assert any(line["frac_groups_dropped"] < 1.0 for line in steps)  # some groups carried signal
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_config_errors_are_usage_errors(data_build, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.read_text() + "num_generation: 3\n")
+    with pytest.raises(UsageError, match="unknown key 'num_generation'"):
+        parse_config(GrpoStageConfig, ["--config", str(bad)], prog="grpo")
+    with pytest.raises(UsageError, match="multiple of --num-generations"):
+        config(data_build, tmp_path, "--batch-size", "3")
+    with pytest.raises(UsageError, match="unrecognized arguments: --rewards-speed"):
+        parse_config(GrpoStageConfig, ["--config", str(CONFIG), "--rewards-speed", "1"], prog="grpo")
+    bad.write_text(CONFIG.read_text().replace("  max_chars: 1500", "  max_char: 1500"))
+    with pytest.raises(UsageError, match="unknown key 'rewards_max_char'"):
+        parse_config(GrpoStageConfig, ["--config", str(bad)], prog="grpo")
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    ("drop_column", InputError, "lacks column 'solution_boxes'"),
+    ("no_data", InputError, "does not exist"),
+    ("lora_target", UsageError, "matches no linear layer"),
+])
+def test_bad_input_fails_before_any_step(data_build, grpo_train, tmp_path, damage, error, message):
+    data, flags = data_build, []
+    if damage == "drop_column":
+        data = tmp_path / "export"
+        grpo_train.remove_columns("solution_boxes").save_to_disk(str(data))
+    elif damage == "no_data":
+        data = tmp_path / "never_built"
+    else:
+        flags = ["--lora-targets", "no_such_layer"]
+    out = tmp_path / "out"
+    with pytest.raises(error, match=message):
+        run(config(data, out, *flags))
+    assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_reward_columns_are_the_export_columns_the_enabled_rewards_read(grpo_train):
+    funcs, _ = reward_functions(RewardConfig())
+    assert set(reward_columns(funcs)) == {"gt_label", "solution_boxes", "frame", "defect_type"}
+    assert set(reward_columns(funcs)) <= set(grpo_train.column_names)
+    funcs, _ = reward_functions(RewardConfig(localization=0, defect_type=0))
+    assert set(reward_columns(funcs)) == {"gt_label"}
+
+
+def test_sampling_never_emits_image_or_anomaly_placeholders():
+    model, processor = tiny_anomaly_model("llava")
+    tok = processor.tokenizer
+    banned = set(placeholder_token_ids(tok, model))
+    placeholders = ("<image>", "<|anomaly_pad|>", "<|anomaly_start|>", "<|anomaly_level|>")
+    assert {tok.convert_tokens_to_ids(t) for t in placeholders} <= banned
+    assert tok.eos_token_id not in banned and tok.pad_token_id not in banned
