@@ -122,3 +122,16 @@ def test_sampling_never_emits_image_or_anomaly_placeholders():
     placeholders = ("<image>", "<|anomaly_pad|>", "<|anomaly_start|>", "<|anomaly_level|>")
     assert {tok.convert_tokens_to_ids(t) for t in placeholders} <= banned
     assert tok.eos_token_id not in banned and tok.pad_token_id not in banned
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(data_build, tmp_path):
+    """Step 1 is saved, the run stops; `--resume` continues at step 2 and the metrics read as one run."""
+    out = tmp_path / "run"
+    run(config(data_build, out, "--max-steps", "1"))
+    first = (out / "metrics.jsonl").read_text().splitlines()
+    run(config(data_build, out, "--max-steps", "2", "--resume"))
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == first[0]  # step 1 was not run again (its step_time would differ)
+    assert [json.loads(line)["step"] for line in lines if '"reward"' in line] == [1, 2]
