@@ -169,31 +169,6 @@ def finding_record(finding: Finding, **extra: Any) -> dict[str, Any]:
     return finding.to_json(include_map=False) | extra
 
 
-def jet(values: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 RGB with the classic jet ramp (blue low, red high)."""
-    x = np.clip(np.nan_to_num(values.astype(np.float32)), 0.0, 1.0)[..., None]  # [H, W, 1]
-    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # r, g, b
-    rgb = np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)  # [H, W, 3]
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def overlay_map(image: Image.Image, finding: Finding, alpha: float = 0.45) -> Image.Image:
-    """The image with the finding's anomaly map blended on top (jet) and its boxes outlined; RGB, original size."""
-    base = image.convert("RGB")
-    if finding.anomaly_map is not None:
-        amap = np.asarray(finding.anomaly_map, dtype=np.float32)
-        heat = Image.fromarray(jet(amap))
-        if heat.size != base.size:
-            heat = heat.resize(base.size, Image.BILINEAR)
-        base = Image.blend(base, heat, alpha)
-    draw = ImageDraw.Draw(base)
-    width = max(1, round(min(base.size) / 100))
-    for box in finding.boxes:
-        x1, y1, x2, y2 = box.as_list()
-        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=(255, 255, 255), width=width)
-    return base
-
-
 def unique_path(directory: Path, stem: str, suffix: str, taken: set[Path]) -> Path:
     """directory/stem+suffix, or stem-2, stem-3, ... when this run already wrote that name (same file name in two
     folders); files from earlier runs are overwritten. Adds the result to `taken`."""

@@ -28,13 +28,13 @@ from anomaly_assistant.commands._common import (
     json_line,
     load_assistant,
     load_inputs,
-    overlay_map,
     quiet_stdout,
     threshold_of,
     unique_path,
     warn,
 )
 from anomaly_assistant.finding import Finding
+from anomaly_assistant.overlay import render_overlay
 
 EXAMPLES = """examples:
   anomaly-assistant inspect part.png --references good/            # expert-only screening, no model needed
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 warn(f"{item.path}: no anomaly map to save")
             else:
                 out = unique_path(args.save_maps, item.path.stem + "_map", ".png", written)
-                overlay_map(item.image, finding).save(out)
+                render_overlay(item.image, finding, threshold).save(out)
                 extra["map_path"] = str(out)
         if args.json:
             print(json_line(finding_record(finding, **extra)), flush=True)
