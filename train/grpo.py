@@ -66,6 +66,8 @@ class GrpoStageConfig(StageConfig):
         if self.batch_size % self.num_generations:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --num-generations "
                              f"{self.num_generations} (each step scores whole groups)")
+        if not reward_functions(self.rewards)[0]:
+            raise ValueError("every --rewards-* weight is 0: nothing to optimise")
 
 
 def reward_columns(funcs: list[Reward]) -> tuple[str, ...]:
@@ -95,8 +97,6 @@ def run(config: GrpoStageConfig) -> Path:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     funcs, weights = reward_functions(config.rewards)
-    if not funcs:
-        raise ValueError("every reward weight is 0: nothing to optimise")
     train = load_export(config.data, "grpo", config.split, ("image", "prompt", *reward_columns(funcs)),
                         config.max_samples)
     loaded = load_model(config, device)

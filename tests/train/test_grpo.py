@@ -77,6 +77,10 @@ def test_config_errors_are_usage_errors(data_build, tmp_path):
         parse_config(GrpoStageConfig, ["--config", str(bad)], prog="grpo")
     with pytest.raises(UsageError, match="multiple of --num-generations"):
         config(data_build, tmp_path, "--batch-size", "3")
+    terms = ("format", "verdict", "localization", "defect-type", "consistency", "length", "repetition")
+    off = [f"--rewards-{term}=0" for term in terms]
+    with pytest.raises(UsageError, match="nothing to optimise"):
+        config(data_build, tmp_path, *off)
     with pytest.raises(UsageError, match="unrecognized arguments: --rewards-speed"):
         parse_config(GrpoStageConfig, ["--config", str(CONFIG), "--rewards-speed", "1"], prog="grpo")
     bad.write_text(CONFIG.read_text().replace("  max_chars: 1500", "  max_char: 1500"))
