@@ -100,6 +100,8 @@ class StageConfig:
     resume: bool = field(default=False, metadata={
         "help": "continue from the last checkpoint in --output-dir (same step counter, data order, "
                 "loss curve)"})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "recompute activations in the backward pass (less memory, about a third more time)"})
     logging_steps: int = field(default=1, metadata={"help": "log loss / lr every N steps"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
@@ -289,6 +291,18 @@ def prepare_trainable(model: Any, config: StageConfig) -> Any:
     return get_peft_model(model, peft_config)
 
 
+def float32_whole_modules(model: Any) -> None:
+    """Undo TRL's bfloat16 cast of the projector copy that trains whole next to QLoRA adapters.
+
+    With a 4-bit model TRL casts every trainable parameter to bfloat16 (the QLoRA recipe for the adapters);
+    the adapters cast their input, but the projector (PEFT `modules_to_save`) is a plain layer and would meet
+    float32 activations. Call it after building the trainer, before `train()`.
+    """
+    for name, param in model.named_parameters():
+        if param.requires_grad and ".modules_to_save." in name:
+            param.data = param.data.float()
+
+
 # ------------------------------------------------------------------------------------------ running
 
 
@@ -312,6 +326,8 @@ def trainer_arguments(config: StageConfig, device: str) -> dict[str, Any]:
         "report_to": [],
         "disable_tqdm": not config.progress,
         "use_cpu": device == "cpu",
+        "bf16": device != "cpu",  # CPU autocast to bfloat16 is several times slower than float32 here
+        "gradient_checkpointing": config.gradient_checkpointing,
         "dataloader_num_workers": 0,
     }
 

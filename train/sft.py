@@ -15,6 +15,7 @@ from anomaly_assistant.commands.config import resolve_device
 from anomaly_assistant.train.common import (
     JsonlMetricsCallback,
     StageConfig,
+    float32_whole_modules,
     load_export,
     load_model,
     prepare_trainable,
@@ -55,5 +56,7 @@ def run(config: SftStageConfig) -> Path:
                      assistant_only_loss=config.format == "messages")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=loaded.processor,
                          callbacks=[JsonlMetricsCallback(config.output_dir, resume)])
+    if config.tuning == "qlora":
+        float32_whole_modules(trainer.model)
     trainer.train(resume_from_checkpoint=resume)
     return save_final(trainer.model, loaded, config)

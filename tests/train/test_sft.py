@@ -1,0 +1,172 @@
+"""Stage 2 (SFT) on a tiny model and a real `data build` export: save, reload, resume, QLoRA, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomaly_assistant.commands.config import UsageError
+from anomaly_assistant.finding import Finding
+from anomaly_assistant.train.common import (
+    InputError,
+    StageConfig,
+    check_image_files,
+    load_model,
+    lora_target_regex,
+    part_of,
+)
+from anomaly_assistant.train.sft import SftStageConfig, run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads wait on each other (10x slower steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(data, out, **overrides) -> SftStageConfig:
+    settings = dict(model="tiny:qwen2_5_vl", data=str(data), output_dir=str(out), max_samples=4, batch_size=2,
+                    learning_rate=5e-3, lr_scheduler="constant", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                    gradient_checkpointing=False, progress=False, device="cpu")
+    return SftStageConfig(**(settings | overrides))
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in _metrics(out) if "loss" in m}
+
+
+def _image() -> Image.Image:
+    return Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(data_build, tmp_path_factory):
+    """Two steps with a checkpoint after each (merged save, copied aside), then a resumed run to step 4 that
+    keeps the adapter: what a user gets after a kill and a restart."""
+    out = tmp_path_factory.mktemp("sft_resumed")
+    run(_config(data_build, out, max_steps=2, save_steps=1))
+    merged = out.parent / "sft_merged_final"
+    shutil.copytree(out / "final", merged)
+    final = run(_config(data_build, out, max_steps=4, save_steps=1, resume=True, merge_lora=False))
+    return out, merged, final
+
+
+def test_resume_continues_the_step_counter_and_the_loss_curve(interrupted_run, data_build, tmp_path):
+    out, _, _ = interrupted_run
+    steps = [m["step"] for m in _metrics(out) if "loss" in m]
+    assert steps == [1, 2, 3, 4]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    # The same four steps without a break (same seed): same data order, same updates, same losses.
+    straight = tmp_path / "straight"
+    run(_config(data_build, straight, max_steps=4, save_steps=100))
+    assert _losses(straight) == pytest.approx(_losses(out), rel=1e-5)
+
+
+def test_merged_and_adapter_saves_reload_and_inspect(interrupted_run):
+    from transformers import AutoModelForImageTextToText
+
+    from anomaly_assistant.assistant import AnomalyAssistant
+    from anomaly_assistant.modeling import tiny_anomaly_model
+
+    _, merged, adapter = interrupted_run
+    assert not (merged / "adapter_config.json").exists()
+    assert (adapter / "adapter_config.json").exists() and (adapter / "model.safetensors").exists()
+    initial, _ = tiny_anomaly_model("qwen2_5_vl")
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    merged_model = AutoModelForImageTextToText.from_pretrained(merged)
+    assert type(merged_model).__name__ == "AnomalyQwen2_5_VLForConditionalGeneration"
+    assert not torch.equal(merged_model.state_dict()[name], initial.state_dict()[name])  # LoRA merged in
+    for folder in (merged, adapter):
+        assistant = AnomalyAssistant.from_pretrained(str(folder))
+        finding = assistant.chat().inspect(_image(), max_new_tokens=8)
+        assert isinstance(finding, Finding) and finding.image_size == (64, 64)
+    assert getattr(assistant.model, "peft_config", None), "the kept adapter was not loaded"
+
+
+def test_qlora_loads_4bit_trains_one_step_and_saves_full_precision(data_build, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForImageTextToText
+
+    from anomaly_assistant.assistant import AnomalyAssistant
+
+    config = _config(data_build, tmp_path, tuning="qlora", max_steps=1, save_steps=100)
+    quantized = load_model(config, "cpu").model
+    kinds = {name.split(".")[1]: type(module) for name, module in quantized.named_modules()
+             if name.endswith("q_proj") or name.endswith("qkv")}
+    assert kinds == {"language_model": Linear4bit, "visual": torch.nn.Linear, "expert": torch.nn.Linear}
+    del quantized
+    final = run(config)
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "anomaly-base")
+    trained = AutoModelForImageTextToText.from_pretrained(final)
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert trained.state_dict()[name].dtype == torch.float32
+    assert not torch.equal(trained.state_dict()[name], base.state_dict()[name])
+    assert isinstance(AnomalyAssistant.from_pretrained(str(final)).chat().inspect(_image(), max_new_tokens=4),
+                      Finding)
+
+
+def test_full_fine_tuning_trains_only_the_chosen_parts(data_build, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from anomaly_assistant.modeling import tiny_anomaly_model
+
+    final = run(_config(data_build, tmp_path, tuning="full", trainable=["projector"], max_steps=1))
+    trained = AutoModelForImageTextToText.from_pretrained(final).state_dict()
+    initial = tiny_anomaly_model("qwen2_5_vl")[0].state_dict()
+    changed = {name.split(".")[1] + (".merger" if ".merger." in name else "")
+               for name in initial if not torch.equal(initial[name], trained[name])}
+    assert changed == {"visual.merger"}  # not the LLM, not the rest of the tower, never the expert
+
+
+def test_bad_input_fails_before_any_step(data_build, tmp_path):
+
+    with pytest.raises(InputError, match="lacks column 'prompt'"):
+        run(_config(data_build, tmp_path / "a", format="prompt_completion"))
+    with pytest.raises(UsageError, match="matches no linear layer"):
+        run(_config(data_build, tmp_path / "b", lora_targets=["not_a_layer"]))
+    with pytest.raises(InputError, match="does not exist"):
+        run(_config(tmp_path / "missing", tmp_path / "c"))
+    assert not list(tmp_path.glob("*/checkpoint-*"))
+
+
+def test_an_image_stored_as_a_path_that_left_is_named(data_build, tmp_path):
+    """`save_to_disk` embeds image bytes, but a dataset written as Arrow files (or by older `datasets`) keeps
+    paths: the check reads the stored values without decoding and names the first missing file."""
+    import datasets
+
+    messages = datasets.load_from_disk(str(data_build / "sft"))["train"][0]["messages"]
+    text = datasets.Value("string")
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  "messages": [{"role": text, "content": text}]})
+    here, gone = tmp_path / "here.png", tmp_path / "moved_away.png"
+    _image().save(here)
+    rows = {"images": [[{"path": str(here), "bytes": None}], [{"path": str(gone), "bytes": None}]],
+            "messages": [messages, messages]}
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    check_image_files(dataset.select([0]), "rows")
+    with pytest.raises(InputError, match=f"row 1, column 'images': image file {gone} does not exist"):
+        check_image_files(dataset, "rows")
+
+
+def test_lora_targets_are_scoped_to_the_part_they_adapt():
+    llm_only = lora_target_regex(StageConfig(model="m", data="d", output_dir="o", lora_targets=["gate_proj"]))
+    vision_mlp, llm_mlp = "model.visual.blocks.0.mlp.gate_proj", "model.language_model.layers.0.mlp.gate_proj"
+    assert re.fullmatch(llm_only, llm_mlp) and not re.fullmatch(llm_only, vision_mlp)
+    assert part_of("model.visual.merger.mlp.0") == "projector" and part_of(vision_mlp) == "vision"
+    assert part_of("model.expert.ltfm.x") == "expert" and part_of("lm_head") == "llm"
+    with pytest.raises(UsageError, match="--tuning full"):
+        lora_target_regex(StageConfig(model="m", data="d", output_dir="o", trainable=["projector"]))

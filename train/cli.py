@@ -1,0 +1,60 @@
+"""`anomaly-assistant train {sft,grpo} --config FILE [overrides]`: thin wrappers over each stage's `run`.
+
+Each stage has one dataclass config read by the project's one config parser (`commands.config`): `--config`
+YAML supplies any option, flags win. Exit codes: 0 done (the final model's folder is printed); 2 a usage
+error (an unknown key or flag, a value that cannot work such as a LoRA target that matches no module); 1
+unusable input (a missing dataset folder, column or image file). Errors print one line before any step runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from anomaly_assistant.commands.config import UsageError, parse_config
+from anomaly_assistant.train.common import InputError
+
+PROG = "anomaly-assistant train"
+
+# stage -> (module with `run(config) -> Path`, its config class name, one-line help)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "sft": ("anomaly_assistant.train.sft", "SftStageConfig",
+            "stage 2: supervised fine-tuning on the SFT export (LoRA, QLoRA or full)"),
+}
+
+
+def main(argv: list[str] | None = None, command: str = "train") -> int:
+    """`anomaly-assistant train STAGE ...`; errors print one line and return 2 (usage) or 1 (input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog=PROG, description="Train the chat model, one stage at a time.")
+    sub = top.add_subparsers(dest="stage", metavar="STAGE")
+    for name, (_, _, help_text) in STAGES.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        print(f"{PROG}: unknown stage {name!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    module_name, class_name, _ = STAGES[name]
+    module = importlib.import_module(module_name)
+    config_class = getattr(module, class_name)
+    try:
+        config = parse_config(config_class, rest, f"{PROG} {name}", (config_class.__doc__ or "").strip())
+        final = module.run(config)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UsageError as exc:
+        print(f"{PROG} {name}: {exc}", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"{PROG} {name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"saved {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
