@@ -1,8 +1,9 @@
 """Stage 3: GRPO with TRL's `GRPOTrainer` on the GRPO export of `data build`, rewarded by `train.rewards`.
 
 `run(config)` follows the order in `train.common` (seed, checked data, model, adapters, trainer, final save),
-so bad input (a missing column or image file, a LoRA target that matches nothing, a batch that cannot hold
-whole groups) fails before the first step; an unknown config key already fails in `parse_config`.
+so bad input (a missing column or image file, solution boxes in another input frame than the model's, a LoRA
+target that matches nothing, a batch that cannot hold whole groups) fails before the first step; an unknown
+config key already fails in `parse_config`.
 
 Groups whose completions all earn the same total reward carry no signal: their advantages are zero, so with
 `beta = 0` (TRL's default) they add no gradient, but TRL still counts their tokens in the "dapo" loss's
@@ -19,14 +20,18 @@ Logged to `metrics.jsonl` in the output dir at every logging step: `reward` (the
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trl import GRPOConfig, GRPOTrainer
 
+from anomaly_assistant import backbones
 from anomaly_assistant.commands.config import resolve_device
+from anomaly_assistant.finding import Frame
 from anomaly_assistant.train.common import (
+    InputError,
     JsonlMetricsCallback,
     StageConfig,
     load_export,
@@ -92,6 +97,24 @@ def placeholder_token_ids(tokenizer: Any, model: Any) -> list[int]:
     return sorted(set(tokenizer.all_special_ids) - allowed)
 
 
+def check_box_frame(dataset: Any, model: Any, processor: Any) -> None:
+    """Raise InputError when the export's boxes are not in the frame this model's processor gives its input.
+
+    `data build` writes solution boxes in the frame of the real checkpoint's resize rule unless given
+    `--processor`; a model that resizes differently would be rewarded against boxes that miss the defect.
+    """
+    family = backbones.family_of(model.config)
+    for frame_json in dict.fromkeys(dataset["frame"]):
+        exported = Frame.from_json(json.loads(frame_json))
+        expected = backbones.input_frame(family, exported.original_size, processor)
+        if exported != expected:
+            w, h = exported.original_size
+            raise InputError(
+                f"the export's boxes for {w}x{h} images are in a {exported.input_size} input frame, but this "
+                f"{family} model sees {expected.input_size}: rebuild the data with `data build --backbone "
+                f"{family} --processor <the model folder>`")
+
+
 def run(config: GrpoStageConfig) -> Path:
     """Train with GRPO; save the final model (`save_pretrained`) to `<output_dir>/final`, return its path."""
     device = resolve_device(config.device)
@@ -100,6 +123,8 @@ def run(config: GrpoStageConfig) -> Path:
     train = load_export(config.data, "grpo", config.split, ("image", "prompt", *reward_columns(funcs)),
                         config.max_samples)
     loaded = load_model(config, device)
+    if "frame" in reward_columns(funcs):
+        check_box_frame(train, loaded.model, loaded.processor)
     model = prepare_trainable(loaded.model, config)
     args = GRPOConfig(
         **trainer_arguments(config, device),

@@ -91,6 +91,7 @@ def test_config_errors_are_usage_errors(data_build, tmp_path):
 @pytest.mark.parametrize("damage, error, message", [
     ("drop_column", InputError, "lacks column 'solution_boxes'"),
     ("no_data", InputError, "does not exist"),
+    ("other_frame", InputError, "rebuild the data with `data build --backbone llava"),
     ("lora_target", UsageError, "matches no linear layer"),
 ])
 def test_bad_input_fails_before_any_step(data_build, grpo_train, tmp_path, damage, error, message):
@@ -100,6 +101,8 @@ def test_bad_input_fails_before_any_step(data_build, grpo_train, tmp_path, damag
         grpo_train.remove_columns("solution_boxes").save_to_disk(str(data))
     elif damage == "no_data":
         data = tmp_path / "never_built"
+    elif damage == "other_frame":  # boxes written for Qwen2.5-VL's resize, rewarded on a LLaVA model
+        flags = ["--model", "tiny:llava"]
     else:
         flags = ["--lora-targets", "no_such_layer"]
     out = tmp_path / "out"
