@@ -142,3 +142,29 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(data_build, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert lines[0] == first[0]  # step 1 was not run again (its step_time would differ)
     assert [json.loads(line)["step"] for line in lines if '"reward"' in line] == [1, 2]
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_groups_whose_rewards_are_all_equal_leave_the_loss(grpo_train, tmp_path, drop):
+    """A normal image whose completions all earn 1.0 is masked out of the loss and its token count; the
+    anomalous image's group, whose completions differ, stays. `keep` leaves both (TRL's own handling)."""
+    from trl import GRPOConfig
+
+    from anomaly_assistant.train.grpo import GroupFilteringGRPOTrainer
+
+    def label_reward(completions, gt_label, **kwargs):
+        """Normal images: 1.0 for every completion; anomalous ones: 0.0, 1.0, 0.0, ... (a signal)."""
+        return [1.0 if not y else float(i % 2) for i, y in enumerate(gt_label)]
+
+    rows = [grpo_train[grpo_train["gt_label"].index(label)] for label in (0, 1)]
+    model, processor = tiny_anomaly_model("qwen2_5_vl")
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, use_cpu=True, report_to=[], save_strategy="no")
+    trainer = GroupFilteringGRPOTrainer(model=model, args=args, reward_funcs=[label_reward],
+                                        train_dataset=grpo_train, processing_class=processor,
+                                        drop_zero_signal=drop)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([rows[0], rows[0], rows[1], rows[1]])
+    kept = batch["completion_mask"].sum(dim=1)  # tokens per completion that enter the loss
+    assert (kept[:2] == 0).all() == drop and (kept[2:] > 0).all()
+    assert int(batch["num_items_in_batch"]) == int(kept.sum())
