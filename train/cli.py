@@ -21,6 +21,8 @@ PROG = "anomaly-assistant train"
 STAGES: dict[str, tuple[str, str, str]] = {
     "sft": ("anomaly_assistant.train.sft", "SftStageConfig",
             "stage 2: supervised fine-tuning on the SFT export (LoRA, QLoRA or full)"),
+    "grpo": ("anomaly_assistant.train.grpo", "GrpoStageConfig",
+             "stage 3: GRPO on the GRPO export with the verifiable rewards of train.rewards"),
 }
 
 

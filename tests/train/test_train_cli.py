@@ -1,0 +1,83 @@
+"""`anomaly-assistant train {sft,grpo}`: a tiny run from the shipped config; one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomaly_assistant.cli import main as top_main
+from anomaly_assistant.train.cli import main
+
+SFT_TINY = Path(__file__).resolve().parents[2] / "configs" / "sft_tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads wait on each other (10x slower steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_train_is_listed_with_its_stages(capsys):
+    assert top_main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert top_main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and "grpo" in out
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--lora-targets" in out and "--merge-lora, --no-merge-lora" in out and "--resume" in out
+    assert main(["grpo", "--help"]) == 0
+    assert "--num-generations" in capsys.readouterr().out
+
+
+def test_sft_from_the_shipped_tiny_config(data_build, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["sft", "--config", str(SFT_TINY), "--data", str(data_build), "--out", str(out),
+                 "--max-steps", "2", "--save-steps", "1", "--max-samples", "4", "--logging-steps", "1",
+                 "--no-progress"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().endswith(f"saved {out / 'final'}")
+    assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [1, 2]
+    saved = json.loads((out / "final" / "training_config.json").read_text())
+    assert saved["model"] == "tiny:qwen2_5_vl" and saved["max_steps"] == 2  # the YAML, then the flags
+
+
+def test_usage_errors_exit_2_with_one_line(data_build, tmp_path, capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown stage 'frobnicate'" in _error_line(capsys)
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text(SFT_TINY.read_text() + "lora_rank: 4\n")
+    assert main(["sft", "--config", str(bad_key)]) == 2
+    assert "unknown key 'lora_rank'" in _error_line(capsys)
+    assert main(["sft", "--config", str(SFT_TINY), "--tuning", "int3"]) == 2
+    assert "int3" in _error_line(capsys)
+    args = ["sft", "--config", str(SFT_TINY), "--data", str(data_build), "--out", str(tmp_path / "lora")]
+    assert main([*args, "--lora-targets", "qkv_proj"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("anomaly-assistant train sft: LoRA target") and "matches no linear layer" in line
+    assert not list((tmp_path / "lora").glob("checkpoint-*"))
+
+
+def test_input_errors_exit_1_with_one_line(data_build, tmp_path, capsys):
+    args = ["sft", "--config", str(SFT_TINY), "--out", str(tmp_path / "out")]
+    assert main([*args, "--data", str(tmp_path / "nowhere")]) == 1
+    nowhere = tmp_path / "nowhere"
+    assert _error_line(capsys) == f"anomaly-assistant train sft: dataset folder {nowhere} does not exist"
+    assert main([*args, "--data", str(data_build), "--format", "prompt_completion"]) == 1
+    assert "lacks column 'prompt'" in _error_line(capsys)
+    assert main([*args, "--data", str(data_build), "--model", str(tmp_path / "no_model")]) == 1
+    assert "--model" in _error_line(capsys)
