@@ -85,10 +85,12 @@ def test_merged_and_adapter_saves_reload_and_inspect(interrupted_run):
     assert not (merged / "adapter_config.json").exists()
     assert (adapter / "adapter_config.json").exists() and (adapter / "model.safetensors").exists()
     initial, _ = tiny_anomaly_model("qwen2_5_vl")
-    name = "model.language_model.layers.0.self_attn.q_proj.weight"
     merged_model = AutoModelForImageTextToText.from_pretrained(merged)
     assert type(merged_model).__name__ == "AnomalyQwen2_5_VLForConditionalGeneration"
-    assert not torch.equal(merged_model.state_dict()[name], initial.state_dict()[name])  # LoRA merged in
+    trained, before = merged_model.state_dict(), initial.state_dict()
+    changed = {n.split(".")[1] + (".merger" if ".merger." in n else "")
+               for n in before if not torch.equal(before[n], trained[n])}
+    assert changed == {"language_model", "visual.merger"}  # LoRA merged into the LLM, the projector trained
     for folder in (merged, adapter):
         assistant = AnomalyAssistant.from_pretrained(str(folder))
         finding = assistant.chat().inspect(_image(), max_new_tokens=8)
@@ -170,3 +172,19 @@ def test_lora_targets_are_scoped_to_the_part_they_adapt():
     assert part_of("model.expert.ltfm.x") == "expert" and part_of("lm_head") == "llm"
     with pytest.raises(UsageError, match="--tuning full"):
         lora_target_regex(StageConfig(model="m", data="d", output_dir="o", trainable=["projector"]))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_every_family_trains_its_llm_and_projector(family, data_build, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from anomaly_assistant.assistant import AnomalyAssistant
+    from anomaly_assistant.modeling import tiny_anomaly_model
+
+    final = run(_config(data_build, tmp_path, model=f"tiny:{family}", max_steps=1, max_samples=2))
+    trained = AutoModelForImageTextToText.from_pretrained(final).state_dict()
+    initial = tiny_anomaly_model(family)[0].state_dict()
+    changed = {name.split(".")[1] for name in initial if not torch.equal(initial[name], trained[name])}
+    assert changed == {"language_model", "multi_modal_projector"}
+    assert isinstance(AnomalyAssistant.from_pretrained(str(final)).chat().inspect(_image(), max_new_tokens=4),
+                      Finding)
