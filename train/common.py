@@ -21,7 +21,9 @@ work (a LoRA target that matches no module) raise `UsageError` (exit 2); both be
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,9 +203,14 @@ def load_model(config: StageConfig, device: str) -> LoadedModel:
             base = Path(config.output_dir) / BASE_DIR_NAME
             if not (base / "config.json").is_file():
                 model, processor = _load_full(source, is_anomaly_dir, dtype, config.seed)
-                model.save_pretrained(base)
-                processor.save_pretrained(base)
+                staging = base.with_name(f"{base.name}.{os.getpid()}")  # each process writes its own
+                model.save_pretrained(staging)
+                processor.save_pretrained(staging)
                 del model
+                try:
+                    staging.rename(base)
+                except OSError:  # another process of this launch renamed its identical copy first
+                    shutil.rmtree(staging)
             source = str(base)
         model = AutoModelForImageTextToText.from_pretrained(
             source, quantization_config=quantization_config(device), dtype=dtype)
@@ -383,6 +390,9 @@ def save_final(model: Any, loaded: LoadedModel, config: StageConfig,
     from peft import PeftModel
 
     out = Path(directory) if directory else Path(config.output_dir) / "final"
+    if not _is_main_process():  # under `accelerate launch` rank 0 writes; the others wait for it
+        _wait_for_everyone()
+        return out
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         if loaded.full_precision_dir is not None:
@@ -395,7 +405,21 @@ def save_final(model: Any, loaded: LoadedModel, config: StageConfig,
     model.save_pretrained(out)
     loaded.processor.save_pretrained(out)
     (out / "training_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    _wait_for_everyone()
     return out
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _onto_full_precision(model: Any, base_dir: Path, scratch: Path) -> Any:
