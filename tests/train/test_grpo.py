@@ -168,3 +168,28 @@ def test_groups_whose_rewards_are_all_equal_leave_the_loss(grpo_train, tmp_path,
     kept = batch["completion_mask"].sum(dim=1)  # tokens per completion that enter the loss
     assert (kept[:2] == 0).all() == drop and (kept[2:] > 0).all()
     assert int(batch["num_items_in_batch"]) == int(kept.sum())
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model(data_build, tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo): rewards of both ranks are gathered before groups are
+    judged, one metrics line per step, and one final model that loads."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+         "29533", "-m", "anomaly_assistant.cli", "train", "grpo", "--config", str(CONFIG), "--data",
+         str(data_build), "--output-dir", str(out), "--max-steps", "1", "--rewards-max-chars", "24",
+         "--device", "cpu"], env=env, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in steps if "reward" in line]
+    assert len(steps) == 1
+    assert steps[0]["frac_groups_dropped"] == pytest.approx(steps[0]["frac_reward_zero_std"])
+    assert steps[0]["num_tokens"] > 0 and math.isfinite(steps[0]["reward"])
+    assert AnomalyAssistant.from_pretrained(str(out / "final")).model is not None
