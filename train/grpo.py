@@ -10,7 +10,8 @@ Groups whose completions all earn the same total reward carry no signal: their a
 normaliser, which shrinks the step of every informative group (easy normal images make many such groups).
 `zero_signal_groups: drop` (the default) masks their completions out of the loss and the normaliser, the
 cheap half of DAPO's dynamic sampling (which would also generate replacements); `keep` is TRL's own handling.
-The fraction dropped is logged as `frac_groups_dropped` beside TRL's `frac_reward_zero_std`.
+The fraction dropped is logged as `frac_groups_dropped` beside TRL's `frac_reward_zero_std`; TRL's entropy
+and clipping figures then describe the kept groups only.
 
 Logged to `metrics.jsonl` in the output dir at every logging step: `reward` (the mean weighted total),
 `rewards/<term>_reward/mean` per term, and `verdict/accuracy`, `verdict/miss_rate` and
@@ -120,10 +121,10 @@ def run(config: GrpoStageConfig) -> Path:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     funcs, weights = reward_functions(config.rewards)
-    train = load_export(config.data, "grpo", config.split, ("image", "prompt", *reward_columns(funcs)),
-                        config.max_samples)
+    columns = reward_columns(funcs)
+    train = load_export(config.data, "grpo", config.split, ("image", "prompt", *columns), config.max_samples)
     loaded = load_model(config, device)
-    if "frame" in reward_columns(funcs):
+    if "frame" in columns:
         check_box_frame(train, loaded.model, loaded.processor)
     model = prepare_trainable(loaded.model, config)
     args = GRPOConfig(
