@@ -1,0 +1,1 @@
+"""The inspector's workbench: gradio UI, HTTP API, inspection records (as anomaly_assistant.serve)."""
