@@ -3,9 +3,10 @@
     python -m anomaly_assistant.data_builders.bench [--n 270] [--size 256] [--rows 2000]
 
 Prints one JSON object. Rates per wall-clock second depend on what else runs on the machine (`load_avg_1m`
-is printed alongside); `synth_images_per_cpu_s` counts only this process's CPU time. SynthInspect is timed in memory (render + defect + mask + boxes, one process) and with
-PNG writing; conversations as `build_samples` on records with known frames (templated path, no teacher) and as
-full SFT rows (with the image bytes read), the two costs a build pays per image.
+is printed alongside); `synth_images_per_cpu_s` counts only this process's CPU time. SynthInspect is timed
+in memory (render + defect + mask + boxes, one process) and with PNG writing; conversations as
+`build_samples` on records with known frames (templated path, no teacher) and as full SFT rows (with the
+image bytes read), the two costs a build pays per image.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image
 
 
 def bench_synth(n: int, size: int) -> dict[str, float]:
+    """Time SynthInspect rendering in memory and with PNG writing, the per-image cost of a synthetic build."""
     from anomaly_assistant.data_builders.synth_inspect import SynthInspect
 
     gen = SynthInspect(size=size, seed=0)
@@ -47,6 +49,7 @@ def bench_synth(n: int, size: int) -> dict[str, float]:
 
 
 def bench_conversations(rows: int) -> dict[str, float]:
+    """Time templated conversation building and SFT row export, the per-image text cost of a build."""
     from anomaly_assistant.backbones import input_frame
     from anomaly_assistant.data_builders.conversations import build_samples
     from anomaly_assistant.data_builders.export import sft_row
@@ -82,6 +85,7 @@ def bench_conversations(rows: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run both timings and print one JSON object, so speed can be compared across machines."""
     parser = argparse.ArgumentParser(
         prog="python -m anomaly_assistant.data_builders.bench", description=__doc__.split("\n")[0]
     )

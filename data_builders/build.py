@@ -1,8 +1,11 @@
-"""The data build: read sources, check them, add synthetic data, split by source image, write conversations
-and the SFT / GRPO / expert datasets with a dataset card. `anomaly-assistant data build` is a thin wrapper.
+"""The data build: sources in, conversations and SFT / GRPO / expert datasets with a dataset card out.
+
+It reads the sources, checks them, adds synthetic data, splits by source image and writes the conversations
+and datasets. `anomaly-assistant data build` is a thin wrapper.
 
 Output folder:
-  images/            synthesised images and masks (SynthInspect in MVTec layout, defects on normal images, textures)
+  images/            synthesised images and masks (SynthInspect in MVTec layout, defects on normal images,
+                     textures)
   records/<split>.jsonl   the records (one field vocabulary)
   sft/ grpo/ expert/ `datasets.DatasetDict` (save_to_disk), one split each of train / validation / test
   anomaly_instruct.json   the conversations in LLaVA JSON (Anomaly-Instruct style)
@@ -85,6 +88,8 @@ class BuildConfig:
 
 @dataclass
 class BuildResult:
+    """What a build produced, kept in memory so the CLI and tests can report on it without rereading disk."""
+
     splits: dict[str, list[Record]]
     samples: dict[str, list[conversations.Sample]]
     skips: SkipLog
@@ -126,7 +131,10 @@ def synth_defect_records(
     skips: SkipLog,
     progress: bool = False,
 ) -> list[Record]:
-    """`n` defects synthesised on randomly chosen normal records; each new record keeps its original's group."""
+    """`n` defects synthesised on randomly chosen normal records.
+
+    Each new record keeps its original's group, so a defect and its source image never straddle two splits.
+    """
     if not normals or n <= 0:
         return []
     bar = _tqdm(progress)
@@ -166,7 +174,9 @@ def texture_records(
     n: int, out_dir: Path, rng: np.random.Generator, size: int = 256, progress: bool = False
 ) -> list[Record]:
     """Random crops of scikit-image's CC0 texture photos, half of them with a synthesised defect.
-    All crops of one photo share a group (they overlap), so one photo never straddles two splits."""
+
+    All crops of one photo share a group (they overlap), so one photo never straddles two splits.
+    """
     paths = skimage_texture_paths()
     if not paths or n <= 0:
         return []
@@ -299,9 +309,9 @@ def build(cfg: BuildConfig) -> BuildResult:
     timings["conversations_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    import datasets as ds
-
     import shutil
+
+    import datasets as ds
 
     emb, scratch = cfg.embed_images, out / ".scratch"
     makers = {

@@ -3,11 +3,13 @@
 For one record (image + ground truth) and the chosen backbone's input `Frame`, `build_samples` writes:
 - `inspect`: the inspection prompt -> `<think>…</think><answer>{json}</answer>` (boxes in the input frame);
 - `detect`: the VisA-D&R yes/no question -> "Yes" / "No";
-- `describe`: Anomaly-Instruct low-level questions (what it shows, is there an anomaly, where, what type) as free text;
+- `describe`: Anomaly-Instruct low-level questions (what it shows, is there an anomaly, where, what type) as
+  free text;
 - `dialogue`: the inspection turn followed by follow-ups: where / what type (low-level) and likely cause /
   effect on function / prevention (complex, from `knowledge.py`), in varied phrasings.
-Without a teacher the templated text is complete; with one (`teacher.Teacher`), rationales and free-text answers
-are rewritten by an LLM, with the facts (type, place, verdict) given to it and the grammar left untouched.
+Without a teacher the templated text is complete; with one (`teacher.Teacher`), rationales and free-text
+answers are rewritten by an LLM, with the facts (type, place, verdict) given to it and the grammar left
+untouched.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ INSPECTION_PROMPTS = (
     INSPECTION_PROMPT,
     "Is this {what} defective? Think step by step in <think></think>, then give <answer></answer> JSON with "
     "verdict, defect_type, boxes as [x1, y1, x2, y2] pixels, and rationale.",
-    "Check the {what} in this picture for anomalies. Use <think></think> for your reasoning and <answer></answer> "
-    "for a JSON object with verdict, defect_type, boxes and rationale.",
+    "Check the {what} in this picture for anomalies. Use <think></think> for your reasoning and "
+    "<answer></answer> for a JSON object with verdict, defect_type, boxes and rationale.",
     "Quality inspection: look for scratches, cracks, holes, stains, missing or foreign parts. Reply with "
     '<think>reasoning</think><answer>{{"verdict", "defect_type", "boxes", "rationale"}} as JSON</answer>.',
 )
@@ -45,15 +47,18 @@ CANONICAL_SHARE = 0.5  # share of inspection / detection turns asked with the pr
 
 
 class RewriteFn(Protocol):
+    """The shape of a teacher's rewrite hook: `build_samples` takes any such callable, not only a Teacher."""
+
     def __call__(self, kind: str, text: str, facts: dict[str, Any]) -> str: ...
 
 
 @dataclass
 class Sample:
-    """One training conversation. `messages` are [{"role", "content": str}]; the image belongs to the first user turn.
+    """One training conversation.
 
-    `answer` is the grammar text of the inspection turn (also the GRPO solution); `boxes_input` the ground-truth
-    boxes in the backbone's input frame.
+    `messages` are [{"role", "content": str}]; the image belongs to the first user turn. `answer` is the
+    grammar text of the inspection turn (also the GRPO solution); `boxes_input` the ground-truth boxes in the
+    backbone's input frame.
     """
 
     kind: str
@@ -96,6 +101,7 @@ def location_words(box: Sequence[float], size: tuple[int, int]) -> str:
 
 
 def size_words(box: Sequence[float], size: tuple[int, int]) -> str:
+    """A size word from a box's share of the image, so texts say "small scratch" rather than pixel counts."""
     frac = (box[2] - box[0]) * (box[3] - box[1]) / max(1, size[0] * size[1])
     return "tiny" if frac < 0.002 else "small" if frac < 0.02 else "medium-sized" if frac < 0.1 else "large"
 
@@ -136,10 +142,10 @@ def _think(f: dict[str, Any], rng: np.random.Generator) -> str:
         return _pick(
             rng,
             (
-                f"The image shows {f['what']}. Its surface and outline are regular everywhere; I see no scratch, "
-                f"crack, hole, stain or missing part, so it is normal.",
-                f"I check {f['what']} region by region. Texture, colour and shape are consistent across the image, "
-                f"with nothing that departs from a defect-free part. Verdict: normal.",
+                f"The image shows {f['what']}. Its surface and outline are regular everywhere; I see no "
+                f"scratch, crack, hole, stain or missing part, so it is normal.",
+                f"I check {f['what']} region by region. Texture, colour and shape are consistent across the "
+                f"image, with nothing that departs from a defect-free part. Verdict: normal.",
                 f"This is {f['what']}. Nothing breaks the regular pattern and no part is missing or foreign, "
                 f"so the part is defect-free.",
             ),
@@ -150,8 +156,8 @@ def _think(f: dict[str, Any], rng: np.random.Generator) -> str:
     return _pick(
         rng,
         (
-            f"The image shows {f['what']}. {place.capitalize()} there is {looks}.{many} This is a {f['defect']}, "
-            f"so the part is anomalous.",
+            f"The image shows {f['what']}. {place.capitalize()} there is {looks}.{many} "
+            f"This is a {f['defect']}, so the part is anomalous.",
             f"I look over {f['what']}. Most of it is regular, but {place} I see {looks}.{many} "
             f"That is a {f['defect']}: anomalous.",
             f"Scanning {f['what']}: {place} the regular appearance is broken by {looks}.{many} "
@@ -211,8 +217,8 @@ def _followups(
             (
                 "low_level",
                 _pick(rng, ("Are you sure there is no defect?", "Could there be a defect you missed?")),
-                "I found nothing that departs from a defect-free part: the texture, colour and outline are consistent. "
-                "Very small defects are easier to rule out with a known-good reference image.",
+                "I found nothing that departs from a defect-free part: the texture, colour and outline are "
+                "consistent. Very small defects are easier to rule out with a known-good reference image.",
             ),
             (
                 "complex",
@@ -223,8 +229,8 @@ def _followups(
                         "What typically goes wrong with parts like this?",
                     ),
                 ),
-                f"On {f['what']} the usual suspects are scratches, cracks, holes, stains and missing or foreign "
-                f"material; none of them is present here.",
+                f"On {f['what']} the usual suspects are scratches, cracks, holes, stains and missing or "
+                f"foreign material; none of them is present here.",
             ),
         ]
     box_text = ", ".join(str(b) for b in boxes_input[:4])

@@ -45,7 +45,10 @@ SKIMAGE_TEXTURES = ("brick.png", "grass.png", "gravel.png")  # CC0, shipped insi
 
 @dataclass
 class Defect:
-    """A synthesised anomaly: the altered image (uint8 HxWx3), its mask (bool HxW) and boxes (original pixels)."""
+    """A synthesised anomaly.
+
+    The altered image (uint8 HxWx3), its mask (bool HxW) and boxes (original pixels).
+    """
 
     image: np.ndarray
     mask: np.ndarray
@@ -66,7 +69,10 @@ def skimage_texture_paths() -> list[Path]:
 
 
 def smooth_noise(h: int, w: int, rng: np.random.Generator, cells: int = 4, octaves: int = 3) -> np.ndarray:
-    """Fractal value noise in [0, 1] (bicubic-upsampled random lattices): a fast Perlin-like field. [H, W]"""
+    """Fractal value noise in [0, 1], shape [H, W]: a fast Perlin-like field.
+
+    Sums bicubic-upsampled random lattices over `octaves`.
+    """
     acc = np.zeros((h, w), np.float32)
     amp, total = 1.0, 0.0
     for o in range(octaves):
@@ -86,7 +92,10 @@ def yx_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Dilate a boolean mask by `radius` pixels (square): two separable 1-D max filters (fast at any radius)."""
+    """Dilate a boolean mask by `radius` pixels (square).
+
+    Two separable 1-D max filters keep it fast at any radius.
+    """
     from scipy.ndimage import maximum_filter1d
 
     m = mask.astype(np.uint8)
@@ -108,7 +117,10 @@ def _pick_center(
 def _blob(
     h: int, w: int, cx: float, cy: float, rx: float, ry: float, rng: np.random.Generator, rough: float = 0.35
 ) -> np.ndarray:
-    """An irregular filled blob around (cx, cy) with radii (rx, ry): ellipse warped by smooth noise. [H, W] float 0..1"""
+    """An irregular filled blob around (cx, cy) with radii (rx, ry), [H, W] float 0..1.
+
+    An ellipse warped by smooth noise, so synthesised stains and holes do not look stamped.
+    """
     yy, xx = yx_grid(h, w)
     angle = rng.uniform(0, math.pi)
     ca, sa = math.cos(angle), math.sin(angle)
@@ -172,7 +184,7 @@ def _composite(img: np.ndarray, alpha: np.ndarray, paint: np.ndarray) -> np.ndar
     return img * (1.0 - a) + paint * a
 
 
-# --------------------------------------------------------------------------------------------- defect families
+# ---------------------------------------------------------------------------------------- defect families
 
 
 def scratch(img: np.ndarray, rng: np.random.Generator, region: np.ndarray | None = None):

@@ -3,12 +3,15 @@
 - SFT (`SFTTrainer`): `images` (list of one image) + `messages` ([{"role", "content": str}], the image goes to
   the first user turn; TRL inserts the placeholder), or `prompt` / `completion` (completion-only loss).
 - GRPO (`GRPOTrainer`): `image` + `prompt` + the solution columns the rewards read as keyword arguments:
-  `verdict`, `gt_label`, `defect_type` (canonical words), `solution_boxes` (input frame), `gt_boxes` (original
-  pixels), `frame` (JSON of the `Frame`, for `parse_answer(text, Frame.from_json(...))`), `answer` (the target).
-- Expert (stage 1): `image`, `gt_label`, `mask` (None for normal images), `gt_boxes`, `category`, `defect_type`.
-Images are embedded as bytes so a saved dataset is self-contained (`embed=False`: absolute paths only, for large
-builds where each image would otherwise be stored once per conversation kind). Splits are drawn per `Record.group`
-(the physical source image), so a synthesised defect never lands in another split than its normal original.
+  `verdict`, `gt_label`, `defect_type` (canonical words), `solution_boxes` (input frame), `gt_boxes`
+  (original pixels), `frame` (JSON of the `Frame`, for `parse_answer(text, Frame.from_json(...))`), `answer`
+  (the target).
+- Expert (stage 1): `image`, `gt_label`, `mask` (None for normal images), `gt_boxes`, `category`,
+  `defect_type`.
+Images are embedded as bytes so a saved dataset is self-contained (`embed=False`: absolute paths only, for
+large builds where each image would otherwise be stored once per conversation kind). Splits are drawn per
+`Record.group` (the physical source image), so a synthesised defect never lands in another split than its
+normal original.
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ def split_records(
     seed: int = 0,
     keep_existing: bool = False,
 ) -> dict[str, list[Record]]:
-    """Assign train/validation/test by group: groups are ordered by a seeded hash (independent of input order)
-    and cut by `fractions`. `keep_existing` keeps a record's own `split` when it is one of the three names."""
+    """Assign train/validation/test by group, so no source image straddles two splits.
+
+    Groups are ordered by a seeded hash (independent of input order) and cut by `fractions`. `keep_existing`
+    keeps a record's own `split` when it is one of the three names.
+    """
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three numbers summing to 1, got {fractions}")
     out: dict[str, list[Record]] = {s: [] for s in SPLITS}
@@ -88,6 +94,7 @@ def _mask_value(mask_path: str | None, embed: bool = True) -> dict[str, Any] | N
 
 
 def sft_row(sample: Sample, fmt: str = "messages", embed: bool = True) -> dict[str, Any]:
+    """One SFT row in the column layout TRL's `SFTTrainer` reads (`messages` or `prompt` / `completion`)."""
     rec = sample.record
     base = {
         "images": [_image_value(rec.image_path, embed)],
@@ -104,6 +111,7 @@ def sft_row(sample: Sample, fmt: str = "messages", embed: bool = True) -> dict[s
 
 
 def grpo_row(sample: Sample, embed: bool = True) -> dict[str, Any]:
+    """One GRPO row: the product's prompt plus the solution columns the rewards read as keyword arguments."""
     rec = sample.record
     return {
         "image": _image_value(rec.image_path, embed),
@@ -121,6 +129,7 @@ def grpo_row(sample: Sample, embed: bool = True) -> dict[str, Any]:
 
 
 def expert_row(rec: Record, embed: bool = True) -> dict[str, Any]:
+    """One row for stage-1 expert training: image, mask and labels, no conversation."""
     return {
         "image": _image_value(rec.image_path, embed),
         "mask": _mask_value(rec.gt_mask, embed),
@@ -177,8 +186,8 @@ def to_dataset(
 ):
     """Rows from `sft_row` / `grpo_row` / `expert_row` -> `datasets.Dataset` with explicit features.
 
-    With `scratch` (an .arrow path) rows stream to disk one batch at a time and the result is memory-mapped, so
-    memory stays flat however many images a build embeds; without it the rows are collected in memory.
+    With `scratch` (an .arrow path) rows stream to disk one batch at a time and the result is memory-mapped,
+    so memory stays flat however many images a build embeds; without it the rows are collected in memory.
     """
     import datasets as ds
 
@@ -202,12 +211,16 @@ def to_dataset(
 def sft_dataset(
     samples: Iterable[Sample], fmt: str = "messages", embed: bool = True, scratch: str | Path | None = None
 ):
+    """The SFT dataset of `samples`, every conversation kind a row of its own."""
     return to_dataset((sft_row(s, fmt, embed) for s in samples), "sft", fmt, scratch)
 
 
 def grpo_dataset(samples: Iterable[Sample], embed: bool = True, scratch: str | Path | None = None):
-    """One row per record (its first sample): the prompt is the product's inspection prompt, the solution columns
-    come from the record, so every kind of sample carries them."""
+    """One row per record (its first sample), since GRPO samples its own answers to the one prompt.
+
+    The prompt is the product's inspection prompt, the solution columns come from the record, so every kind of
+    sample carries them.
+    """
 
     def rows():
         seen: set[int] = set()
@@ -220,6 +233,7 @@ def grpo_dataset(samples: Iterable[Sample], embed: bool = True, scratch: str | P
 
 
 def expert_dataset(records: Iterable[Record], embed: bool = True, scratch: str | Path | None = None):
+    """The stage-1 expert dataset: one row per record, conversations play no part."""
     return to_dataset((expert_row(r, embed) for r in records), "expert", scratch=scratch)
 
 
@@ -277,6 +291,7 @@ def dataset_card(
 
 
 def write_records_jsonl(records: Iterable[Record], path: str | Path) -> None:
+    """Save records as JSON lines, so a build's splits can be read back and audited without `datasets`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
@@ -284,5 +299,6 @@ def write_records_jsonl(records: Iterable[Record], path: str | Path) -> None:
 
 
 def read_records_jsonl(path: str | Path) -> list[Record]:
+    """Read back what `write_records_jsonl` saved (blank lines are skipped)."""
     with open(path, encoding="utf-8") as fh:
         return [Record.from_dict(json.loads(line)) for line in fh if line.strip()]

@@ -98,6 +98,7 @@ class SkipLog:
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a path names an image by its extension, so folder scans skip any other files they find."""
     return str(path).lower().endswith(IMAGE_EXTS)
 
 
@@ -116,7 +117,10 @@ def resolve_inside(root: str | os.PathLike, rel: str) -> Path | None:
 
 
 def open_image_checked(path: str | os.PathLike) -> tuple[Image.Image | None, str | None]:
-    """Decode an image fully (catches 0-byte, truncated and non-image files). Returns (image, None) or (None, reason)."""
+    """Decode an image fully, catching 0-byte, truncated and non-image files.
+
+    Returns (image, None) or (None, reason).
+    """
     try:
         if os.path.getsize(path) == 0:
             return None, "empty file: 0 bytes"
@@ -163,7 +167,10 @@ def load_mask(
 def validate_records(
     records: Iterable[Record], skips: SkipLog, boxes_from_masks: bool = True
 ) -> list[Record]:
-    """Open every image (and mask) once; keep the readable ones, fill `image_size` and mask boxes, log the rest."""
+    """Open every image (and mask) once, so unreadable input is logged, not discovered mid-training.
+
+    Keeps the readable ones, fills `image_size` and mask boxes, and logs the rest.
+    """
     kept = []
     for rec in records:
         im, reason = open_image_checked(rec.image_path)

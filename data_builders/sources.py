@@ -5,18 +5,20 @@ All readers are plain functions `read_x(path, ..., skips=None) -> list[Record]`.
 refusal in `skips`; a full decode of every pixel happens once, at build time (`records.validate_records`).
 
 Layouts (exactly as published):
-- MVTec AD / MPDD / BTAD / MVTec LOCO / magnetic tiles: `<cat>/{train,validation,test}/<defect|good|ok>/*.png`,
-  masks `<cat>/ground_truth/<defect>/<stem>_mask.png` (MVTec, MPDD), `<stem>.png|.bmp` (BTAD) or a folder
-  `<stem>/*.png` of several masks (LOCO, read as their union).
-- VisA: `split_csv/1cls.csv` (object,split,label,image,mask) + `<cat>/image_anno.csv` (image,label,mask; label is
-  the defect description) + `<cat>/Data/{Images,Masks}/{Normal,Anomaly}/`.
+- MVTec AD / MPDD / BTAD / MVTec LOCO / magnetic tiles:
+  `<cat>/{train,validation,test}/<defect|good|ok>/*.png`, masks `<cat>/ground_truth/<defect>/<stem>_mask.png`
+  (MVTec, MPDD), `<stem>.png|.bmp` (BTAD) or a folder `<stem>/*.png` of several masks (LOCO, read as their
+  union).
+- VisA: `split_csv/1cls.csv` (object,split,label,image,mask) + `<cat>/image_anno.csv` (image,label,mask; label
+  is the defect description) + `<cat>/Data/{Images,Masks}/{Normal,Anomaly}/`.
 - DeepPCB: `PCBData/groupN/N/<id>_test.jpg`, `<id>_temp.jpg`, boxes `groupN/N_not/<id>.txt`
   (`x1,y1,x2,y2,type` per line, comma or space separated), optional `trainval.txt` / `test.txt` split lists.
 - Anomaly-Instruct-125k and VisA-D&R: LLaVA conversation JSON (list of {id, image, conversations, metadata}).
 - MMAD: one JSON object keyed by image path, each with image_path, mask_path, similar_templates,
   random_templates and conversation (Question / Answer letter / Options / type).
-- Generic: a folder `<root>/[<category>/]{good,<defect>}/*` with optional masks under `<root>/masks/<defect>/`,
-  or a CSV / JSONL manifest with columns image,label[,mask,boxes,defect_type,category,split,reference].
+- Generic: a folder `<root>/[<category>/]{good,<defect>}/*` with optional masks under
+  `<root>/masks/<defect>/`, or a CSV / JSONL manifest with columns
+  image,label[,mask,boxes,defect_type,category,split,reference].
 """
 
 from __future__ import annotations
@@ -120,7 +122,10 @@ def read_mvtec(
     source: str = "mvtec",
     with_boxes: bool = True,
 ) -> list[Record]:
-    """MVTec AD layout (also MPDD, BTAD, MVTec LOCO, magnetic tiles). `root` is the dataset or one category."""
+    """MVTec AD layout (also MPDD, BTAD, MVTec LOCO, magnetic tiles).
+
+    `root` is the dataset or one category.
+    """
     skips = skips if skips is not None else SkipLog()
     root = Path(root)
     if not root.is_dir():
@@ -183,7 +188,10 @@ def read_visa(
     skips: SkipLog | None = None,
     with_boxes: bool = True,
 ) -> list[Record]:
-    """VisA from its split CSV (default `split_csv/1cls.csv`); defect types from each class's `image_anno.csv`."""
+    """VisA from its split CSV (default `split_csv/1cls.csv`).
+
+    Defect types come from each class's `image_anno.csv`.
+    """
     skips = skips if skips is not None else SkipLog()
     root = Path(root)
     csv_file = Path(csv_path) if csv_path else root / "split_csv" / "1cls.csv"
@@ -218,7 +226,9 @@ def read_visa(
         is_anomalous = label.lower() in ("anomaly", "anomalous", "1", "bad")
         mask_path = None
         if is_anomalous and row.get("mask"):
-            m = _listed_file(root, row["mask"], f"{where} {row['mask']}", "mask listed in the split CSV", skips)
+            m = _listed_file(
+                root, row["mask"], f"{where} {row['mask']}", "mask listed in the split CSV", skips
+            )
             if m is None:
                 continue
             mask_path = str(m)
@@ -273,8 +283,11 @@ def _parse_box_file(path: Path, skips: SkipLog) -> list[tuple[list[float], str]]
 def read_deeppcb(
     root: str | os.PathLike, include_templates: bool = True, skips: SkipLog | None = None
 ) -> list[Record]:
-    """DeepPCB pairs: each `_test` image (anomalous, boxes, `reference_path` = its template) and, if asked,
-    the `_temp` template as a normal record. Pair members share a `group` so they never straddle splits."""
+    """DeepPCB pairs of a defective board and its defect-free template.
+
+    Each `_test` image (anomalous, boxes, `reference_path` = its template) and, if asked, the `_temp` template
+    as a normal record. Pair members share a `group` so they never straddle splits.
+    """
     skips = skips if skips is not None else SkipLog()
     root = Path(root)
     if not root.is_dir():
@@ -389,8 +402,11 @@ def read_llava_json(
     skips: SkipLog | None = None,
     with_boxes: bool = True,
 ) -> list[Record]:
-    """LLaVA conversation JSON (Anomaly-Instruct-125k, VisA-D&R). The reference dialogue is kept in
-    `meta["conversations"]` as [{"role", "content"}] (the `<image>` tag removed) for reasoning evaluation."""
+    """LLaVA conversation JSON (Anomaly-Instruct-125k, VisA-D&R).
+
+    The reference dialogue is kept in `meta["conversations"]` as [{"role", "content"}] (the `<image>` tag
+    removed) for reasoning evaluation.
+    """
     skips = skips if skips is not None else SkipLog()
     json_path = Path(json_path)
     root = Path(image_root) if image_root else json_path.parent
@@ -616,9 +632,12 @@ def read_manifest(
     source: str = "custom",
     with_boxes: bool = True,
 ) -> list[Record]:
-    """A user's CSV or JSONL manifest. Columns: image (or image_path), label (or gt_label / defect_probability),
-    optional mask, boxes (JSON or "x1 y1 x2 y2;…"), defect_type, category, split, reference. Paths are relative
-    to `root` (default: the manifest's folder) and must stay inside it."""
+    """A user's CSV or JSONL manifest.
+
+    Columns: image (or image_path), label (or gt_label / defect_probability), optional mask, boxes (JSON or
+    "x1 y1 x2 y2;…"), defect_type, category, split, reference. Paths are relative to `root` (default: the
+    manifest's folder) and must stay inside it.
+    """
     skips = skips if skips is not None else SkipLog()
     manifest = Path(manifest)
     root = Path(root) if root else manifest.parent
@@ -697,9 +716,12 @@ def read_manifest(
 def read_folder(
     root: str | os.PathLike, skips: SkipLog | None = None, source: str = "custom", with_boxes: bool = True
 ) -> list[Record]:
-    """A user's folder: `<root>/[<category>/]good/*` normal, `<root>/[<category>/]<defect>/*` anomalous, masks
-    optionally in `<same parent>/masks/<defect>/<stem>[_mask].png`. A manifest (`manifest.csv|jsonl`,
-    `labels.csv`) at the root takes precedence; an MVTec-layout root is read as MVTec."""
+    """A user's folder of images sorted into `good` and per-defect subfolders.
+
+    `<root>/[<category>/]good/*` normal, `<root>/[<category>/]<defect>/*` anomalous, masks optionally in
+    `<same parent>/masks/<defect>/<stem>[_mask].png`. A manifest (`manifest.csv|jsonl`, `labels.csv`) at the
+    root takes precedence; an MVTec-layout root is read as MVTec.
+    """
     skips = skips if skips is not None else SkipLog()
     root = Path(root)
     if not root.is_dir():

@@ -116,15 +116,18 @@ class SynthSample:
 
 
 # --------------------------------------------------------------------------------------------- renderers
-# Each renderer: (size, rng) -> (float32 image [H, W, 3] in 0..255, foreground mask or None, defect region or None)
+# Each renderer: (size, rng) -> (float32 image [H, W, 3] in 0..255, foreground mask or None,
+# defect region or None)
 
 
 _GRAIN_BANK: dict[tuple[int, int], np.ndarray] = {}
 
 
 def _grain(h: int, w: int, rng: np.random.Generator, amount: float) -> np.ndarray:
-    """Sensor-like grain: a randomly shifted window of a fixed unit-noise field (drawing fresh noise per image
-    costs more than the rest of a render). [H, W, 1]"""
+    """Sensor-like grain, [H, W, 1]: a randomly shifted window of a fixed unit-noise field.
+
+    Drawing fresh noise per image costs more than the rest of a render.
+    """
     bank = _GRAIN_BANK.get((h, w))
     if bank is None:
         bank = _GRAIN_BANK[(h, w)] = np.random.default_rng(12345).standard_normal(
@@ -348,7 +351,8 @@ def render(
         return SynthSample(img_u8, 0, category, index=index)
     options = CATEGORY_DEFECTS[category]
     kind = list(options)[int(rng.integers(len(options)))]
-    # PCB opens and pin-holes sit in copper, shorts and spurs between traces; elsewhere defects sit on the part
+    # PCB opens and pin-holes sit in copper, shorts and spurs between traces; elsewhere defects sit on the
+    # part
     if category == "pcb":
         place = region if kind in ("missing_part", "hole") else None
     else:
@@ -388,7 +392,8 @@ class SynthInspect:
         """Write `<out>/<category>/{train/good,test/<defect>,ground_truth/<defect>}` (MVTec AD layout).
 
         `n_train` normal and `n_test` mixed images per category, or, with `total`, `total` mixed test images
-        spread over the categories as evenly as possible; returns the written records."""
+        spread over the categories as evenly as possible; returns the written records.
+        """
         from tqdm.auto import tqdm
 
         out = Path(out_dir)
@@ -451,7 +456,10 @@ class SynthInspect:
         return records
 
     def to_dataset(self, n: int, start: int = 0):
-        """A `datasets.Dataset` with image, mask (None for normal), gt_label, gt_boxes, defect_type, category."""
+        """A `datasets.Dataset` of `n` samples from `start`.
+
+        Columns: image, mask (None for normal), gt_label, gt_boxes, defect_type, category.
+        """
         import datasets
 
         def gen():

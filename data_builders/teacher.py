@@ -1,10 +1,11 @@
-"""Optional teacher LLM that rewrites templated rationales and answers, through any OpenAI-compatible endpoint.
+"""Optional teacher LLM that rewrites templated rationales and answers via an OpenAI-compatible endpoint.
 
 Configured from the environment: `ANOMALY_TEACHER_BASE_URL` (e.g. http://localhost:8000/v1),
 `ANOMALY_TEACHER_API_KEY` (may be empty for local servers) and `ANOMALY_TEACHER_MODEL`. Every reply is cached
 on disk (one JSON file per request hash), so a rebuild costs nothing and runs offline. A failed or empty call
 returns the templated text unchanged (and is counted), so the templated path always completes on its own.
-The teacher only rewrites wording: the facts it is given (verdict, defect type, location) are the ground truth.
+The teacher only rewrites wording: the facts it is given (verdict, defect type, location) are the ground
+truth.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ PROMPTS = {
     "rationale": "Rewrite this one-sentence inspection rationale:",
     "describe": "Rewrite this description of the inspected image:",
     "low_level": "Rewrite this answer about what and where the defect is:",
-    "complex": "Rewrite and, if useful, enrich with one more concrete detail this answer about the defect's cause, "
-    "effect or prevention:",
+    "complex": "Rewrite and, if useful, enrich with one more concrete detail this answer about the defect's "
+    "cause, effect or prevention:",
 }
 
 
 @dataclass
 class Teacher:
+    """A client for the teacher endpoint with an on-disk reply cache, so rebuilds are free and run offline."""
+
     base_url: str
     model: str
     api_key: str = ""

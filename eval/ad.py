@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from anomaly_assistant import scoring
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
@@ -22,8 +23,11 @@ from anomaly_assistant.localize import DEFAULT_THRESHOLD, boxes_from_map
 
 
 def reference_paths(root: str | Path, category: str, k: int, seed: int | None = None) -> list[str]:
-    """The few-shot references: the first k images of `ROOT/CAT/train/good` in sorted order, or, with a seed, k of
-    them drawn at random (few-shot figures move with the draw; report several seeds, as few-shot papers do)."""
+    """The few-shot references: k images of `ROOT/CAT/train/good`.
+
+    Without a seed, the first k in sorted order; with one, k of them drawn at random (few-shot figures move
+    with the draw; report several seeds, as few-shot papers do).
+    """
     if k <= 0:
         return []
     from anomaly_assistant.data_builders.sources import read_mvtec
@@ -98,7 +102,9 @@ def gt_masks(records: Sequence[Any], predictions: Sequence[dict[str, Any]]) -> l
     return [_mask_for(r.gt_mask, p["anomaly_map"].shape) for r, p in zip(records, predictions)]
 
 
-def compute(records: Sequence[Any], predictions: Sequence[dict[str, Any]], max_fpr: float = 0.3) -> dict[str, Any]:
+def compute(
+    records: Sequence[Any], predictions: Sequence[dict[str, Any]], max_fpr: float = 0.3
+) -> dict[str, Any]:
     """The result dict (stable keys first, details after)."""
     y = [p["gt_label"] for p in predictions]
     s = [p["score"] for p in predictions]
@@ -113,7 +119,9 @@ def compute(records: Sequence[Any], predictions: Sequence[dict[str, Any]], max_f
         "n_masks": sum(1 for r in records if r.gt_mask) if masks else 0,
     }
     at = scoring.binary_metrics(y, [p["pred_label"] for p in predictions])
-    out["at_threshold"] = {k: at[k] for k in ("accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn")}
+    out["at_threshold"] = {
+        k: at[k] for k in ("accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn")
+    }
     per_defect = {}
     normals = [p for p in predictions if p["gt_label"] == 0]
     for d in sorted({p["defect_type"] for p in predictions if p["gt_label"] == 1}):
@@ -173,8 +181,8 @@ def example_rows(records: Sequence[Any], preds: Sequence[dict[str, Any]], n: int
         if not gt_boxes and mask is not None:
             gt_boxes = [b.as_list() for b in boxes_from_map(mask)]
         rows.append({
-            "image_path": rec.image_path, "anomaly_map": p["anomaly_map"], "gt_mask": mask, "gt_boxes": gt_boxes,
-            "pred_boxes": p["pred_boxes"], "score": p["score"],
+            "image_path": rec.image_path, "anomaly_map": p["anomaly_map"], "gt_mask": mask,
+            "gt_boxes": gt_boxes, "pred_boxes": p["pred_boxes"], "score": p["score"],
             "verdict": "anomalous" if p["pred_label"] else "normal",
             "title": f"{rec.defect_type or 'good'} · {Path(rec.image_path).name}",
         })
@@ -183,14 +191,17 @@ def example_rows(records: Sequence[Any], preds: Sequence[dict[str, Any]], n: int
 
 def write_report(result: dict[str, Any], records: Sequence[Any], preds: Sequence[dict[str, Any]],
                  out_json: str | Path, title: str) -> tuple[Path, Path]:
-    """Markdown + HTML: metric tables, image ROC (all and per defect), PRO curve, per-defect bars, heatmaps."""
+    """Markdown + HTML report of an AD run.
+
+    Metric tables, image ROC (all and per defect), PRO curve, per-defect bars and heatmaps.
+    """
     rep = R.Report(title, Path(out_json))
     rep.heading("Summary")
-    rep.table([{k: result.get(k) for k in ("image_auroc", "image_ap", "pixel_auroc", "pro", "n_images", "n_masks",
-                                            "seconds")}])
+    rep.table([{k: result.get(k) for k in ("image_auroc", "image_ap", "pixel_auroc", "pro", "n_images",
+                                            "n_masks", "seconds")}])
     rep.text(f"Category `{result.get('category')}`, {result.get('shots')} reference image(s), "
-             f"mode: {result.get('mode', '')}. PRO is the normalised area under the per-region-overlap curve for "
-             f"FPR ≤ {result.get('pro_max_fpr', 0.3)}.")
+             f"mode: {result.get('mode', '')}. PRO is the normalised area under the per-region-overlap curve "
+             f"for FPR ≤ {result.get('pro_max_fpr', 0.3)}.")
     at = f" {result['threshold']:g}" if result.get("threshold") is not None else ""
     rep.heading(f"At the operating threshold{at} (the verdict)")
     rep.table([result["at_threshold"]])
@@ -212,13 +223,16 @@ def write_report(result: dict[str, Any], records: Sequence[Any], preds: Sequence
         curve = metrics.pro_curve(masks, [p["anomaly_map"] for p in preds])
         if curve is not None:
             rep.figure(R.plot_curve(curve[0], curve[1], rep.figure_path("pro.png"), "false positive rate",
-                                    "per-region overlap", f"PRO {R.fmt(result['pro'])}", x_max=result["pro_max_fpr"]),
+                                    "per-region overlap", f"PRO {R.fmt(result['pro'])}",
+                                    x_max=result["pro_max_fpr"]),
                        "PRO curve; the shaded area up to the FPR limit, normalised, is the PRO score")
     rep.figure(R.plot_bars(result["per_defect"], ["image_auroc", "recall"], rep.figure_path("per_defect.png"),
-                           title="per defect type"), "Image AUROC and recall at the threshold per defect type")
+                           title="per defect type"),
+               "Image AUROC and recall at the threshold per defect type")
     rep.figure(R.plot_heatmap_grid(example_rows(records, preds), rep.figure_path("examples.png"),
                                    threshold=result.get("threshold", DEFAULT_THRESHOLD)),
-               "Examples: image with ground-truth mask/boxes (green); anomaly map (0–1) with predicted boxes (red)")
+               "Examples: image with ground-truth mask/boxes (green); "
+               "anomaly map (0–1) with predicted boxes (red)")
     return rep.save()
 
 

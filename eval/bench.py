@@ -2,17 +2,17 @@
 
 1. Expert-only screening (no LLM): images/s at 256 px against 4 references, and the time split between
    feature extraction (EfficientNet-Lite0) and matching (memory-bank nearest neighbours, calibration).
-2. Inspection latency with the expert ÷ without it: the same anomaly model, the same images and exactly the same
-   number of generated tokens (min = max new tokens); "with" is a full `ChatSession.inspect` (vision tower +
-   expert + reference map + anomaly tokens + generation), "without" is the same weights asked the same question
-   through the plain backbone processor (no anomaly block, so the expert never runs). A third path, a session
-   without references, isolates the expert itself from the reference screener's CNN.
+2. Inspection latency with the expert ÷ without it: the same anomaly model, the same images and exactly the
+   same number of generated tokens (min = max new tokens); "with" is a full `ChatSession.inspect` (vision
+   tower + expert + reference map + anomaly tokens + generation), "without" is the same weights asked the same
+   question through the plain backbone processor (no anomaly block, so the expert never runs). A third path, a
+   session without references, isolates the expert itself from the reference screener's CNN.
 3. Tokens/s of that generation and the process's peak resident memory (plus peak GPU memory on a GPU).
 
-By default the model is the tiny Qwen2.5-VL built in code. `--real-widths` builds a randomly initialised model at
-Qwen2.5-VL-3B widths (text 2048 × 36 layers, vision 1280 × 32 blocks, real vocabulary; no weights needed) so the
-same ratios can be read at real size, on a GPU when one is present (bfloat16 there; `--llm-layers` trims the
-depth where memory is short, and the JSON records what was built).
+By default the model is the tiny Qwen2.5-VL built in code. `--real-widths` builds a randomly initialised model
+at Qwen2.5-VL-3B widths (text 2048 × 36 layers, vision 1280 × 32 blocks, real vocabulary; no weights needed)
+so the same ratios can be read at real size, on a GPU when one is present (bfloat16 there; `--llm-layers`
+trims the depth where memory is short, and the JSON records what was built).
 """
 
 from __future__ import annotations
@@ -63,12 +63,14 @@ def peak_rss_mb() -> float:
 
 def bench_images(cfg: BenchConfig) -> tuple[list[Any], list[Any]]:
     """(test images, reference normals) from SynthInspect, deterministic in the seed."""
-    from anomaly_assistant.data_builders.synth_inspect import render
     from PIL import Image
+
+    from anomaly_assistant.data_builders.synth_inspect import render
 
     refs = [Image.fromarray(render(cfg.category, 10_000 + i, seed=cfg.seed, size=cfg.image_size,
                                    anomalous=False).image) for i in range(cfg.references)]
-    tests = [Image.fromarray(render(cfg.category, i, seed=cfg.seed, size=cfg.image_size, anomalous=bool(i % 2)).image)
+    tests = [Image.fromarray(render(cfg.category, i, seed=cfg.seed, size=cfg.image_size,
+                                    anomalous=bool(i % 2)).image)
              for i in range(cfg.images)]
     return tests, refs
 
@@ -76,8 +78,8 @@ def bench_images(cfg: BenchConfig) -> tuple[list[Any], list[Any]]:
 def bench_screening(tests: list[Any], refs: list[Any], repeats: int = 3) -> dict[str, Any]:
     """Expert-only screening throughput and its extraction / matching split (warm, references fitted once).
 
-    The images are screened `repeats` times; the median pass is reported (single passes on a shared CPU vary by
-    about ±30 %), with every pass kept in the JSON.
+    The images are screened `repeats` times; the median pass is reported (single passes on a shared CPU vary
+    by about ±30 %), with every pass kept in the JSON.
     """
     from anomaly_assistant import AnomalyAssistant
     from anomaly_assistant.expert.reference import record_timings
@@ -94,7 +96,8 @@ def bench_screening(tests: list[Any], refs: list[Any], repeats: int = 3) -> dict
             findings = expert.screen(tests, screener=screener)
             total = time.perf_counter() - t0
         extract, match = timings["extract"], timings["match"]
-        passes.append({"seconds": total, "extract_s": extract, "match_s": match, "other_s": total - extract - match})
+        passes.append({"seconds": total, "extract_s": extract, "match_s": match,
+                       "other_s": total - extract - match})
     mid = sorted(passes, key=lambda p: p["seconds"])[len(passes) // 2]
     return {
         "screening_img_per_s": len(tests) / mid["seconds"],
@@ -105,9 +108,11 @@ def bench_screening(tests: list[Any], refs: list[Any], repeats: int = 3) -> dict
 
 
 QWEN25_VL_3B = {
-    "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-             "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 128000,
-             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}},
+    "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+             "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+             "max_position_embeddings": 128000,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": [16, 24, 24]}},
     "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
                "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 2048,
                "fullatt_block_indexes": [7, 15, 23, 31]},
@@ -132,8 +137,8 @@ def build_model(cfg: BenchConfig, device: str) -> tuple[Any, Any, Any, dict[str,
 
         tokenizer = tiny.build_tokenizer(family)
         plain = qwen2_5_vl.build_processor(tokenizer, min_pixels=56 * 56, max_pixels=1024 * 1024)
-        text = dict(QWEN25_VL_3B["text"], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    bos_token_id=None, tie_word_embeddings=True)
+        text = dict(QWEN25_VL_3B["text"], eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=True)
         if cfg.llm_layers:
             text["num_hidden_layers"] = cfg.llm_layers
         ids = tokenizer.convert_tokens_to_ids
@@ -151,7 +156,8 @@ def build_model(cfg: BenchConfig, device: str) -> tuple[Any, Any, Any, dict[str,
         "parameters": sum(p.numel() for p in model.parameters()),
         "expert_parameters": sum(p.numel() for p in model.expert.parameters()),
         "text_hidden": text_cfg.hidden_size, "text_layers": text_cfg.num_hidden_layers,
-        "vision_hidden": model.config.vision_config.hidden_size, "vision_depth": model.config.vision_config.depth,
+        "vision_hidden": model.config.vision_config.hidden_size,
+        "vision_depth": model.config.vision_config.depth,
         "feature_source": cfg.feature_source,
     }
     return model, processor, plain, info
@@ -179,7 +185,8 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     images = tests[: max(1, cfg.inspections)]
     session = assistant.chat(references=refs)  # references fitted once per session, as in use
-    session_no_refs = assistant.chat()  # the expert alone: LTFM, selector and anomaly tokens, no reference map
+    # the expert alone: LTFM, selector and anomaly tokens, no reference map
+    session_no_refs = assistant.chat()
 
     def inspect_in(sess, im):
         return lambda: sess.inspect(im, **gen)
@@ -218,8 +225,8 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
         "tokens_per_s": n / med_with,
         "inspection": {"with_expert_s": t_with, "without_expert_s": t_without, "median_with_s": med_with,
                        "expert_no_references_s": t_no_refs, "median_expert_no_references_s": med_no_refs,
-                       "median_without_s": med_without, "new_tokens": n, "tokens_per_s_without_expert": n / med_without,
-                       "model": info},
+                       "median_without_s": med_without, "new_tokens": n,
+                       "tokens_per_s_without_expert": n / med_without, "model": info},
     }
     if device.startswith("cuda"):
         out["inspection"]["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -227,6 +234,7 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
+    """The whole benchmark on one set of images, so screening and inspection figures are comparable."""
     import torch
 
     device = resolve_device(cfg.device)
@@ -239,13 +247,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - t0
     result["config"] = asdict(cfg)
     result["machine"] = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+                         "cpu": platform.processor() or platform.machine(),
+                         "python": platform.python_version()}
     if device.startswith("cuda"):
         result["machine"]["gpu"] = torch.cuda.get_device_name()
     return {**{k: result.pop(k) for k in KEYS}, **result}
 
 
 def write_report(result: dict[str, Any], out_json: Path) -> tuple[Path, Path]:
+    """Markdown + HTML next to the JSON, so a benchmark can be read without parsing it."""
     from anomaly_assistant.eval import report as R
 
     rep = R.Report("Speed and memory benchmark", out_json)
@@ -270,7 +280,8 @@ def write_report(result: dict[str, Any], out_json: Path) -> tuple[Path, Path]:
     rep.heading("Figures")
     rep.figure(R.plot_bars({"screening": {"extract_s": s["extract_s"], "match_s": s["match_s"],
                                           "other_s": s["other_s"]},
-                            "inspection": {"with expert": i["median_with_s"], "without expert": i["median_without_s"]}},
+                            "inspection": {"with expert": i["median_with_s"],
+                                           "without expert": i["median_without_s"]}},
                            ["extract_s", "match_s", "other_s", "with expert", "without expert"],
                            rep.figure_path("times.png"), title="seconds", ylim=None),
                "Screening time split (all images) and median inspection latency per image")

@@ -18,11 +18,11 @@ from typing import Any
 from anomaly_assistant import scoring
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
-
 from anomaly_assistant.prompts import DETECTION_PROMPT  # the protocol's question; one home for prompts
 
 
 def is_json_source(data: str | Path) -> bool:
+    """Whether `data` is a VisA-D&R conversation file rather than an MVTec-layout folder."""
     return Path(data).suffix.lower() in (".json", ".jsonl")
 
 
@@ -50,7 +50,9 @@ def load(data: str | Path, category: str | None = None, references: int = 0,
         for cat in sorted({r.category for r in recs}):
             good = sorted(r.image_path for r in train if r.category == cat and r.gt_label == 0)
             if len(good) < references:
-                raise ValueError(f"class {cat}: {len(good)} normal training images, {references} references asked")
+                raise ValueError(
+                    f"class {cat}: {len(good)} normal training images, {references} references asked"
+                )
             refs[cat] = good[:references]
     return recs, refs
 
@@ -71,9 +73,9 @@ def predict(assistant: Any, records: Sequence[Any], refs: dict[str, list[str]], 
             else:
                 reply = assistant.chat(references=ref).ask(DETECTION_PROMPT, image=rec.image_path,
                                                            max_new_tokens=max_new_tokens)
-            out.append({"image_path": rec.image_path, "category": rec.category, "gt_label": int(rec.gt_label),
-                        "defect_type": rec.defect_type, "reply": reply, "pred_label": int(scoring.is_yes(reply)),
-                        "score": score})
+            out.append({"image_path": rec.image_path, "category": rec.category,
+                        "gt_label": int(rec.gt_label), "defect_type": rec.defect_type, "reply": reply,
+                        "pred_label": int(scoring.is_yes(reply)), "score": score})
         return out
 
     return distributed.distributed_map(run, list(records), batch_size=batch_size, progress="detection")
@@ -97,6 +99,10 @@ def compute(preds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def evaluate(assistant: Any, data: str, category: str | None = None, references: int = 0,
              expert_only: bool = False, max_new_tokens: int = 16, image_root: str | None = None,
              limit: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The yes/no detection protocol end to end: (result dict, per-image predictions).
+
+    `limit` keeps an evenly spaced subset, so a quick run still covers every class.
+    """
     t0 = time.perf_counter()
     recs, refs = load(data, category, references, image_root)
     if limit and limit < len(recs):
@@ -111,19 +117,23 @@ def evaluate(assistant: Any, data: str, category: str | None = None, references:
 
 def write_report(result: dict[str, Any], preds: Sequence[dict[str, Any]], out_json: str | Path,
                  title: str) -> tuple[Path, Path]:
+    """Markdown + HTML report of a detection run: per-class tables, ROC if scores exist, example replies."""
     rep = R.Report(title, Path(out_json))
     rep.heading("Macro average over classes")
     rep.table([{k: result.get(k) for k in ("accuracy", "precision", "recall", "f1", "n_images", "seconds")}])
     rep.text(f"Prompt: “{result.get('prompt')}”; a reply containing “yes” counts as anomalous. "
-             f"{result.get('references', 0)} reference normal image(s) per class. Mode: {result.get('mode', '')}.")
+             f"{result.get('references', 0)} reference normal image(s) per class. "
+             f"Mode: {result.get('mode', '')}.")
     rep.heading("Per class")
-    rep.table([{"class": c, **{k: v.get(k) for k in ("accuracy", "precision", "recall", "f1", "tp", "fp", "tn",
-                                                        "fn", "n")}} for c, v in result["per_class"].items()])
+    rep.table([{"class": c, **{k: v.get(k) for k in ("accuracy", "precision", "recall", "f1", "tp", "fp",
+                                                        "tn", "fn", "n")}}
+               for c, v in result["per_class"].items()])
     rep.heading("Pooled over all images (micro)")
     rep.table([result["micro"]])
     rep.heading("Figures")
     rep.figure(R.plot_bars(result["per_class"], list(scoring.BINARY_KEYS), rep.figure_path("per_class.png"),
-                           title="detection per class"), "Accuracy, precision, recall, F1 per class")
+                           title="detection per class"),
+               "Accuracy, precision, recall, F1 per class")
     if result.get("image_auroc") is not None:
         pts = metrics.roc_points([p["gt_label"] for p in preds], [p["score"] for p in preds])
         rep.figure(R.plot_roc({"expert score": (*pts, result["image_auroc"])}, rep.figure_path("roc.png")),
@@ -131,6 +141,7 @@ def write_report(result: dict[str, Any], preds: Sequence[dict[str, Any]], out_js
     rep.heading("Example replies")
     wrong = [p for p in preds if p["pred_label"] != p["gt_label"]][:5]
     right = [p for p in preds if p["pred_label"] == p["gt_label"]][:5]
-    rep.table([{"image": Path(p["image_path"]).name, "class": p["category"], "truth": p["defect_type"] or "good",
-                "reply": p["reply"][:120], "correct": p["pred_label"] == p["gt_label"]} for p in right + wrong])
+    rep.table([{"image": Path(p["image_path"]).name, "class": p["category"],
+                "truth": p["defect_type"] or "good", "reply": p["reply"][:120],
+                "correct": p["pred_label"] == p["gt_label"]} for p in right + wrong])
     return rep.save()

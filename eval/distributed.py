@@ -5,7 +5,8 @@ holds the same images whatever the number of processes, so per-image outputs are
 single-process run (given the same threads per process), and every metric, computed once on the merged
 list, equals the single-process number exactly. Run as usual, or under
 `accelerate launch --multi_gpu --num_processes N -m anomaly_assistant.cli eval ...` (also on a machine
-without GPUs: processes then talk over gloo) or `torchrun --nproc_per_node N -m anomaly_assistant.cli eval ...`.
+without GPUs: processes then talk over gloo) or
+`torchrun --nproc_per_node N -m anomaly_assistant.cli eval ...`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ R = TypeVar("R")
 
 
 def state():
-    """accelerate's PartialState (a plain single process when not launched).
+    """Accelerate's PartialState (a plain single process when not launched).
 
     Without CUDA it is created with `cpu=True`, which is what turns a torchrun-style launch into gloo
     MULTI_CPU processes (accelerate's simple `--cpu` launcher starts one process only without mpirun).
@@ -31,10 +32,12 @@ def state():
 
 
 def is_main_process() -> bool:
+    """Whether this process writes results and reports (only one of N may, or files collide)."""
     return state().is_main_process
 
 
 def num_processes() -> int:
+    """How many processes share the work; 1 when run without a launcher."""
     return state().num_processes
 
 
@@ -84,6 +87,7 @@ def distributed_map(
 
 
 def wait_for_everyone() -> None:
+    """Barrier across processes, for a step that must not start before every process got there."""
     state().wait_for_everyone()
 
 

@@ -27,12 +27,14 @@ from typing import Any
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 JUDGE_RULE = (
     "We would like to request your feedback on the performance of two AI assistants in response to the user "
-    "question displayed above. The user asks the question on observing an image of an industrial product. For "
-    "your reference, the visual content in the image is represented with a few sentences describing the image.\n"
+    "question displayed above. The user asks the question on observing an image of an industrial product. "
+    "For your reference, the visual content in the image is represented with a few sentences describing the "
+    "image.\n"
     "Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each assistant "
-    "receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance.\n"
-    "Please first output a single line containing only two values indicating the scores for Assistant 1 and 2, "
-    "respectively. The two scores are separated by a space.\n"
+    "receives an overall score on a scale of 1 to 10, where a higher score indicates better overall "
+    "performance.\n"
+    "Please first output a single line containing only two values indicating the scores for Assistant 1 and "
+    "2, respectively. The two scores are separated by a space.\n"
     "In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
     "potential bias and ensuring that the order in which the responses were presented does not affect your "
     "judgment."
@@ -55,7 +57,10 @@ _SCORE_LINE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[ ,/]\s*(\d+(?:\.\d+)?)\s*$")
 
 
 def parse_scores(review: str) -> tuple[float, float] | None:
-    """The two 1–10 scores from the review's first non-empty line, or None when it is not exactly two numbers."""
+    """The two 1–10 scores from the review's first non-empty line.
+
+    None when that line is not exactly two numbers, so a malformed review is counted rather than guessed at.
+    """
     for line in review.splitlines():
         if line.strip():
             m = _SCORE_LINE.match(line.replace("**", ""))
@@ -86,13 +91,18 @@ class JudgeScore:
 
 @dataclass
 class JudgeConfig:
-    """Where the judge runs. `endpoint` (OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1) or `local_model`
-    (a transformers causal-LM directory); the API key is read from the environment variable `api_key_env`."""
+    """Where the judge runs.
+
+    `endpoint` (OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1) or `local_model` (a transformers
+    causal-LM directory); the API key is read from the environment variable `api_key_env`.
+    """
 
     endpoint: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1)"})
     model: str = field(default="gpt-4o", metadata={"help": "model name sent to the endpoint"})
     local_model: str | None = field(default=None, metadata={"help": "local transformers causal-LM directory"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"}
+    )
     cache_dir: str = field(default="runs/judge-cache", metadata={"help": "on-disk cache of reviews"})
     temperature: float = field(default=0.2, metadata={"help": "LLaVA's review temperature"})
     max_tokens: int = field(default=1024, metadata={"help": "longest review"})
@@ -131,7 +141,8 @@ class Judge:
         self.calls += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"review": text, "model": self._model_id(), "messages": messages}, ensure_ascii=False),
+        tmp.write_text(json.dumps({"review": text, "model": self._model_id(), "messages": messages},
+                                  ensure_ascii=False),
                        encoding="utf-8")
         tmp.replace(path)  # atomic: parallel evaluation processes may share the cache
         return text, False
@@ -148,7 +159,10 @@ class Judge:
 
 
 class OpenAIJudge(Judge):
-    """Any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama…) through `POST {endpoint}/chat/completions`."""
+    """Any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama…).
+
+    Reviews are requested through `POST {endpoint}/chat/completions`.
+    """
 
     backend = "openai"
 
@@ -178,7 +192,10 @@ class OpenAIJudge(Judge):
 
 
 class LocalJudge(Judge):
-    """A local transformers causal LM (its chat template, greedy decoding: local reviews are deterministic)."""
+    """A local transformers causal LM.
+
+    It uses its own chat template and greedy decoding, so local reviews are deterministic.
+    """
 
     backend = "local"
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+
 def _labels_scores(gt_labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(gt_labels, dtype=np.int64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
@@ -60,7 +61,9 @@ def roc_points(gt_labels: Sequence[int], scores: Sequence[float]) -> tuple[np.nd
     return fpr, tpr
 
 
-def _flat_pixels(gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _flat_pixels(
+    gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     if len(gt_masks) != len(anomaly_maps):
         raise ValueError(f"{len(gt_masks)} masks vs {len(anomaly_maps)} maps")
     for i, (m, a) in enumerate(zip(gt_masks, anomaly_maps)):
@@ -83,7 +86,9 @@ def pixel_auroc(gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarra
     return float(roc_auc_score(y, s))
 
 
-def pro_curve(gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+def pro_curve(
+    gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(fpr, pro) at every distinct threshold, from (0, 0) to (1, 1), as in MVTec's `compute_pro`.
 
     Each defect pixel adds 1/|its region| to the summed overlap once the threshold falls below its score,
@@ -140,7 +145,9 @@ def trapezoid(x: np.ndarray, y: np.ndarray, x_max: float | None = None) -> float
     return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
 
 
-def pro_score(gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarray], max_fpr: float = 0.3) -> float | None:
+def pro_score(
+    gt_masks: Sequence[np.ndarray], anomaly_maps: Sequence[np.ndarray], max_fpr: float = 0.3
+) -> float | None:
     """Normalised area under the PRO curve for FPR in [0, max_fpr] (1.0 = perfect). None without defects."""
     curve = pro_curve(gt_masks, anomaly_maps)
     if curve is None:

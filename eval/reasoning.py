@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from anomaly_assistant.eval import distributed
 from anomaly_assistant.eval import report as R
 from anomaly_assistant.eval.judge import Judge
@@ -29,7 +30,9 @@ _COMPLEX = re.compile(
     r"avoid\w*|improve\w*|solutions?|fix|mitigat\w*|root|origin|function\w*|safety|risk\w*|remed\w*)\b",
     re.IGNORECASE,
 )
-_DETECTION = re.compile(r"\b(any|are there|is there)\b.*\b(defects?|anomal\w*)\b.*\b(yes|no)\b", re.IGNORECASE | re.DOTALL)
+_DETECTION = re.compile(
+    r"\b(any|are there|is there)\b.*\b(defects?|anomal\w*)\b.*\b(yes|no)\b", re.IGNORECASE | re.DOTALL
+)
 
 
 def question_kind(question: str) -> str:
@@ -40,7 +43,10 @@ def question_kind(question: str) -> str:
 
 
 def qa_pairs(record: Any) -> list[tuple[str, str, str]]:
-    """(question, reference answer, kind) from `record.meta["conversations"]`; turns may carry their own kind."""
+    """(question, reference answer, kind) from `record.meta["conversations"]`.
+
+    Turns may carry their own kind; otherwise `question_kind` decides from the question.
+    """
     turns = record.meta.get("conversations") or []
     pairs = []
     for q, a in pairwise(turns):
@@ -56,7 +62,9 @@ def load(data: str | Path, image_root: str | None = None, category: str | None =
     from anomaly_assistant.data_builders.sources import read_visa_dr
 
     recs = read_visa_dr(data, image_root)
-    return [r for r in recs if r.gt_label == 1 and qa_pairs(r) and (category is None or r.category == category)]
+    return [
+        r for r in recs if r.gt_label == 1 and qa_pairs(r) and (category is None or r.category == category)
+    ]
 
 
 def replay(assistant: Any, records: Sequence[Any], refs: dict[str, list[str]] | None = None,
@@ -70,26 +78,37 @@ def replay(assistant: Any, records: Sequence[Any], refs: dict[str, list[str]] | 
             session = assistant.chat(references=refs.get(rec.category) or None)
             turns = []
             for i, (question, reference, kind) in enumerate(qa_pairs(rec)):
-                answer = session.ask(question, image=rec.image_path if i == 0 else None, max_new_tokens=max_new_tokens)
-                turns.append({"image_path": rec.image_path, "category": rec.category, "defect_type": rec.defect_type,
-                              "turn": i, "kind": kind, "question": question, "reference": reference, "answer": answer})
+                answer = session.ask(question, image=rec.image_path if i == 0 else None,
+                                     max_new_tokens=max_new_tokens)
+                turns.append({"image_path": rec.image_path, "category": rec.category,
+                              "defect_type": rec.defect_type, "turn": i, "kind": kind, "question": question,
+                              "reference": reference, "answer": answer})
             out.append(turns)
         return out
 
     return distributed.distributed_map(run, list(records), batch_size=1, progress="dialogues")
 
 
-def score_turns(turns: list[dict[str, Any]], encoder: SentenceEncoder | None = None, judge: Judge | None = None) -> None:
-    """Adds rouge_l, sbert and (with a judge) judge_score / judge_reference_score to every scored turn, in place."""
+def score_turns(
+    turns: list[dict[str, Any]], encoder: SentenceEncoder | None = None, judge: Judge | None = None
+) -> None:
+    """Adds rouge_l, sbert and (with a judge) judge_score / judge_reference_score to every scored turn.
+
+    The turns are changed in place; detection turns are not scored.
+    """
     scored = [t for t in turns if t["kind"] in KINDS]
     if not scored:
         return
-    sims = (encoder or default_encoder()).cosine([t["answer"] for t in scored], [t["reference"] for t in scored])
+    sims = (encoder or default_encoder()).cosine(
+        [t["answer"] for t in scored], [t["reference"] for t in scored]
+    )
     for t, sim in zip(scored, sims):
         t["rouge_l"] = rouge_l(t["answer"], t["reference"])
         t["sbert"] = sim
         if judge is not None:
-            context = f"An image of a {t['category'] or 'product'}; ground-truth defect type: {t['defect_type']}."
+            context = (
+                f"An image of a {t['category'] or 'product'}; ground-truth defect type: {t['defect_type']}."
+            )
             js = judge.score(t["question"], t["reference"], t["answer"], context=context)
             t["judge_score"], t["judge_reference_score"] = js.answer_score, js.reference_score
 
@@ -126,6 +145,10 @@ def summarize(turns: Sequence[dict[str, Any]], judged: bool) -> dict[str, Any]:
 def evaluate(assistant: Any, data: str, judge: Judge | None = None, image_root: str | None = None,
              category: str | None = None, max_new_tokens: int = 256, limit: int | None = None,
              encoder: SentenceEncoder | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The VisA-D&R reasoning protocol end to end: (result dict, every replayed turn with its scores).
+
+    Scoring runs on the main process only, so a judge is asked once per turn however many processes replay.
+    """
     t0 = time.perf_counter()
     recs = load(data, image_root, category)
     if limit and limit < len(recs):
@@ -143,10 +166,12 @@ def evaluate(assistant: Any, data: str, judge: Judge | None = None, image_root: 
 
 def write_report(result: dict[str, Any], turns: Sequence[dict[str, Any]], out_json: str | Path,
                  title: str) -> tuple[Path, Path]:
+    """Markdown + HTML report of a reasoning run, so the scores can be read next to the dialogues."""
     rep = R.Report(title, Path(out_json))
     rep.heading("Scores (VisA-D&R protocol)")
-    rep.table([{"questions": k, **{m: result[k][m] for m in ("rouge_l", "sbert", "judge_score", "judge_relative",
-                                                                  "n_turns")}} for k in KINDS])
+    rep.table([{"questions": k, **{m: result[k][m] for m in ("rouge_l", "sbert", "judge_score",
+                                                                  "judge_relative", "n_turns")}}
+               for k in KINDS])
     rep.text(f"{result['n_dialogues']} dialogues, {result['n_turns']} turns replayed with history (greedy). "
              "ROUGE-L: rouge-score F-measure; SBERT: all-MiniLM-L6-v2 cosine; judge: LLaVA rule, answer's "
              "1–10 score (relative = answer / reference score). The paper reports ROUGE-L for low-level "

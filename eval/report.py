@@ -114,7 +114,8 @@ class Report:
             elif kind == "img":
                 path, caption = data
                 rel = path.relative_to(self.html_path.parent).as_posix()
-                body.append(f'<figure><img src="{e(rel)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
+                body.append(f'<figure><img src="{e(rel)}" alt="{e(caption)}">'
+                            f'<figcaption>{e(caption)}</figcaption></figure>')
         style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
                  "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
                  "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
@@ -132,7 +133,9 @@ class Report:
 # ------------------------------------------------------------------------------------------ figures
 
 
-def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]], path: Path, title: str = "ROC") -> Path | None:
+def plot_roc(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]], path: Path, title: str = "ROC"
+) -> Path | None:
     """One ROC curve per entry {name: (fpr, tpr, auc)}."""
     curves = {k: v for k, v in curves.items() if v is not None}
     if not curves:
@@ -142,7 +145,8 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]], 
     for name, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUROC {fmt(auc)})")
     ax.plot([0, 1], [0, 1], ls="--", c="#999", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1),
+           ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -175,17 +179,20 @@ def plot_bars(per_class: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]
         return None
     plt = _mpl()
     width = 0.8 / max(1, len(metrics))
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(classes) * max(1, len(metrics)) * 0.5 + 2), 3.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(classes) * max(1, len(metrics)) * 0.5 + 2), 3.8),
+                           dpi=110)
     x = np.arange(len(classes))
     for j, m in enumerate(metrics):
         vals = [per_class[c].get(m) for c in classes]
         vals = [float(v) if v is not None else np.nan for v in vals]
         ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, label=m)
-    ax.set_xticks(x, classes, rotation=30 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
+    ax.set_xticks(x, classes, rotation=30 if len(classes) > 4 else 0,
+                  ha="right" if len(classes) > 4 else "center")
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_title(title, pad=18)
-    ax.legend(fontsize=7, ncol=min(5, len(metrics)), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.legend(fontsize=7, ncol=min(5, len(metrics)), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -52,7 +52,8 @@ class SentenceEncoder:
         out = []
         for i in range(0, len(texts), self.batch_size):
             batch = [t if t else " " for t in texts[i: i + self.batch_size]]
-            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=SBERT_MAX_LENGTH, return_tensors="pt")
+            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=SBERT_MAX_LENGTH,
+                                 return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items()}
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state  # [B, T, D]
@@ -78,6 +79,8 @@ def default_encoder(device: str = "cpu") -> SentenceEncoder:
     return SentenceEncoder(device=device)
 
 
-def sbert_cosine(predictions: Sequence[str], references: Sequence[str], encoder: SentenceEncoder | None = None) -> list[float]:
+def sbert_cosine(
+    predictions: Sequence[str], references: Sequence[str], encoder: SentenceEncoder | None = None
+) -> list[float]:
     """Sentence-BERT cosine of each (prediction, reference) pair."""
     return (encoder or default_encoder()).cosine(predictions, references)
