@@ -81,3 +81,32 @@ def test_input_errors_exit_1_with_one_line(data_build, tmp_path, capsys):
     assert "lacks column 'prompt'" in _error_line(capsys)
     assert main([*args, "--data", str(data_build), "--model", str(tmp_path / "no_model")]) == 1
     assert "--model" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_data_and_rank_0_saves(data_build, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): a step sees both ranks' rows; logs and saves happen once.
+
+    (accelerate launches several CPU processes on one machine only through mpirun; torchrun needs nothing.)
+    """
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "anomaly_assistant.cli", "train", "sft", "--config", str(SFT_TINY),
+               "--data", str(data_build), "--out", str(out),
+               "--max-steps", "2", "--save-steps", "1", "--max-samples", "4", "--logging-steps", "1",
+               "--no-progress", "--no-resume"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count(f"saved {out / 'final'}") == 2  # both ranks returned, after rank 0 saved
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0  # 4 rows, 2 per rank and step: one epoch per step
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2]  # two steps and the summary, written by rank 0 only
+    from anomaly_assistant.assistant import AnomalyAssistant
+
+    assert AnomalyAssistant.from_pretrained(str(out / "final")).has_llm
