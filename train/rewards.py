@@ -55,8 +55,8 @@ class RewardConfig:
     )
 
 
-def reward_functions(config: RewardConfig) -> tuple[list[Reward], list[float]]:
-    """The reward callables with a nonzero weight, and their weights in order (GRPOConfig.reward_weights)."""
+def reward_terms(config: RewardConfig) -> dict[str, tuple[Reward, float]]:
+    """Term name -> (reward callable, weight) for the terms with a nonzero weight, in a fixed order."""
     terms: dict[str, Reward] = {
         "format": format_reward,
         "verdict": verdict_reward,
@@ -66,8 +66,31 @@ def reward_functions(config: RewardConfig) -> tuple[list[Reward], list[float]]:
         "length": functools.partial(length_reward, max_chars=config.max_chars),
         "repetition": repetition_reward,
     }
-    chosen = [(fn, float(getattr(config, name))) for name, fn in terms.items() if getattr(config, name)]
+    return {name: (fn, float(getattr(config, name))) for name, fn in terms.items() if getattr(config, name)}
+
+
+def reward_functions(config: RewardConfig) -> tuple[list[Reward], list[float]]:
+    """The reward callables with a nonzero weight, and their weights in order (GRPOConfig.reward_weights)."""
+    chosen = reward_terms(config).values()
     return [fn for fn, _ in chosen], [w for _, w in chosen]
+
+
+def reward_report(completions: Sequence[Any], config: RewardConfig, **columns: Any) -> dict[str, Any]:
+    """The figures that compare checkpoints on held-out prompts, scored as GRPO scores a batch.
+
+    `reward`: the mean total (weights × terms, a None term counting 0); per term, its mean over the
+    completions it applies to (over a whole set, the verdict term's mean is the balanced accuracy); and the
+    verdict rates of `verdict_metrics`.
+    """
+    report: dict[str, Any] = {"n": len(completions)}
+    totals = [0.0] * len(completions)
+    for name, (fn, weight) in reward_terms(config).items():
+        values = fn(completions, **columns)
+        totals = [t + weight * v if v is not None else t for t, v in zip(totals, values)]
+        applied = [v for v in values if v is not None]
+        report[name] = sum(applied) / len(applied) if applied else None
+    report["reward"] = sum(totals) / len(totals) if totals else None
+    return report | {f"verdict/{k}": v for k, v in verdict_metrics(completions, columns["gt_label"]).items()}
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -12,7 +12,13 @@ from anomaly_assistant.commands.config import UsageError, parse_config
 from anomaly_assistant.finding import Finding
 from anomaly_assistant.modeling import tiny_anomaly_model
 from anomaly_assistant.train.common import InputError
-from anomaly_assistant.train.grpo import GrpoStageConfig, placeholder_token_ids, reward_columns, run
+from anomaly_assistant.train.grpo import (
+    GrpoStageConfig,
+    held_out_reward,
+    placeholder_token_ids,
+    reward_columns,
+    run,
+)
 from anomaly_assistant.train.rewards import RewardConfig, reward_functions
 
 CONFIG = Path(__file__).parents[2] / "configs" / "grpo_tiny.yaml"
@@ -193,3 +199,10 @@ def test_two_processes_train_one_model(data_build, tmp_path):
     assert steps[0]["frac_groups_dropped"] == pytest.approx(steps[0]["frac_reward_zero_std"])
     assert steps[0]["num_tokens"] > 0 and math.isfinite(steps[0]["reward"])
     assert AnomalyAssistant.from_pretrained(str(out / "final")).model is not None
+
+
+def test_held_out_reward_scores_a_checkpoint_on_the_product_path(tiny_run, data_build):
+    _, _, final = tiny_run
+    report = held_out_reward(str(final), str(data_build), split="train", limit=3, max_new_tokens=8)
+    assert report["n"] == 3 and math.isfinite(report["reward"])
+    assert {"format", "verdict", "localization", "verdict/accuracy"} <= set(report)

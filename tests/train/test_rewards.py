@@ -232,3 +232,17 @@ def test_reward_functions_follow_the_config_weights():
     length = funcs[names.index("length_reward")]
     assert length(["x" * 20]) == [0.0]  # max_chars reaches the callable
     assert rewards.__doc__ and all(f.__doc__ or f.func.__doc__ for f in funcs)
+
+
+def test_reward_report_sums_the_terms_as_grpo_does(grpo_train):
+    cols = {k: grpo_train[k] for k in ("gt_label", "solution_boxes", "frame", "defect_type")}
+    config = RewardConfig()
+    report = rewards.reward_report(list(grpo_train["answer"]), config, **cols)
+    share_normal = cols["gt_label"].count(0) / len(cols["gt_label"])
+    weights = sum(w for _, w in rewards.reward_terms(config).values())
+    # every term earns 1.0; the type term does not apply to normal images and counts 0 in their total
+    assert report["reward"] == pytest.approx(weights - config.defect_type * share_normal)
+    assert report["verdict"] == report["defect_type"] == 1.0 and report["n"] == len(grpo_train)
+    assert report["verdict/accuracy"] == 1.0 and report["verdict/miss_rate"] == 0.0
+    worse = rewards.reward_report(["<think>hm</think>"] * len(grpo_train), config, **cols)
+    assert worse["reward"] < report["reward"] and worse["verdict/miss_rate"] == 1.0
