@@ -26,4 +26,7 @@ def tiny_backbones() -> dict:
 @pytest.fixture(scope="session")
 def saved_backbones(tmp_path_factory) -> dict:
     """family -> directory holding a tiny model + processor written by `tiny.save_tiny` (same seed)."""
-    return {family: tiny.save_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0) for family in FAMILIES}
+    return {
+        family: tiny.save_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0)
+        for family in FAMILIES
+    }

@@ -30,7 +30,8 @@ def model_input_pixels(family: str, processor, image: Image.Image) -> np.ndarray
     if family == "qwen2_5_vl":
         _, gh, gw = out["image_grid_thw"][0].tolist()
         p, m = ip.patch_size, ip.merge_size
-        x = out["pixel_values"].reshape(gh // m, gw // m, m, m, 3, ip.temporal_patch_size, p, p)[:, :, :, :, :, 0]
+        x = out["pixel_values"].reshape(gh // m, gw // m, m, m, 3, ip.temporal_patch_size, p, p)
+        x = x[:, :, :, :, :, 0]
         x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p)  # un-patchify to [3, H, W]
     elif family == "llava_onevision":
         x = out["pixel_values"][0, 0]  # the base view
@@ -52,7 +53,12 @@ def test_frame_matches_processor_pixels(tiny_backbones, family, size):
     w, h = size
     frame = module.input_frame(processor, (w, h))
     # a marker near the centre (inside LLaVA's centre crop for any aspect ratio)
-    box = Box(round(0.42 * w), round(0.45 * h), round(0.42 * w) + max(8, w // 6), round(0.45 * h) + max(8, h // 6))
+    box = Box(
+        round(0.42 * w),
+        round(0.45 * h),
+        round(0.42 * w) + max(8, w // 6),
+        round(0.45 * h) + max(8, h // 6),
+    )
     pixels = model_input_pixels(family, processor, marker_image(w, h, box))
     assert (pixels.shape[1], pixels.shape[0]) == frame.input_size  # exact size, including odd rounding
     expected = frame.to_input(box)
@@ -63,7 +69,8 @@ def test_frame_matches_processor_pixels(tiny_backbones, family, size):
 
 
 def test_qwen_frame_follows_processor_budget(tiny_backbones):
-    """A large image is shrunk into the pixel budget by smart-resize, keeping the aspect ratio within a patch."""
+    """A large image is shrunk into the pixel budget by smart-resize, keeping the aspect ratio within a
+    patch."""
     _, processor = tiny_backbones["qwen2_5_vl"]
     frame = backbones.get("qwen2_5_vl").input_frame(processor, (641, 479))
     iw, ih = frame.input_size

@@ -142,7 +142,9 @@ def test_chat_template_generation_markers(tiny_backbones, family):
         {"role": "user", "content": "Where?"},
         {"role": "assistant", "content": [{"type": "text", "text": "Top left."}]},
     ]
-    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = out["input_ids"], out["assistant_masks"]
     masked = tok.decode([i for i, m in zip(ids, mask) if m])
     # the turn's end token is learned too (Qwen's template, like TRL's, also keeps the newline after it)

@@ -14,7 +14,9 @@ from anomaly_assistant.backbones import FAMILIES
 
 
 def process(processor, images, prompt="Is there a defect?"):
-    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]] * len(images)
+    messages = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+    ] * len(images)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return processor(text=text, images=images, return_tensors="pt", padding=True)
 
@@ -40,12 +42,16 @@ def test_qwen_level0_is_patch_embedding_on_raster_grid(tiny_backbones):
 
     ip = processor.image_processor
     arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0  # [3, H, W]
-    arr = (arr - np.array(ip.image_mean, np.float32)[:, None, None]) / np.array(ip.image_std, np.float32)[:, None, None]
+    mean = np.array(ip.image_mean, np.float32)[:, None, None]
+    std = np.array(ip.image_std, np.float32)[:, None, None]
+    arr = (arr - mean) / std
     gh, gw = height // 14, width // 14
     patches = arr.reshape(3, gh, 14, gw, 14).transpose(1, 3, 0, 2, 4)  # [gh, gw, 3, 14, 14] raster
-    patches = np.repeat(patches[:, :, :, None], 2, axis=3).reshape(gh * gw, -1)  # temporal copy: [gh*gw, 3*2*14*14]
+    # temporal copy: [gh*gw, 3*2*14*14]
+    patches = np.repeat(patches[:, :, :, None], 2, axis=3).reshape(gh * gw, -1)
     with torch.no_grad():
-        expected = model.model.visual.patch_embed(torch.from_numpy(patches)).reshape(gh, gw, -1)  # [gh, gw, C]
+        # [gh, gw, C]
+        expected = model.model.visual.patch_embed(torch.from_numpy(patches)).reshape(gh, gw, -1)
     level0 = feats.level_grids[0][0]
     assert level0.shape == expected.shape
     torch.testing.assert_close(level0, expected, atol=1e-4, rtol=1e-4)
@@ -58,7 +64,8 @@ def _perturb(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     return Image.fromarray(arr)
 
 
-# family -> (image side, perturbed pixel box, perturbed patch rows, cols); images keep their size in the processor
+# family -> (image side, perturbed pixel box, perturbed patch rows, cols); images keep their size in the
+# processor
 LOCALITY = {
     "qwen2_5_vl": (224, (112, 56, 140, 84), slice(4, 6), slice(8, 10)),
     "llava_onevision": (112, (70, 28, 84, 42), slice(2, 3), slice(5, 6)),
@@ -68,7 +75,8 @@ LOCALITY = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_local_perturbation_moves_features_locally(tiny_backbones, family):
-    """Changing a few patches of the image changes each level (and v°) most at those patches, in raster order."""
+    """Changing a few patches of the image changes each level (and v°) most at those patches, in raster
+    order."""
     model = tiny_backbones[family][0]
     side, box, rows, cols = LOCALITY[family]
     image = noise_image(side, side, seed=11)
@@ -177,7 +185,8 @@ def test_default_levels_of_real_configs():
 
 
 def test_qwen_last_level_merges_into_v0(tiny_backbones):
-    """The last level, re-blocked 2x2 and put through the merger, is v°: levels and v° share one raster grid."""
+    """The last level, re-blocked 2x2 and put through the merger, is v°: levels and v° share one raster
+    grid."""
     model = tiny_backbones["qwen2_5_vl"][0]
     depth = model.config.vision_config.depth
     image = noise_image(150, 200, seed=5)
@@ -207,7 +216,8 @@ def test_llava_onevision_crops(tiny_backbones):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_v0_carries_gradients_to_the_projector(tiny_backbones, family):
-    """Outside no_grad, v° stays differentiable, so a trained projector/merger learns through expert tokens."""
+    """Outside no_grad, v° stays differentiable, so a trained projector/merger learns through expert
+    tokens."""
     model, processor = tiny_backbones[family]
     inputs = process(processor, [noise_image(112, 112, seed=4)])
     feats = backbones.get(family).vision_features(model, inputs)

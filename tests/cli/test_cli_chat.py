@@ -1,4 +1,5 @@
-"""`anomaly-assistant chat`: inspection first, then questions from a pipe, streamed answers, in-chat commands."""
+"""`anomaly-assistant chat`: inspection first, then questions from a pipe, streamed answers, in-chat
+commands."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from cli_helpers import run_cli
 
 from anomaly_assistant.commands import chat as chat_cmd
 
-FINDING_KEYS = {"image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source"}
+FINDING_KEYS = {
+    "image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source",
+}
 
 
 def _json_rows(text: str) -> list[dict]:
@@ -33,7 +36,7 @@ def test_chat_through_a_pipe(sample_paths):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "error:" not in proc.stderr, proc.stderr
     first = proc.stdout.splitlines()[0]
-    assert first.startswith(f"{sample_paths['scratch']}: ")  # the inspection's Finding comes first
+    assert first.startswith(f"{sample_paths['scratch']}  ")  # the inspection's Finding comes first
     assert "> " not in proc.stdout.splitlines()[1:2]  # no prompt when stdin is not a terminal
     rows = _json_rows(proc.stdout)
     assert len(rows) == 1, proc.stdout  # exactly one /finding answered: /quit stopped the loop
@@ -59,7 +62,8 @@ def test_every_question_sees_the_history_and_reset_clears_it(tiny_session):
     assert [t.role for t in session.turns] == ["user", "assistant"] * 3
     assert [t.text for t in session.turns[2::2]] == ["first question", "second question"]
     answers = [t.text for t in session.turns[3::2]]
-    assert out.getvalue() == "".join(a + "\n" for a in answers)  # streamed pieces add up to the recorded replies
+    # streamed pieces add up to the recorded replies
+    assert out.getvalue() == "".join(a + "\n" for a in answers)
     chat_cmd.converse(session, finding, io.StringIO("/reset\n\n/bogus\n"), io.StringIO())
     assert session.turns == []
     chat_cmd.converse(session, finding, io.StringIO("after reset\n"), io.StringIO())
@@ -85,8 +89,8 @@ def test_threshold_flag_changes_the_printed_verdict(threshold, verdict, sample_p
                         "--threshold", threshold, "--references", str(sample_paths["good"])])
     out = capsys.readouterr().out
     assert rc == 0
-    assert out.startswith(f"{sample_paths['scratch']}: {verdict} ")
-    assert ("boxes -" in out) == (verdict == "NORMAL")
+    assert out.startswith(f"{sample_paths['scratch']}  {verdict} ")
+    assert ("region" not in out) == (verdict == "NORMAL")
 
 
 def test_a_bad_threshold_exits_2_before_loading(sample_paths, capsys):

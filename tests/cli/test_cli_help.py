@@ -1,4 +1,5 @@
-"""Every advertised sub-command answers --help; commands not in this version are neither listed nor accepted."""
+"""Every advertised sub-command answers --help; commands not in this version are neither listed nor
+accepted."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def test_top_level_help_lists_only_shipped_commands(capsys):
     assert {"inspect", "chat", "data", "eval", "bench"} <= set(cli.available_commands())
 
 
-@pytest.mark.parametrize("name", [n for n, (m, _) in cli.COMMANDS.items() if importlib.util.find_spec(m) is None])
+@pytest.mark.parametrize(
+    "name", [n for n, (m, _) in cli.COMMANDS.items() if importlib.util.find_spec(m) is None]
+)
 def test_unshipped_command_is_a_usage_error(name, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([name])
@@ -48,6 +51,8 @@ def test_unknown_command_is_a_usage_error(capsys):
 
 
 def test_version():
-    proc = subprocess.run([sys.executable, "-m", "anomaly_assistant.cli", "--version"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "anomaly_assistant.cli", "--version"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"anomaly-assistant {version('anomaly-assistant')}"

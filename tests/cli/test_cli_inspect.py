@@ -1,11 +1,12 @@
-"""`anomaly-assistant inspect` end to end: expert-only screening of the bundled samples, a tiny model, bad inputs,
-usage errors, interruption. Runs the real entry point (`cli.main`) in-process; stdout and stderr are checked apart."""
+"""`anomaly-assistant inspect` end to end: expert-only screening of the bundled samples, a tiny model,
+bad inputs, usage errors, interruption. Runs the real entry point (`cli.main`) in-process; stdout and
+stderr are checked apart."""
 
 from __future__ import annotations
 
 import io
-import re
 import json
+import re
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
@@ -19,7 +20,8 @@ from anomaly_assistant.commands import inspect as inspect_cmd
 from anomaly_assistant.finding import VERDICTS, Box, Finding
 
 KEYS = {"image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source"}
-# Where make_samples.py draws the defects on the 160² crops: the scratch's line and the stain's disc (x1, y1, x2, y2).
+# Where make_samples.py draws the defects on the 160² crops: the scratch's line and the stain's disc
+# (x1, y1, x2, y2).
 SCRATCH_BOX = Box(40, 48, 120, 104)
 STAIN_CENTRE = (80, 88)
 
@@ -33,11 +35,13 @@ def run_main(*args) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def expert_run(sample_paths, tmp_path_factory):
-    """Expert-only JSON screening of samples/test against samples/good, overlays saved (the `make run` command)."""
+    """Expert-only JSON screening of samples/test against samples/good, overlays saved (the `make run`
+    command)."""
     maps = tmp_path_factory.mktemp("maps")
     test_dir = sample_paths["clean"].parent
-    rc, out, err = run_main("--json", "--expert-only", "--save-maps", maps, "--references", sample_paths["good"],
-                            "--", test_dir)
+    rc, out, err = run_main(
+        "--json", "--expert-only", "--save-maps", maps, "--references", sample_paths["good"], "--", test_dir
+    )
     return rc, json_lines(out), err, maps
 
 
@@ -80,8 +84,14 @@ def test_saved_overlays_show_map_and_boxes(expert_run, sample_paths):
 
 
 def test_references_alone_fall_back_to_expert_and_bad_inputs_are_skipped(sample_paths, bad_inputs):
-    rc, out, err = run_main(bad_inputs["empty"], sample_paths["scratch"], bad_inputs["text"], bad_inputs["missing"],
-                            "--references", sample_paths["good"])
+    rc, out, err = run_main(
+        bad_inputs["empty"],
+        sample_paths["scratch"],
+        bad_inputs["text"],
+        bad_inputs["missing"],
+        "--references",
+        sample_paths["good"],
+    )
     assert rc == 1
     assert "note: no --model given" in err and "Traceback" not in err
     assert f"{bad_inputs['empty']}: empty file" in err
@@ -89,18 +99,24 @@ def test_references_alone_fall_back_to_expert_and_bad_inputs_are_skipped(sample_
     assert f"{bad_inputs['missing']}: no such file" in err
     lines = out.splitlines()
     assert len(lines) == 2, out  # one line for the readable image, one summary line
-    assert lines[0].startswith(f"{sample_paths['scratch']}: ANOMALOUS")
+    assert lines[0].startswith(f"{sample_paths['scratch']}  ANOMALOUS")
     assert float(re.search(r"score (\d\.\d+)", lines[0]).group(1)) >= 0.5
-    assert "boxes [" in lines[0] and "map source: reference" in lines[0]
+    assert "1 region: (" in lines[0] and "compared with 3 reference images" in lines[0]
     assert lines[1] == "1 image inspected: 1 anomalous, 0 normal; 3 inputs failed"
 
 
 def test_tiny_model_json_schema_with_bad_inputs(sample_paths, bad_inputs):
-    """A random tiny model cannot answer in the grammar: the Finding records the parse error and falls back to the
-    expert's reference-matching verdict; broken inputs come out as {image, error} objects."""
-    rc, out, err = run_main("--json", "--model", "tiny", "--max-new-tokens", "12", sample_paths["scratch"],
-                            bad_inputs["empty"], bad_inputs["text"], bad_inputs["missing"], sample_paths["clean"],
-                            "--references", sample_paths["good"])
+    """A random tiny model cannot answer in the grammar: the Finding records the parse error and falls back
+    to the expert's reference-matching verdict; broken inputs come out as {image, error} objects."""
+    rc, out, err = run_main(
+        "--json", "--model", "tiny", "--max-new-tokens", "12",
+        sample_paths["scratch"],
+        bad_inputs["empty"],
+        bad_inputs["text"],
+        bad_inputs["missing"],
+        sample_paths["clean"],
+        "--references", sample_paths["good"],
+    )
     assert rc == 1, err
     rows = json_lines(out)
     errors = {r["image"]: r["error"] for r in rows if "error" in r}
@@ -166,7 +182,7 @@ def test_threshold_flag_moves_verdicts_and_boxes_together(expert_run, sample_pat
     rc, out, err = run_main("--threshold", (1 + scores["scratch.png"]) / 2, sample_paths["scratch"],
                             "--references", sample_paths["good"])
     assert rc == 0, err
-    assert out.startswith(f"{sample_paths['scratch']}: NORMAL") and "boxes -" in out
+    assert out.startswith(f"{sample_paths['scratch']}  NORMAL") and "region" not in out
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])

@@ -34,4 +34,5 @@ def test_planted_defects_change_only_their_region():
         diff = np.abs(np.asarray(draw(clean), int) - np.asarray(clean, int)) > 10  # [H, W]
         ys, xs = np.nonzero(diff)
         assert diff.mean() > 0.01  # visible
-        assert xs.min() > 20 and xs.max() < 140 and ys.min() > 20 and ys.max() < 140  # local, not a global shift
+        # local, not a global shift
+        assert xs.min() > 20 and xs.max() < 140 and ys.min() > 20 and ys.max() < 140

@@ -11,9 +11,20 @@ from anomaly_assistant.finding import Box, Finding, Frame
 
 def test_finding_json_round_trip_with_map():
     amap = np.random.default_rng(0).random((7, 9)).astype(np.float32)
-    finding = Finding(verdict="anomalous", score=0.83, boxes=[Box(1, 2, 30.5, 40, "scratch")], defect_type="scratch",
-                      rationale="a thin line", think="look", anomaly_map=amap, raw_text="<think>…", parse_error=None,
-                      source="model", image_size=(90, 70), image_path="a.png")
+    finding = Finding(
+        verdict="anomalous",
+        score=0.83,
+        boxes=[Box(1, 2, 30.5, 40, "scratch")],
+        defect_type="scratch",
+        rationale="a thin line",
+        think="look",
+        anomaly_map=amap,
+        raw_text="<think>…",
+        parse_error=None,
+        source="model",
+        image_size=(90, 70),
+        image_path="a.png",
+    )
     back = Finding.loads(finding.dumps())
     assert back.verdict == "anomalous" and back.score == 0.83 and back.boxes == finding.boxes
     assert back.image_size == (90, 70) and back.image_path == "a.png"

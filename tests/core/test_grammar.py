@@ -26,16 +26,23 @@ def test_render_then_parse_round_trips(think, boxes, defect, rationale, anomalou
     assert parsed.verdict == verdict
     if anomalous:
         assert [b.as_list() for b in parsed.boxes] == [[float(v) for v in b] for b in boxes]
-        expected_defect = defect.replace("<think>", "").replace("</think>", "").replace("<answer>", "").replace("</answer>", "").strip() if defect else None
+        expected_defect = (
+            defect.replace("<think>", "").replace("</think>", "")
+            .replace("<answer>", "").replace("</answer>", "").strip()
+            if defect
+            else None
+        )
         assert parsed.defect_type == (expected_defect or None)
     else:
         assert parsed.boxes == [] and parsed.defect_type is None
     assert "<answer>" not in parsed.rationale and "</think>" not in parsed.think
 
 
-TAG_SOUP = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "{", "}", "[", "]", '"', "\\", ":", ",",
-                            '"verdict"', '"boxes"', '"anomalous"', '"normal"', "null", "1e999", "-0", "NaN", "\x00",
-                            '{"verdict": "anomalous", "boxes": [[', "]]}", "bbox_2d", "🙂", "\n"])
+TAG_SOUP = st.sampled_from([
+    "<think>", "</think>", "<answer>", "</answer>", "{", "}", "[", "]", '"', "\\", ":", ",",
+    '"verdict"', '"boxes"', '"anomalous"', '"normal"', "null", "1e999", "-0", "NaN", "\x00",
+    '{"verdict": "anomalous", "boxes": [[', "]]}", "bbox_2d", "🙂", "\n",
+])
 
 
 @settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,9 +58,13 @@ def test_parser_never_raises_on_any_text(text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.recursive(st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=10)),
-                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-                    max_leaves=30))
+@given(st.recursive(
+    st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=10)),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=30,
+))
 def test_parser_survives_any_json_payload(payload):
     for key in ("verdict", "boxes", "defect_type", "rationale"):
         text = "<think>t</think><answer>" + json.dumps({key: payload, "verdict": "anomalous"}) + "</answer>"

@@ -1,4 +1,5 @@
-"""Images as cameras make them: bit depths, colour modes, orientation, and a pixel limit read from the header."""
+"""Images as cameras make them: bit depths, colour modes, orientation, and a pixel limit read from the
+header."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The one overlay renderer: heat where the map stands out, boxes visible on black and white, header and scale."""
+"""The one overlay renderer: heat where the map stands out, boxes visible on black and white, header and
+scale."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from anomaly_assistant.overlay import colour_ramp, render_overlay
 
 HEADER = 34  # header strip height
 BAR = 96  # colour-bar panel width
+DEFAULT_BOXES = (Box(40, 40, 60, 60),)
 
 
-def _finding(verdict="anomalous", score=0.8, boxes=(Box(40, 40, 60, 60),), peak=0.9):
+def _finding(verdict="anomalous", score=0.8, boxes=DEFAULT_BOXES, peak=0.9):
     amap = np.zeros((100, 100), np.float32)
     amap[40:60, 40:60] = peak
     return Finding(verdict=verdict, score=score, boxes=list(boxes), anomaly_map=amap, image_size=(100, 100))

@@ -51,7 +51,8 @@ def btad_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def loco_root(tmp_path_factory) -> Path:
-    """MVTec LOCO: <cat>/{train,validation}/good, test/<defect>/<stem>.png, ground_truth/<defect>/<stem>/000.png, 001.png."""
+    """MVTec LOCO: <cat>/{train,validation}/good, test/<defect>/<stem>.png,
+    ground_truth/<defect>/<stem>/000.png, 001.png."""
     root = tmp_path_factory.mktemp("mvtec_loco")
     cat = root / "juice_bottle"
     write_image(cat / "train" / "good" / "000.png", seed=1)
@@ -65,7 +66,8 @@ def loco_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def visa_root(tmp_path_factory) -> Path:
-    """VisA: split_csv/1cls.csv, <cat>/image_anno.csv, <cat>/Data/Images/{Normal,Anomaly}, <cat>/Data/Masks/Anomaly."""
+    """VisA: split_csv/1cls.csv, <cat>/image_anno.csv, <cat>/Data/Images/{Normal,Anomaly},
+    <cat>/Data/Masks/Anomaly."""
     root = tmp_path_factory.mktemp("visa")
     rows = [("object", "split", "label", "image", "mask")]
     anno = [("image", "label", "mask")]
@@ -91,7 +93,8 @@ def visa_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def deeppcb_root(tmp_path_factory) -> Path:
-    """DeepPCB: PCBData/group12000/12000/<id>_test.jpg + _temp.jpg, group12000/12000_not/<id>.txt, test.txt."""
+    """DeepPCB: PCBData/group12000/12000/<id>_test.jpg + _temp.jpg, group12000/12000_not/<id>.txt,
+    test.txt."""
     root = tmp_path_factory.mktemp("deeppcb")
     base = root / "PCBData" / "group12000"
     for i, pid in enumerate(("12000001", "12000002")):
@@ -170,22 +173,24 @@ def mmad_root(tmp_path_factory) -> Path:
     )
     write_image(root / "DS-MVTec" / "bottle" / "image" / "good" / "001.png", seed=2)
     write_image(root / "MVTec-AD" / "bottle" / "train" / "good" / "000.png", seed=3)
-    q = lambda ans: [
-        {
-            "type": "Anomaly Detection",
-            "Question": "Is there any defect in the object?",
-            "Options": {"A": "Yes.", "B": "No."},
-            "Answer": ans,
-            "annotation": True,
-        },
-        {
-            "type": "Defect Classification",
-            "Question": "What is the type of the defect?",
-            "Options": {"A": "Broken.", "B": "Contamination."},
-            "Answer": "A",
-            "annotation": True,
-        },
-    ]
+    def q(ans):
+        return [
+            {
+                "type": "Anomaly Detection",
+                "Question": "Is there any defect in the object?",
+                "Options": {"A": "Yes.", "B": "No."},
+                "Answer": ans,
+                "annotation": True,
+            },
+            {
+                "type": "Defect Classification",
+                "Question": "What is the type of the defect?",
+                "Options": {"A": "Broken.", "B": "Contamination."},
+                "Answer": "A",
+                "annotation": True,
+            },
+        ]
+
     data = {
         "DS-MVTec/bottle/image/broken_large/000.png": {
             "image_path": "DS-MVTec/bottle/image/broken_large/000.png",

@@ -1,4 +1,5 @@
-"""Bad input never crashes a read or a build: each file is skipped, reported with its path and reason, and counted."""
+"""Bad input never crashes a read or a build: each file is skipped, reported with its path and reason, and
+counted."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from anomaly_assistant.data_builders.sources import read_manifest, read_mvtec, r
 
 @pytest.fixture(scope="module")
 def broken_mvtec(tmp_path_factory, mvtec_root):
-    """A copy of the MVTec fixture with a 0-byte image, a truncated PNG, a text file named .png and a wrong-size mask."""
+    """A copy of the MVTec fixture with a 0-byte image, a truncated PNG, a text file named .png and a
+    wrong-size mask."""
     root = tmp_path_factory.mktemp("broken_mvtec")
     shutil.copytree(mvtec_root / "bottle", root / "bottle")
     (root / "bottle" / "train" / "good" / "zero.png").write_bytes(b"")

@@ -1,4 +1,5 @@
-"""Conversation synthesis: every target parses with the answer grammar, boxes sit in each backbone's input frame."""
+"""Conversation synthesis: every target parses with the answer grammar, boxes sit in each backbone's input
+frame."""
 
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def test_every_target_parses_and_boxes_map_back(backbone):
 
 
 def test_box_frames_per_backbone_are_the_backbones_own():
-    """Qwen2.5-VL: smart-resized absolute pixels; LLaVA-OV: 384 squash; LLaVA-1.5: shortest edge 336 + centre crop."""
+    """Qwen2.5-VL: smart-resized absolute pixels; LLaVA-OV: 384 squash; LLaVA-1.5: shortest edge 336 + centre
+    crop."""
     q = input_frame("qwen2_5_vl", (640, 480))
     assert q.input_size == (644, 476) and all(v % 28 == 0 for v in q.input_size)
     ov = input_frame("llava_onevision", (640, 480))

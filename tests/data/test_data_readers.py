@@ -195,7 +195,8 @@ def test_real_deeppcb():
 
 @pytest.mark.skipif(not (REAL_DEV / "elpv").is_dir(), reason="real-dev data not present")
 def test_real_elpv_through_the_generic_reader():
-    """ELPV's labels.csv (image, defect_probability, cell_type) is a generic manifest: probability >= 0.5 = defective."""
+    """ELPV's labels.csv (image, defect_probability, cell_type) is a generic manifest:
+    probability >= 0.5 = defective."""
     skips = SkipLog()
     recs = read_folder(REAL_DEV / "elpv", skips=skips, source="elpv")
     assert len(recs) == 300 and len(skips) == 0

@@ -65,7 +65,8 @@ def test_masks_boxes_and_labels_are_consistent(samples):
 
 
 def test_defect_changes_pixels_only_around_its_mask():
-    """The anomalous sample is its normal twin plus the defect: outside the (slightly grown) mask nothing changed."""
+    """The anomalous sample is its normal twin plus the defect: outside the (slightly grown) mask nothing
+    changed."""
     from scipy import ndimage
 
     for cat in CATEGORIES:
@@ -98,7 +99,8 @@ def test_to_dataset(tmp_path):
 
 
 def test_generator_speed_floor():
-    """The benchmark prints the real number (>= 50 images/s at 256 px); here a floor that survives a busy CPU."""
+    """The benchmark prints the real number (>= 50 images/s at 256 px); here a floor that survives a busy
+    CPU."""
     gen = SynthInspect(seed=0, size=256)
     gen.sample(0)
     t0 = time.perf_counter()

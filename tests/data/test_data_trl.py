@@ -1,4 +1,5 @@
-"""The exports load straight into TRL's SFTTrainer and GRPOTrainer: one real optimisation step each on tiny models."""
+"""The exports load straight into TRL's SFTTrainer and GRPOTrainer: one real optimisation step each on tiny
+models."""
 
 from __future__ import annotations
 

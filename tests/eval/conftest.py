@@ -1,4 +1,5 @@
-"""Shared fixtures for eval tests: a small MVTec-layout category cut from a real texture (scikit-image's brick)."""
+"""Shared fixtures for eval tests: a small MVTec-layout category cut from a real texture (scikit-image's
+brick)."""
 
 from pathlib import Path
 
@@ -9,8 +10,8 @@ from PIL import Image, ImageDraw
 
 def make_mvtec(root: Path, category: str = "brick", n_train: int = 5, n_good: int = 4, n_bad: int = 4,
                size: int = 96) -> Path:
-    """ROOT/CAT/{train/good, test/good, test/scratch, ground_truth/scratch/<stem>_mask.png}: crops of a real CC0
-    brick photo; defects are dark strokes whose masks are exactly the drawn pixels."""
+    """ROOT/CAT/{train/good, test/good, test/scratch, ground_truth/scratch/<stem>_mask.png}: crops of a real
+    CC0 brick photo; defects are dark strokes whose masks are exactly the drawn pixels."""
     from skimage import data
 
     tex = data.brick()  # [512, 512] uint8

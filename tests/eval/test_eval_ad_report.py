@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from anomaly_assistant.data_builders.records import load_mask
 from anomaly_assistant.eval import ad
 from anomaly_assistant.eval import report as R
-from PIL import Image
 
 
 def _oracle_predictions(records, noise=0.0, seed=0):
@@ -92,8 +93,14 @@ def test_heatmap_grid_draws_the_map_where_it_is_hot(tmp_path):
     Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(img)
     amap = np.zeros((60, 80), np.float32)
     amap[:, 40:] = 1.0
-    out = R.plot_heatmap_grid([{"image_path": str(img), "anomaly_map": amap, "gt_boxes": [[5, 5, 20, 20]],
-                                "pred_boxes": [[45, 10, 70, 50]], "title": "t"}], tmp_path / "grid.png", cols=1)
+    panel = {
+        "image_path": str(img),
+        "anomaly_map": amap,
+        "gt_boxes": [[5, 5, 20, 20]],
+        "pred_boxes": [[45, 10, 70, 50]],
+        "title": "t",
+    }
+    out = R.plot_heatmap_grid([panel], tmp_path / "grid.png", cols=1)
     arr = np.asarray(Image.open(out).convert("RGB")).astype(int)
     red = (arr[..., 0] > 150) & (arr[..., 1] < 80) & (arr[..., 2] < 80)
     green = (arr[..., 1] > 150) & (arr[..., 0] < 100) & (arr[..., 2] < 100)

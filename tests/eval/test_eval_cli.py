@@ -1,4 +1,5 @@
-"""The eval / bench commands end to end through AnomalyAssistant: stable JSON keys, reports, 2 processes == 1."""
+"""The eval / bench commands end to end through AnomalyAssistant: stable JSON keys, reports,
+2 processes == 1."""
 
 import json
 import os
@@ -52,10 +53,13 @@ def test_eval_ad_reference_seed_draws_the_references_it_reports(ad_one, mvtec_ro
     from anomaly_assistant.eval import ad
 
     out = tmp_path / "seeded.json"
-    assert cli_main(["eval", "ad", "--data", str(mvtec_root), *AD_ARGS, "--reference-seed", "3", "--limit", "4",
-                     "--out", str(out)]) == 0
+    assert cli_main([
+        "eval", "ad", "--data", str(mvtec_root), *AD_ARGS,
+        "--reference-seed", "3", "--limit", "4", "--out", str(out),
+    ]) == 0
     res = _json(out)
-    assert res["reference_seed"] == 3 and res["references"] == ad.reference_paths(mvtec_root, "brick", 3, seed=3)
+    assert res["reference_seed"] == 3
+    assert res["references"] == ad.reference_paths(mvtec_root, "brick", 3, seed=3)
     assert res["references"] != _json(ad_one)["references"]  # seed 3 does not draw the first three
     assert "seed 3" in (tmp_path / "seeded.md").read_text()
 
@@ -116,23 +120,45 @@ def test_eval_reasoning_and_mmad_with_tiny_model(mvtec_root, tmp_path):
                 {"from": "gpt", "value": "A dark scratch crosses the bricks."},
                 {"from": "human", "value": "What could have caused it?"},
                 {"from": "gpt", "value": "Scraping during handling."}]
-    items = [{"id": str(i), "image": f"brick/test/scratch/{i:03d}.png", "metadata": {"anomaly": True, "class": "brick"},
-              "conversations": dialogue} for i in range(2)]
+    items = [
+        {
+            "id": str(i),
+            "image": f"brick/test/scratch/{i:03d}.png",
+            "metadata": {"anomaly": True, "class": "brick"},
+            "conversations": dialogue,
+        }
+        for i in range(2)
+    ]
     (mvtec_root / "dr.json").write_text(json.dumps(items))
     out = tmp_path / "rs.json"
     assert cli_main(["eval", "reasoning", "--data", str(mvtec_root / "dr.json"), "--model", "tiny",
                      "--max-new-tokens", "6", "--out", str(out)]) == 0
     res = _json(out)
     assert res["n_dialogues"] == 2 and res["low_level"]["n_turns"] == 2 and res["complex"]["n_turns"] == 2
-    assert 0.0 <= res["low_level"]["sbert"] <= 1.0 and res["judge"] is None and res["low_level"]["judge_score"] is None
+    assert 0.0 <= res["low_level"]["sbert"] <= 1.0
+    assert res["judge"] is None and res["low_level"]["judge_score"] is None
 
-    mmad = {f"brick/test/scratch/{i:03d}.png": {
-        "image_path": f"brick/test/scratch/{i:03d}.png", "similar_templates": ["brick/train/good/000.png"],
-        "conversation": [{"Question": "Is there any defect in the object?", "Answer": "A",
-                          "Options": {"A": "Yes.", "B": "No."}, "type": "Anomaly Detection"},
-                         {"Question": "What is the defect?", "Answer": "B",
-                          "Options": {"A": "Stain.", "B": "Scratch.", "C": "Hole."}, "type": "Defect Classification"}]}
-        for i in range(2)}
+    mmad = {
+        f"brick/test/scratch/{i:03d}.png": {
+            "image_path": f"brick/test/scratch/{i:03d}.png",
+            "similar_templates": ["brick/train/good/000.png"],
+            "conversation": [
+                {
+                    "Question": "Is there any defect in the object?",
+                    "Answer": "A",
+                    "Options": {"A": "Yes.", "B": "No."},
+                    "type": "Anomaly Detection",
+                },
+                {
+                    "Question": "What is the defect?",
+                    "Answer": "B",
+                    "Options": {"A": "Stain.", "B": "Scratch.", "C": "Hole."},
+                    "type": "Defect Classification",
+                },
+            ],
+        }
+        for i in range(2)
+    }
     (mvtec_root / "mmad.json").write_text(json.dumps(mmad))
     out = tmp_path / "mm.json"
     assert cli_main(["eval", "mmad", "--data", str(mvtec_root / "mmad.json"), "--model", "tiny",
@@ -158,8 +184,10 @@ def test_bench_keys_tiny(tmp_path):
 
 def test_eval_ad_with_tiny_model_uses_the_assistants_maps(mvtec_root, tmp_path):
     out = tmp_path / "ad.json"
-    assert cli_main(["eval", "ad", "--data", str(mvtec_root), "--category", "brick", "--shots", "2", "--model", "tiny",
-                     "--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert cli_main([
+        "eval", "ad", "--data", str(mvtec_root), "--category", "brick", "--shots", "2", "--model", "tiny",
+        "--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(out),
+    ]) == 0
     res = _json(out)
     assert all(k in res for k in AD_KEYS) and res["mode"] == "assistant (tiny)"
     assert (res["n_images"], res["n_masks"]) == (4, 2) and res["pixel_auroc"] is not None

@@ -1,6 +1,7 @@
 """Batch splitting and merging (the 2-process run itself is tested end to end in test_eval_cli.py)."""
 
 import pytest
+
 from anomaly_assistant.eval import distributed
 
 

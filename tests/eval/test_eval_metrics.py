@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-from anomaly_assistant.eval import metrics as M
 from sklearn.metrics import average_precision_score, roc_auc_score
+
+from anomaly_assistant.eval import metrics as M
 
 
 def test_image_auroc_ap_match_sklearn_on_random_data():
@@ -40,7 +41,8 @@ def test_pixel_auroc_over_images_of_different_sizes_matches_sklearn():
 
 def test_pro_worked_example_one_region_and_a_normal_image():
     # Image A: one region {0.9, 0.2} and defect-free pixels {0.1, 0.3}; image B normal {0.4, 0.05, 0, 0}.
-    # Descending: 0.9(R) 0.4 0.3 0.2(R) 0.1 0.05 0 0 -> points (fpr, pro): (0, .5) (1/6, .5) (2/6, .5) (2/6, 1) ...
+    # Descending: 0.9(R) 0.4 0.3 0.2(R) 0.1 0.05 0 0
+    #   -> points (fpr, pro): (0, .5) (1/6, .5) (2/6, .5) (2/6, 1) ...
     # Area to 0.3: .5 * 1/6 + .5 * (0.3 - 1/6) = 0.15 -> / 0.3 = 0.5; to 0.5: (.5/6 + .5/6 + 1/6) / .5 = 2/3.
     masks = [np.array([[1, 1, 0, 0]], bool), np.zeros((1, 4), bool)]
     maps = [np.array([[0.9, 0.2, 0.1, 0.3]]), np.array([[0.4, 0.05, 0.0, 0.0]])]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from anomaly_assistant.eval import detection, reasoning
 
 
@@ -16,7 +17,8 @@ def test_detection_macro_average():
     ]
     res = detection.compute(preds)
     assert set(res) >= {"accuracy", "precision", "recall", "f1", "n_images", "per_class"}
-    assert res["per_class"]["a"]["accuracy"] == 1.0 and res["per_class"]["b"]["accuracy"] == pytest.approx(2 / 3)
+    assert res["per_class"]["a"]["accuracy"] == 1.0
+    assert res["per_class"]["b"]["accuracy"] == pytest.approx(2 / 3)
     assert res["accuracy"] == pytest.approx((1 + 2 / 3) / 2)  # macro, not pooled (4/5)
     assert res["micro"]["accuracy"] == pytest.approx(4 / 5)
     assert res["recall"] == pytest.approx((1 + 0.5) / 2) and "image_auroc" not in res
@@ -32,15 +34,19 @@ def _visa_dr(tmp_path, mvtec_root):
     """A VisA-D&R-style LLaVA JSON over the fixture images."""
     items = []
     for i in range(3):
-        items.append({"id": f"bad{i}", "image": f"brick/test/scratch/{i:03d}.png",
-                      "metadata": {"anomaly": True, "class": "brick"},
-                      "conversations": [
-                          {"from": "human", "value": "<image>\nIs there any anomaly in the image? Answer yes or no."},
-                          {"from": "gpt", "value": "Yes."},
-                          {"from": "human", "value": "Describe the anomaly and where it is."},
-                          {"from": "gpt", "value": "A dark scratch crosses the upper left bricks."},
-                          {"from": "human", "value": "What could have caused it, and how can it be prevented?"},
-                          {"from": "gpt", "value": "Scraping during handling; use protective covers."}]})
+        items.append({
+            "id": f"bad{i}",
+            "image": f"brick/test/scratch/{i:03d}.png",
+            "metadata": {"anomaly": True, "class": "brick"},
+            "conversations": [
+                {"from": "human", "value": "<image>\nIs there any anomaly in the image? Answer yes or no."},
+                {"from": "gpt", "value": "Yes."},
+                {"from": "human", "value": "Describe the anomaly and where it is."},
+                {"from": "gpt", "value": "A dark scratch crosses the upper left bricks."},
+                {"from": "human", "value": "What could have caused it, and how can it be prevented?"},
+                {"from": "gpt", "value": "Scraping during handling; use protective covers."},
+            ],
+        })
     for i in range(2):
         items.append({"id": f"ok{i}", "image": f"brick/test/good/{i:03d}.png",
                       "metadata": {"anomaly": False, "class": "brick"},

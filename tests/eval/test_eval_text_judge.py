@@ -6,6 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
+
 from anomaly_assistant.eval import judge as J
 from anomaly_assistant.eval import text_metrics as T
 
@@ -13,8 +14,8 @@ from anomaly_assistant.eval import text_metrics as T
 def test_rouge_l_values():
     # LCS = all 6 words of the prediction; the reference has 9: P = 1, R = 6/9.
     p, r = 1.0, 6 / 9
-    assert T.rouge_l("a scratch on the left edge", "there is a long scratch on the left edge") == pytest.approx(
-        2 * p * r / (p + r))
+    rouge = T.rouge_l("a scratch on the left edge", "there is a long scratch on the left edge")
+    assert rouge == pytest.approx(2 * p * r / (p + r))
     assert T.rouge_l("cracks", "crack") == 1.0  # stemmed
     assert T.rouge_l("", "a crack") == 0.0
 
@@ -60,7 +61,9 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        type(self).requests.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+        )
         if type(self).fail_first > 0:
             type(self).fail_first -= 1
             self.send_response(503)
@@ -69,7 +72,8 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         user = body["messages"][-1]["content"]
         # Score the answer by whether it mentions a crack: a judge whose output depends on the request.
         second = "7" if "crack" in user.split("[Assistant 2]")[1] else "2"
-        out = {"choices": [{"message": {"role": "assistant", "content": f"9 {second}\nThe reference is better."}}]}
+        content = f"9 {second}\nThe reference is better."
+        out = {"choices": [{"message": {"role": "assistant", "content": content}}]}
         data = json.dumps(out).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -95,10 +99,14 @@ def server():
 
 def test_openai_judge_over_http_scores_and_caches(server, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test")
-    cfg = J.JudgeConfig(endpoint=server, model="judge-x", api_key_env="JUDGE_TEST_KEY", cache_dir=str(tmp_path))
+    cfg = J.JudgeConfig(
+        endpoint=server, model="judge-x", api_key_env="JUDGE_TEST_KEY", cache_dir=str(tmp_path)
+    )
     judge = J.build_judge(cfg)
     assert isinstance(judge, J.OpenAIJudge)
-    s = judge.score("What is the defect?", "A crack in the middle.", "There is a crack.", context="tile, crack")
+    s = judge.score(
+        "What is the defect?", "A crack in the middle.", "There is a crack.", context="tile, crack"
+    )
     assert (s.reference_score, s.answer_score, s.cached) == (9.0, 7.0, False)
     assert s.relative == pytest.approx(7 / 9)
     req = _FakeOpenAI.requests[0]
@@ -123,7 +131,8 @@ def test_openai_judge_retries_server_errors_then_fails(server, tmp_path):
     assert len(_FakeOpenAI.requests) == 2
     _FakeOpenAI.fail_first = 5
     with pytest.raises(RuntimeError, match="failed"):
-        J.OpenAIJudge(J.JudgeConfig(endpoint=server, cache_dir=str(tmp_path), retries=2)).score("q2", "a", "b")
+        fresh = J.OpenAIJudge(J.JudgeConfig(endpoint=server, cache_dir=str(tmp_path), retries=2))
+        fresh.score("q2", "a", "b")
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
@@ -134,7 +143,9 @@ def _tiny_local_lm(path):
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token=None, pad_token=None)
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token=None, pad_token=None
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.eos_token = tok.pad_token = "<|im_end|>"
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -159,7 +170,9 @@ def test_local_judge_is_deterministic_and_cached(tmp_path):
     assert first.answer_score == (J.parse_scores(first.review) or (None, None))[1]
     second = J.build_judge(cfg).score("What is wrong?", "A crack.", "A scratch.")
     assert second.cached and second.review == first.review
-    fresh = J.LocalJudge(J.JudgeConfig(local_model=str(model_dir), cache_dir=str(tmp_path / "c2"), max_tokens=6))
+    fresh = J.LocalJudge(
+        J.JudgeConfig(local_model=str(model_dir), cache_dir=str(tmp_path / "c2"), max_tokens=6)
+    )
     assert fresh.score("What is wrong?", "A crack.", "A scratch.").review == first.review  # greedy
 
 

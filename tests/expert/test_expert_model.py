@@ -1,4 +1,5 @@
-"""Anomaly expert: K bookkeeping, tokens in v° space, map provenance, reference fusion, persistence, stage-1 losses."""
+"""Anomaly expert: K bookkeeping, tokens in v° space, map provenance, reference fusion, persistence, stage-1
+losses."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def _inputs(level_shapes, v0_shape, dims=(16, 16), seed=0):
     return levels, torch.randn(*v0_shape, generator=g)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Toy "backbone": a fixed random conv net over grey images with a planted bright square (the defect).
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class ToyBackbone(torch.nn.Module):
     """Two conv levels (stride 2 and 4) and v° = a linear map of the 8-px pooled second level (token grid)."""
 
@@ -85,9 +86,9 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Shapes and K bookkeeping
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "g, level_shapes, v0_shape, dims, llm_dim",
     [
@@ -148,7 +149,8 @@ def test_wrong_channels_or_level_count_raise():
 
 
 def test_ltfm_is_anomaly_ov_algebra():
-    """With input_norm off, the map is exactly softmax(100 · normalize(Aᵢ vᵢ) · normalize(Gᵢ[e±; c]))[abnormal]."""
+    """With input_norm off, the map is exactly
+    softmax(100 · normalize(Aᵢ vᵢ) · normalize(Gᵢ[e±; c]))[abnormal]."""
     expert = _expert(input_norm=False, lookback_grid=4).mark_trained()
     levels, v0 = _inputs([(4, 4), (4, 4)], (4, 4, 32))
     out = expert(levels, v0)
@@ -174,9 +176,9 @@ def test_reset_parameters_restores_identity_projector_after_a_generic_init():
     assert float(expert.ltfm.adapters[0].weight.detach().std()) > 0.05  # back to the default Linear init
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokens live in v° space
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def test_uniform_map_gives_plain_average_pooling():
     v0 = torch.randn(2, 6, 9, 32)
     m = torch.full((2, 6, 9), 0.37)
@@ -196,7 +198,8 @@ def test_weighted_pool_follows_the_map():
 
 
 def test_weighted_means_are_exact_for_tiny_maps_and_defined_for_zero_maps():
-    """A confident-normal map (m ~ 1e-7) still weights exactly; an all-zero map falls back to plain pooling."""
+    """A confident-normal map (m ~ 1e-7) still weights exactly; an all-zero map falls back to plain
+    pooling."""
     v0 = torch.randn(1, 4, 4, 32)
     m = torch.full((1, 4, 4), 1e-7)
     m[0, 0, 0] = 3e-7
@@ -242,9 +245,9 @@ def test_identity_projector_is_exact_and_pads_or_truncates():
     assert torch.equal(narrow.projected_tokens, narrow.tokens[:, :20])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Level word, provenance of the map, reference fusion
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "score, word",
     [(0.0, 0), (0.2999, 0), (0.3, 1), (0.5, 1), (0.6999, 1), (0.7, 2), (1.0, 2)],
@@ -318,7 +321,8 @@ def test_memory_bank_reference_finds_the_planted_patch(toy_backbone):
 
 
 def test_screen_results_and_mismatched_banks():
-    """A screener's result (map at original resolution) is accepted; a bank on other features is refused clearly."""
+    """A screener's result (map at original resolution) is accepted; a bank on other features is refused
+    clearly."""
     from anomaly_assistant.expert.reference import MemoryBank, ScreenResult
 
     levels, v0 = _inputs([(8, 8), (4, 4)], (4, 4, 32))
@@ -332,9 +336,9 @@ def test_screen_results_and_mismatched_banks():
         _expert()(levels, v0, reference=other)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Persistence
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def test_save_and_reload_is_exact(tmp_path):
     expert = _expert(seed=3, llm_dim=24)
     with torch.no_grad():
@@ -385,9 +389,9 @@ def test_default_size_matches_anomaly_ov():
     assert 6.8e6 < n < 7.4e6
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Stage-1 losses
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def test_balanced_bce_weights_classes_equally():
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
     labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
@@ -450,9 +454,9 @@ def test_training_on_planted_patches_learns_the_map(toy_backbone):
     assert min(anomalous) > max(normal)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Both feature sources feed the expert
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def effnet_source():
     pytest.importorskip("efficientnet_lite_pytorch")

@@ -43,10 +43,14 @@ def test_nn_distance_matches_brute_force():
     q, b = torch.randn(300, 17, generator=g), torch.randn(500, 17, generator=g)
     ref = torch.cdist(q, b)
     torch.testing.assert_close(nn_distance(q, b, chunk=64), ref.min(1).values, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(nn_distance(q, b, k=3), ref.topk(3, largest=False).values.mean(1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        nn_distance(q, b, k=3), ref.topk(3, largest=False).values.mean(1), atol=1e-4, rtol=1e-4
+    )
 
 
-@pytest.mark.parametrize("shape,k", [((1, 40, 32, 32), 3), ((2, 5, 7, 3), 3), ((1, 3, 1, 1), 3), ((1, 4, 6, 9), 5)])
+@pytest.mark.parametrize(
+    "shape,k", [((1, 40, 32, 32), 3), ((2, 5, 7, 3), 3), ((1, 3, 1, 1), 3), ((1, 4, 6, 9), 5)]
+)
 def test_box_mean_is_average_pooling_over_valid_cells(shape, k):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
@@ -56,7 +60,8 @@ def test_box_mean_is_average_pooling_over_valid_cells(shape, k):
 
 
 def test_coreset_picks_are_k_center_greedy():
-    """Each pick is the point farthest from all earlier picks (checked against a plain cdist loop, no projection)."""
+    """Each pick is the point farthest from all earlier picks (checked against a plain cdist loop, no
+    projection)."""
     x = torch.randn(500, 24, generator=torch.Generator().manual_seed(3))
     expected, mind = [0], torch.cdist(x, x[:1]).squeeze(1)
     for _ in range(59):
@@ -102,7 +107,8 @@ def test_calibrate_is_monotone_in_unit_interval():
 
 def test_identical_image_scores_low_and_planted_defect_peaks(source, brick):
     # no mirrored reference views: a reference image must then match itself exactly
-    scr = ReferenceScreener(source, ScreenerConfig(image_size=192, scale="reference", augment=())).fit(brick[:4])
+    cfg = ScreenerConfig(image_size=192, scale="reference", augment=())
+    scr = ReferenceScreener(source, cfg).fit(brick[:4])
     a = np.array(brick[4])
     a[100:116, 40:56] = 0  # a dark 16 px blot
     same, clean, bad = scr.predict([brick[1], brick[4], Image.fromarray(a)])
@@ -118,14 +124,15 @@ def test_single_reference_calibration(source, brick):
     scr = ReferenceScreener(source).fit(brick[:1])
     assert np.isfinite(scr.bank.tau) and scr.bank.tau > 0
     r1, r2 = scr.predict([brick[0]]), scr.predict([brick[0]])
-    assert r1[0].score == r2[0].score and np.array_equal(r1[0].anomaly_map, r2[0].anomaly_map)  # deterministic
+    # deterministic
+    assert r1[0].score == r2[0].score and np.array_equal(r1[0].anomaly_map, r2[0].anomaly_map)
     assert r1[0].score < 0.05
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="real-dev magnetic_tile data absent")
 def test_real_defects_localised_on_magnetic_tile():
-    """4 good references, screener defaults; the first two tiles of the three coarse defect types (measured: 4 of
-    6 argmaxes fall inside the mask; thin blowholes/cracks are not reliably localised at 256 px, see
+    """4 good references, screener defaults; the first two tiles of the three coarse defect types (measured:
+    4 of 6 argmaxes fall inside the mask; thin blowholes/cracks are not reliably localised at 256 px, see
     research/screening_study.py)."""
     refs = [Image.open(p).convert("RGB") for p in sorted((DATA / "train" / "good").glob("*"))[:4]]
     scr = ReferenceScreener(EfficientNetLite0Source(), ScreenerConfig()).fit(refs)
@@ -155,7 +162,8 @@ def test_real_pcb_defects_localised_with_the_template_as_the_only_reference():
     source = EfficientNetLite0Source()
     hits = 0
     for rec in tests:
-        scr = ReferenceScreener(source, ScreenerConfig(augment=())).fit([Image.open(rec.reference_path).convert("RGB")])
+        reference = Image.open(rec.reference_path).convert("RGB")
+        scr = ReferenceScreener(source, ScreenerConfig(augment=())).fit([reference])
         (r,) = scr.predict([Image.open(rec.image_path).convert("RGB")])
         y, x = np.unravel_index(r.anomaly_map.argmax(), r.anomaly_map.shape)
         hits += any(x1 <= x <= x2 and y1 <= y <= y2 for x1, y1, x2, y2 in rec.gt_boxes)

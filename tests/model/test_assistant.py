@@ -1,4 +1,5 @@
-"""AnomalyAssistant / ChatSession on a tiny model: Findings, fallbacks, multi-turn history, batch, screening."""
+"""AnomalyAssistant / ChatSession on a tiny model: Findings, fallbacks, multi-turn history, batch,
+screening."""
 
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def _forced(assistant, text):
 def test_a_valid_answer_becomes_a_finding_in_original_pixels(assistant, references):
     image = _texture(9, size=(641, 479), defect=True)
     frame = get("qwen2_5_vl").input_frame(assistant.processor, image.size)
-    answer = render_answer("A dark round spot in the middle.", "anomalous", "hole", [[100, 80, 140, 120]], "a hole")
+    answer = render_answer(
+        "A dark round spot in the middle.", "anomalous", "hole", [[100, 80, 140, 120]], "a hole"
+    )
     session = assistant.chat(references=references)
     finding = session.inspect(image, **_forced(assistant, answer))
     assert finding.source == "model" and finding.parse_error is None
@@ -65,7 +68,8 @@ def test_a_valid_answer_becomes_a_finding_in_original_pixels(assistant, referenc
 
 def test_malformed_answer_falls_back_to_the_expert(assistant, references):
     image = _texture(10, defect=True)
-    finding = assistant.chat(references=references).inspect(image, **_forced(assistant, "I think it is fine {oops"))
+    forced = _forced(assistant, "I think it is fine {oops")
+    finding = assistant.chat(references=references).inspect(image, **forced)
     assert finding.source == "expert" and finding.parse_error
     assert finding.anomaly_map is not None and finding.anomaly_map.shape == (120, 160)
     assert finding.verdict == ("anomalous" if finding.score >= 0.5 else "normal")
@@ -138,7 +142,11 @@ def test_bad_images_raise_a_clear_error(assistant, tmp_path):
     empty.write_bytes(b"")
     text = tmp_path / "text.png"
     text.write_text("not an image")
-    for bad, reason in ((empty, "empty"), (text, "not a readable image"), (tmp_path / "missing.png", "no such file")):
+    for bad, reason in (
+        (empty, "empty"),
+        (text, "not a readable image"),
+        (tmp_path / "missing.png", "no such file"),
+    ):
         with pytest.raises(ImageError, match=reason):
             assistant.chat().inspect(bad)
 

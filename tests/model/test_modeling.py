@@ -97,7 +97,8 @@ def test_placeholders_carry_exactly_the_expert_tokens(tiny_models, family):
     block = pad | level
     expected = torch.cat([o.projected_tokens for o in ctx.outputs])
     torch.testing.assert_close(embeds[pad], expected, rtol=0, atol=0)
-    # everything outside the block (text and image tokens before it, text after it) is what the family computes
+    # everything outside the block (text and image tokens before it, text after it) is what the family
+    # computes
     torch.testing.assert_close(embeds[~block], plain[~block], rtol=1e-6, atol=1e-6)
     # the level slot holds the word the score selects: "highly" for 0.9, "slightly" for 0.1
     table = model.get_input_embeddings()
@@ -161,7 +162,9 @@ def test_lora_wrapped_model_still_injects(tiny_models):
     from peft import LoraConfig, get_peft_model
 
     base, processor = tiny_anomaly_model("qwen2_5_vl", "backbone", seed=1)
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    lora = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    )
     assert any("lora" in n for n, _ in lora.named_parameters())
     assert not any("lora" in n for n, _ in lora.named_parameters() if ".visual." in n or ".expert." in n)
     batch = _batch(processor, _images(5))
@@ -215,7 +218,8 @@ def test_from_config_builds_a_random_model_in_the_asked_dtype_that_injects(famil
     backbone, plain = build_tiny(family)
     model, processor = from_config(backbone.config, plain, "efficientnet_lite0", dtype=torch.float64)
     assert type(model) is backbones.get(family).ANOMALY_MODEL_CLASS and not model.training
-    assert {p.dtype for p in model.parameters()} == {torch.float64} and torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert torch.get_default_dtype() == torch.float32
     assert model.config.expert["feature_source"] == "efficientnet_lite0"
     batch = _batch(processor, _images(8)[:1])
     with torch.no_grad(), model.anomaly_context() as ctx:
@@ -241,12 +245,19 @@ def test_family_detection_for_anomaly_configs(tiny_models):
 def test_from_config_refuses_a_tokenizer_without_the_anomaly_markers():
     from types import SimpleNamespace
 
-    from anomaly_assistant.tiny import _bpe
     from transformers import Qwen2Tokenizer
+
+    from anomaly_assistant.tiny import _bpe
 
     backbone, _ = build_tiny("qwen2_5_vl")
     vocab, merges = _bpe()
-    bare = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None, bos_token=None, eos_token=None,
-                          pad_token=None)
+    bare = Qwen2Tokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        unk_token=None,
+        bos_token=None,
+        eos_token=None,
+        pad_token=None,
+    )
     with pytest.raises(ValueError, match="anomaly markers"):
         from_config(backbone.config, SimpleNamespace(tokenizer=bare))

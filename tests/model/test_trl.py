@@ -1,4 +1,5 @@
-"""TRL trains an anomaly model unchanged: one SFT step moves the LoRA weights and the expert tokens are injected."""
+"""TRL trains an anomaly model unchanged: one SFT step moves the LoRA weights and the expert tokens are
+injected."""
 
 import numpy as np
 import pytest
@@ -43,7 +44,9 @@ def test_sft_step_with_lora_injects_expert_tokens(family, tmp_path):
                      max_length=None, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                      assistant_only_loss=True, dataloader_num_workers=0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_rows(), processing_class=processor, peft_config=lora)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=_rows(), processing_class=processor, peft_config=lora
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     after = dict(trainer.model.named_parameters())
