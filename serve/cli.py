@@ -1,0 +1,104 @@
+"""`anomaly-assistant serve` (UI + HTTP API on a model) and `anomaly-assistant demo` (on bundled samples).
+
+`serve` loads `--model` (a checkpoint folder, a hub id, or `tiny` for a random toy), or screens with the
+expert only (`--expert-only`, also the choice when no model is given). `demo` starts the UI on the tiny
+model with the bundled sample images and a ready reference set ("demo samples"), warms it up, and prints
+the URL. Both bind 127.0.0.1 unless `--host` says otherwise. Usage errors exit 2 with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
+
+DEMO_SET = "demo samples"
+
+
+@dataclass
+class ServeConfig:
+    """Start the inspector's workbench: the browser UI at / and the HTTP API at /api (docs at /api/docs)."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "checkpoint folder or hub id; `tiny` is a random toy; none: expert-only screening"})
+    expert_only: bool = field(default=False, metadata={"help": "no language model: reference matching only"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the "
+                                                              "network: use --auth)"})
+    port: int = field(default=7860, metadata={"help": "TCP port"})
+    auth: str | None = field(default=None, metadata={"help": "USER:PASS required by the UI and the API",
+                                                     "metavar": "USER:PASS"})
+    db: str = field(default="runs/serve/records.db", metadata={"help": "SQLite records file (reference sets, "
+                                                                       "uploads, reports live beside it)"})
+    max_upload_mb: float = field(default=20.0, metadata={"help": "largest accepted upload per file, in MB"})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "largest accepted image in pixels (default: the library's limit, 64 M)"})
+    concurrency: int = field(default=1, metadata={"help": "model calls allowed at once (others queue)"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+
+    def __post_init__(self) -> None:
+        if self.auth is not None and (":" not in self.auth or not self.auth.split(":", 1)[0]):
+            raise ValueError("--auth must be USER:PASS")
+        if self.max_upload_mb <= 0 or self.concurrency < 1 or not 0 < self.port < 65536:
+            raise ValueError("--max-upload-mb must be > 0, --concurrency >= 1, --port in 1..65535")
+
+
+def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a FastAPI app
+    """The app for a config (loads the model, opens the records); `demo` adds the sample reference set."""
+    from anomaly_assistant.assistant import AnomalyAssistant
+    from anomaly_assistant.serve.app import create_app
+    from anomaly_assistant.serve.records import RecordStore
+    from anomaly_assistant.serve.service import Workbench
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if config.expert_only or config.model is None:
+        assistant, model_id = AnomalyAssistant.expert_only(), "expert-only (EfficientNet-Lite0 matching)"
+    else:
+        assistant = AnomalyAssistant.from_pretrained(config.model, device=resolve_device(config.device))
+        model_id = config.model
+    store = RecordStore(config.db)
+    wb = Workbench(assistant, store, model_id, max_upload_mb=config.max_upload_mb,
+                   max_pixels=config.max_pixels, concurrency=config.concurrency)
+    default_set = None
+    if command == "demo":
+        from anomaly_assistant.resources import sample_references
+
+        refs = sample_references()
+        paths = store.save_reference_set(DEMO_SET, [(p.name, p.read_bytes()) for p in refs])
+        assistant.reference_screener([str(p) for p in paths])  # fit now, so the first click is quick
+        default_set = DEMO_SET
+    auth = tuple(config.auth.split(":", 1)) if config.auth else None
+    return create_app(wb, auth=auth, default_reference_set=default_set, concurrency=config.concurrency)
+
+
+def main(argv: list[str] | None = None, command: str = "serve") -> int:
+    """`anomaly-assistant serve|demo [options]`; runs until interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"anomaly-assistant {command}"
+    try:
+        config = parse_config(ServeConfig, argv, prog, (ServeConfig.__doc__ or "").strip())
+        if command == "demo":
+            config.model = config.model or "tiny"
+            if config.db == "runs/serve/records.db":
+                config.db = "runs/demo/records.db"
+        app = build(config, command)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    url = f"http://{config.host}:{config.port}/"
+    print(f"Inspector's workbench: {url}  (API docs: {url}api/docs; records: {Path(config.db).resolve()})",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    name = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in ("serve", "demo") else "serve"
+    sys.exit(main(command=name))
