@@ -206,3 +206,14 @@ def test_held_out_reward_scores_a_checkpoint_on_the_product_path(tiny_run, data_
     report = held_out_reward(str(final), str(data_build), split="train", limit=3, max_new_tokens=8)
     assert report["n"] == 3 and math.isfinite(report["reward"])
     assert {"format", "verdict", "localization", "verdict/accuracy"} <= set(report)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_one_grpo_step_on_the_other_families(data_build, tmp_path, family):
+    """The export's boxes are in Qwen's frame, so localization is off (the frame check would refuse it)."""
+    out = tmp_path / family
+    flags = ["--model", f"tiny:{family}", "--max-steps", "1", "--rewards-localization", "0"]
+    final = run(config(data_build, out, *flags))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "reward" in line] == [1]
+    assert AnomalyAssistant.from_pretrained(str(final)).model.config.model_type == f"anomaly_{family}"
