@@ -109,9 +109,9 @@ def completion_text(completion: Any) -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _parsed(text: str) -> ParsedAnswer:
-    """One parse per completion text shared by all rewards of a batch (callers never mutate it)."""
+    """One parse per completion text for all rewards of a batch (up to 1024 completions; never mutated)."""
     return parse_answer(text)
 
 
