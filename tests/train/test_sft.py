@@ -98,25 +98,30 @@ def test_merged_and_adapter_saves_reload_and_inspect(interrupted_run):
     assert getattr(assistant.model, "peft_config", None), "the kept adapter was not loaded"
 
 
-def test_qlora_loads_4bit_trains_one_step_and_saves_full_precision(data_build, tmp_path):
+@pytest.mark.parametrize("merge_lora", [True, False], ids=["merged", "adapter"])
+def test_qlora_loads_4bit_trains_one_step_and_saves_full_precision(merge_lora, data_build, tmp_path):
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
+    from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
     from anomaly_assistant.assistant import AnomalyAssistant
 
-    config = _config(data_build, tmp_path, tuning="qlora", max_steps=1, save_steps=100)
+    config = _config(data_build, tmp_path, tuning="qlora", max_steps=1, save_steps=100, merge_lora=merge_lora)
     quantized = load_model(config, "cpu").model
     kinds = {name.split(".")[1]: type(module) for name, module in quantized.named_modules()
              if name.endswith("q_proj") or name.endswith("qkv")}
     assert kinds == {"language_model": Linear4bit, "visual": torch.nn.Linear, "expert": torch.nn.Linear}
     del quantized
     final = run(config)
-    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "anomaly-base")
-    trained = AutoModelForImageTextToText.from_pretrained(final)
+    base = load_file(tmp_path / "anomaly-base" / "model.safetensors")
+    saved = load_file(final / "model.safetensors")
     name = "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert trained.state_dict()[name].dtype == torch.float32
-    assert not torch.equal(trained.state_dict()[name], base.state_dict()[name])
+    assert saved[name].dtype == torch.float32  # never the 4-bit weights
+    assert torch.equal(saved[name], base[name]) != merge_lora  # merged in, or base kept beside the adapter
+    assert (final / "adapter_config.json").exists() != merge_lora
+    trained = AutoModelForImageTextToText.from_pretrained(final)
+    assert bool(getattr(trained, "peft_config", None)) != merge_lora
     assert isinstance(AnomalyAssistant.from_pretrained(str(final)).chat().inspect(_image(), max_new_tokens=4),
                       Finding)
 
@@ -188,3 +193,15 @@ def test_every_family_trains_its_llm_and_projector(family, data_build, tmp_path)
     assert changed == {"language_model", "multi_modal_projector"}
     assert isinstance(AnomalyAssistant.from_pretrained(str(final)).chat().inspect(_image(), max_new_tokens=4),
                       Finding)
+
+
+def test_lora_on_the_vision_tower_stays_inside_it():
+    from anomaly_assistant.modeling import tiny_anomaly_model
+    from anomaly_assistant.train.common import prepare_trainable
+
+    model, _ = tiny_anomaly_model("llava")
+    config = StageConfig(model="tiny:llava", data="d", output_dir="o", trainable=["vision"])
+    adapted = {name.removeprefix("base_model.model.").split(".lora_A")[0]
+               for name, _ in prepare_trainable(model, config).named_parameters() if ".lora_A." in name}
+    assert adapted and all(name.startswith("model.vision_tower.") for name in adapted)
+    assert {name.rsplit(".", 1)[1] for name in adapted} == {"q_proj", "k_proj", "v_proj"}
