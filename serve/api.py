@@ -88,10 +88,7 @@ def add_api(app: FastAPI, workbench: Workbench, auth: tuple[str, str] | None = N
 
     @router.post("/chat")
     async def chat(request: ChatRequest) -> dict[str, Any]:
-        try:
-            inspection = wb.api_session(request.session_id)
-        except KeyError as exc:
-            raise HTTPException(404, str(exc)) from None
+        inspection = wb.api_session(request.session_id)  # KeyError -> 404
 
         def turn() -> str:
             replies = list(wb.chat_stream(inspection, request.message))

@@ -58,14 +58,14 @@ def _details(inspection: Inspection | None, errors: list[str] = ()) -> str:
         f = inspection.finding
         lines.append(f"**Image:** {html.escape(inspection.upload.name)} · **reference set:** "
                      f"{html.escape(inspection.reference_set or 'none')}")
-        lines.append(f"**Defect type:** {html.escape(f.defect_type or '-')}")
+        lines.append(f"**Defect type:** {html.escape(f.defect_type or 'none given')}")
         if f.boxes:
             boxes = "; ".join(f"#{i + 1} ({b.x1:.0f}, {b.y1:.0f})-({b.x2:.0f}, {b.y2:.0f})"
                               for i, b in enumerate(f.boxes))
             lines.append(f"**Boxes** (original pixels): {boxes}")
         else:
             lines.append("**Boxes:** none")
-        lines.append(f"**Rationale:** {html.escape(f.rationale or '-')}")
+        lines.append(f"**Rationale:** {html.escape(f.rationale or 'none given')}")
         if f.parse_error:
             lines.append("*The model's written answer did not follow the answer format, so the verdict comes "
                          "from the anomaly expert.*")
@@ -142,7 +142,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                         op_msg = gr.Markdown(elem_id="op-msg")
                         export_btn = gr.Button("Export report (HTML + JSON)", elem_id="export-btn")
                         export_files = gr.File(label="Report files", file_count="multiple", interactive=False,
-                                               elem_id="export-files")
+                                               elem_id="export-files", height=120)
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown("Inspect a whole folder (a path on the server) or a zip of images with the "
                             "chosen reference set. Each image becomes a record; bad files are listed, "

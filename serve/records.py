@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS inspections (
     input_hash TEXT NOT NULL,
     image_name TEXT NOT NULL,
     image_path TEXT,
+    overlay_path TEXT,
     model_id TEXT NOT NULL,
     reference_set TEXT,
     verdict TEXT NOT NULL,
@@ -84,6 +85,7 @@ class Record:
     input_hash: str
     image_name: str
     image_path: str | None
+    overlay_path: str | None
     model_id: str
     reference_set: str | None
     verdict: str
@@ -138,19 +140,20 @@ class RecordStore:
 
     # -- inspections ----------------------------------------------------------------------
     def add(self, finding: Finding, *, image_name: str, input_hash: str, model_id: str,
-            image_path: str | None = None, reference_set: str | None = None, chat: list[dict] | None = None,
-            batch_id: str | None = None) -> int:
+            image_path: str | None = None, overlay_path: str | None = None, reference_set: str | None = None,
+            chat: list[dict] | None = None, batch_id: str | None = None) -> int:
         """Store one finished inspection; returns its id. The whole row is committed or nothing is."""
         now = time.time()
         data = finding.to_json(include_map=False)
-        cur = self._write(
-            "INSERT INTO inspections (created_at, updated_at, input_hash, image_name, image_path, model_id,"
-            " reference_set, verdict, score, boxes, defect_type, rationale, finding, chat, batch_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (now, now, input_hash, image_name, image_path, model_id, reference_set, finding.verdict,
-             data["score"], json.dumps(data["boxes"]), finding.defect_type, finding.rationale or "",
-             json.dumps(data), json.dumps(chat or []), batch_id),
-        )
+        values = {"created_at": now, "updated_at": now, "input_hash": input_hash, "image_name": image_name,
+                  "image_path": image_path, "overlay_path": overlay_path, "model_id": model_id,
+                  "reference_set": reference_set, "verdict": finding.verdict, "score": data["score"],
+                  "boxes": json.dumps(data["boxes"]), "defect_type": finding.defect_type,
+                  "rationale": finding.rationale or "", "finding": json.dumps(data),
+                  "chat": json.dumps(chat or []), "batch_id": batch_id}
+        marks = ", ".join("?" * len(values))
+        columns = ", ".join(values)
+        cur = self._write(f"INSERT INTO inspections ({columns}) VALUES ({marks})", list(values.values()))
         return int(cur.lastrowid)
 
     def set_chat(self, record_id: int, chat: list[dict]) -> None:
@@ -257,9 +260,9 @@ class RecordStore:
             raise KeyError(f"no reference set named {name!r}")
         return [Path(r[0]) for r in rows]
 
-    def store_upload(self, data: bytes, suffix: str) -> Path:
-        """Keep a copy of an inspected image (by content hash) so records and chats can show it later."""
-        path = self.root / "uploads" / f"{sha256(data)}{suffix}"
+    def store_file(self, folder: str, data: bytes, suffix: str) -> Path:
+        """Keep a file by content hash under `<root>/<folder>/` (inspected images, overlays), atomically."""
+        path = self.root / folder / f"{sha256(data)}{suffix}"
         if not path.exists():
             _write_file(path, data)
         return path

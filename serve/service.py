@@ -129,8 +129,10 @@ class Workbench:
         if not data:
             raise UploadError(f"{name}: the file is empty (0 bytes)")
         try:
-            with Image.open(io.BytesIO(data)) as probe:
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
                 kind = probe.format
+        except Image.DecompressionBombError as exc:
+            raise UploadError(f"{name}: the image is too large to decode safely ({exc})", 413) from None
         except Exception:
             kind = None
         if kind not in IMAGE_FORMATS:
@@ -196,11 +198,16 @@ class Workbench:
             finding = session.inspect(upload.image)
             overlay = render_overlay(upload.image, finding, threshold=self.assistant.threshold)
         finding.image_path = upload.name
-        stored = self.store.store_upload(upload.data, upload.suffix)
+        # Files first, then the row that names them: a crash in between leaves an unused file, never a
+        # record pointing at nothing.
+        stored = self.store.store_file("uploads", upload.data, upload.suffix)
+        png = io.BytesIO()
+        overlay.save(png, format="PNG")
+        overlay_path = self.store.store_file("overlays", png.getvalue(), ".png")
         record_id = self.store.add(finding, image_name=upload.name, input_hash=sha256(upload.data),
-                                   model_id=self.model_id, image_path=str(stored), reference_set=set_label,
+                                   model_id=self.model_id, image_path=str(stored),
+                                   overlay_path=str(overlay_path), reference_set=set_label,
                                    chat=session.history, batch_id=batch_id)
-        self._save_overlay(record_id, overlay)
         return Inspection(session, record_id, finding, upload, overlay, set_label)
 
     def chat_stream(self, inspection: Inspection, text: str) -> Iterator[str]:
@@ -257,14 +264,10 @@ class Workbench:
             return self._api_sessions[session_id]
 
     # -- reports --------------------------------------------------------------------------------------------
-    def overlay_path(self, record_id: int) -> Path:
-        """Where the overlay picture of a record is kept (written when the inspection is stored)."""
-        return self.store.root / "overlays" / f"{record_id}.png"
-
-    def _save_overlay(self, record_id: int, overlay: Image.Image) -> None:
-        path = self.overlay_path(record_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        overlay.save(path)
+    def overlay_path(self, record_id: int) -> Path | None:
+        """The overlay picture stored with a record (None for a record without one)."""
+        path = self.store.get(record_id).overlay_path
+        return Path(path) if path else None
 
     def report_json(self, record_id: int) -> dict:
         """The record as a JSON report (Finding without the map, chat, operator verdict and note)."""
