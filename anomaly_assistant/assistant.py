@@ -1,14 +1,15 @@
-"""AnomalyAssistant and ChatSession: the multi-turn API that the CLI, the UI, the HTTP API and evaluation call.
+"""AnomalyAssistant and ChatSession: the multi-turn API that the CLI, UI, HTTP API and evaluation call.
 
-    assistant = AnomalyAssistant.from_pretrained("path/or/hub-id")        # or "tiny" for an offline toy model
+    assistant = AnomalyAssistant.from_pretrained("path/or/hub-id")  # or "tiny" for an offline toy model
     session = assistant.chat(references=["good1.png", "good2.png"])
-    finding = session.inspect("part.png")      # Finding: verdict, score, boxes (original pixels), map, rationale
+    finding = session.inspect("part.png")      # Finding: verdict, score, boxes (original px), map, rationale
     session.ask("What could have caused it?")  # follow-ups see the whole history
     assistant.screen(images, references=refs)  # expert only, no LLM: verdict + score + map
 
-Reference images are matched training-free (`expert.reference.ReferenceScreener` on pretrained EfficientNet-Lite0
-features); with a language model their per-image maps also drive the expert's token selection. Without references
-and without a trained expert there is no meaningful map, and the Finding says so in `notes` instead of inventing one.
+Reference images are matched training-free (`expert.reference.ReferenceScreener` on pretrained
+EfficientNet-Lite0 features); with a language model their per-image maps also drive the expert's token
+selection. Without references and without a trained expert there is no meaningful map, and the Finding says
+so in `notes` instead of inventing one.
 """
 
 from __future__ import annotations
@@ -80,16 +81,18 @@ class AnomalyAssistant:
         if processor is not None:
             processor.tokenizer.padding_side = "left"  # batched generation appends to the right
 
-    # -- construction ---------------------------------------------------------------------------------------------
+    # -- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu", feature_source: str = "backbone",
-                        threshold: float = DEFAULT_THRESHOLD, **model_kwargs: Any) -> AnomalyAssistant:
-        """Load an anomaly checkpoint, or wrap a plain Qwen2.5-VL / LLaVA-OneVision / LLaVA one with a new expert.
+    def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu",
+                        feature_source: str = "backbone", threshold: float = DEFAULT_THRESHOLD,
+                        **model_kwargs: Any) -> AnomalyAssistant:
+        """Load an anomaly checkpoint, or wrap a plain Qwen2.5-VL / LLaVA-OneVision / LLaVA with a new expert.
 
         `"tiny"` / `"tiny:<family>"` builds a tiny random model in code (offline demos and tests).
         """
-        from . import modeling
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        from . import modeling
 
         if path_or_id == "tiny" or path_or_id.startswith("tiny:"):
             family = path_or_id.partition(":")[2] or "qwen2_5_vl"
@@ -106,9 +109,14 @@ class AnomalyAssistant:
     @classmethod
     def expert_only(cls, feature_source: str = "efficientnet_lite0", screener_config: Any = None,
                     threshold: float = DEFAULT_THRESHOLD) -> AnomalyAssistant:
-        """No language model: `screen` / `inspect` give expert Findings from reference matching (needs references)."""
+        """No language model: `screen` / `inspect` give expert Findings from reference matching.
+
+        Such an assistant needs references for every image it screens.
+        """
         if feature_source != "efficientnet_lite0":
-            raise ValueError("expert-only screening without a model uses the efficientnet_lite0 feature source")
+            raise ValueError(
+                "expert-only screening without a model uses the efficientnet_lite0 feature source"
+            )
         return cls(None, None, screener_config=screener_config, threshold=threshold)
 
     @property
@@ -121,7 +129,7 @@ class AnomalyAssistant:
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
 
-    # -- references -----------------------------------------------------------------------------------------------
+    # -- references ------------------------------------------------------------------------------------------
     def reference_screener(self, references: Sequence[ImageLike], cache_size: int = 8):
         """A training-free screener fitted on the reference normals (EfficientNet-Lite0 features).
 
@@ -161,7 +169,7 @@ class AnomalyAssistant:
                 pending.set_exception(exc)
         return pending.result()
 
-    # -- sessions and batch APIs ------------------------------------------------------------------------------------
+    # -- sessions and batch APIs -----------------------------------------------------------------------------
     def chat(self, references: Sequence[ImageLike] | None = None, image: ImageLike | None = None,
              threshold: float | None = None) -> ChatSession:
         """A conversation about one part, with optional reference normals; threshold None: the assistant's."""
@@ -169,7 +177,7 @@ class AnomalyAssistant:
 
     def screen(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
                screener: Any = None, threshold: float | None = None) -> list[Finding]:
-        """Expert only (no LLM): verdict, calibrated score, anomaly map at original size and boxes per image."""
+        """Expert only (no LLM): verdict, calibrated score, anomaly map at original size, boxes per image."""
         threshold = self._decision_threshold(threshold)
         pils = [load_image(im) for im in images]
         if references or screener is not None:
@@ -180,11 +188,12 @@ class AnomalyAssistant:
             raise ValueError(f"cannot screen: {NO_MAP_NOTE}; pass references=[...] or load a trained expert")
         findings = []
         for im, src in zip(pils, images):
-            inputs = self._encode([im], [[{"role": "user", "content": [{"type": "image"}]}]], generation=False)
+            inputs = self._encode([im], [[{"role": "user", "content": [{"type": "image"}]}]],
+                                  generation=False)
             with torch.no_grad():
                 _, (out,) = self.model.run_expert(inputs)
-            findings.append(self._finding_from_map(im, _upsample(out.anomaly_map, im.size), float(out.score), src,
-                                                   out.map_source, threshold))
+            findings.append(self._finding_from_map(im, _upsample(out.anomaly_map, im.size), float(out.score),
+                                                   src, out.map_source, threshold))
         return findings
 
     def inspect_batch(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
@@ -195,18 +204,20 @@ class AnomalyAssistant:
             return self.screen(images, references, threshold=threshold)
         screener = self.reference_screener(references) if references else None
         pils = [load_image(im) for im in images]
-        conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
+        conversations = [[{"role": "user",
+                           "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
                          for _ in pils]
         texts, outputs, matches = self._generate(pils, conversations, screener, **generate_kwargs)
         return [self._finding_from_text(im, t, o, m, src, threshold)
                 for im, t, o, m, src in zip(pils, texts, outputs, matches, images)]
 
-    # -- internals ------------------------------------------------------------------------------------------------
+    # -- internals -------------------------------------------------------------------------------------------
     def _decision_threshold(self, threshold: float | None) -> float:
         """The call's threshold, or the assistant's when the call gives none."""
         return self.threshold if threshold is None else check_threshold(threshold)
 
-    def _encode(self, images: list[Image.Image], conversations: list[list[dict]], generation: bool = True) -> dict:
+    def _encode(self, images: list[Image.Image], conversations: list[list[dict]],
+                generation: bool = True) -> dict:
         texts = [self.processor.apply_chat_template(c, add_generation_prompt=generation, tokenize=False)
                  for c in conversations]
         batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
@@ -222,12 +233,16 @@ class AnomalyAssistant:
     @torch.no_grad()
     def _generate(self, images: list[Image.Image], conversations: list[list[dict]], screener: Any = None,
                   streamer: Any = None, **generate_kwargs: Any):
-        """Greedy generation for a batch of conversations; returns (texts, expert outputs, reference matches)."""
+        """Greedy generation for a batch of conversations.
+
+        Returns (texts, expert outputs, reference matches), one of each per conversation.
+        """
         matches = self._reference_matches(images, screener)
         inputs = self._encode(images, conversations)
         reference = matches if screener is not None else None
         with self.model.anomaly_context(reference=reference) as ctx:
-            sequences = self.model.generate(**inputs, **self.generation.kwargs(**generate_kwargs), streamer=streamer)
+            sequences = self.model.generate(**inputs, **self.generation.kwargs(**generate_kwargs),
+                                            streamer=streamer)
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         outputs = ctx.outputs or [None] * len(images)
@@ -318,14 +333,18 @@ class ChatSession:
         messages, first_user = [], True
         for turn in [*self.turns, _Turn("user", question)]:
             if turn.role == "user" and first_user:
-                messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.text}]})
+                messages.append({"role": "user",
+                                 "content": [{"type": "image"}, {"type": "text", "text": turn.text}]})
                 first_user = False
             else:
                 messages.append({"role": turn.role, "content": [{"type": "text", "text": turn.text}]})
         return messages
 
     def inspect(self, image: ImageLike | None = None, **generate_kwargs: Any) -> Finding:
-        """Inspect `image` (starting a new conversation about it) or the session's image; returns a Finding."""
+        """Inspect `image` (starting a new conversation about it) or the session's image.
+
+        Returns a Finding; with a language model the exchange also joins the conversation history.
+        """
         if image is not None:
             self.reset(image)
         if self.image is None:
@@ -337,8 +356,8 @@ class ChatSession:
             if finding is None:
                 raise ValueError(f"cannot inspect without a language model: {NO_MAP_NOTE}")
         else:
-            texts, outputs, matches = a._generate([self.image], [self._messages(INSPECTION_PROMPT)], self._screener,
-                                                  **generate_kwargs)
+            texts, outputs, matches = a._generate([self.image], [self._messages(INSPECTION_PROMPT)],
+                                                  self._screener, **generate_kwargs)
             finding = a._finding_from_text(self.image, texts[0], outputs[0], matches[0], self.image_source,
                                            a._decision_threshold(self.threshold))
             self.turns += [_Turn("user", INSPECTION_PROMPT), _Turn("assistant", texts[0])]
@@ -368,8 +387,8 @@ class ChatSession:
 
         def run() -> None:
             try:
-                result["out"] = a._generate([self.image], [self._messages(text)], self._screener, streamer=streamer,
-                                            **generate_kwargs)
+                result["out"] = a._generate([self.image], [self._messages(text)], self._screener,
+                                            streamer=streamer, **generate_kwargs)
             except BaseException as exc:  # surface errors from the worker thread to the caller
                 result["error"] = exc
                 streamer.end()

@@ -16,7 +16,10 @@ from functools import cache
 
 # sub-command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "inspect": ("anomaly_assistant.commands.inspect", "inspect images: verdict, score, boxes, rationale (Finding per image)"),
+    "inspect": (
+        "anomaly_assistant.commands.inspect",
+        "inspect images: verdict, score, boxes, rationale (Finding per image)",
+    ),
     "chat": ("anomaly_assistant.commands.chat", "interactive multi-turn chat about one image"),
     "demo": ("anomaly_assistant.serve.cli", "start the inspector UI on bundled samples"),
     "serve": ("anomaly_assistant.serve.cli", "start the inspector UI and HTTP API"),
@@ -56,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `anomaly-assistant COMMAND ...`: hand the remaining arguments to that sub-command's `main`.
+
+    The sub-command's module is imported only once it is chosen, so `--help` and `--version` stay fast.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     if not argv or argv[0] in ("-h", "--help"):

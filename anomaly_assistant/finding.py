@@ -1,4 +1,4 @@
-"""What an inspection returns: `Finding`, `Box`, and the coordinate `Frame` between model input and original image.
+"""What an inspection returns: `Finding`, `Box`, and the `Frame` between model input and original image.
 
 Coordinates in a `Finding` are always in ORIGINAL image pixels (x right, y down, x2/y2 exclusive edges).
 The model speaks in its own input frame (e.g. Qwen2.5-VL's smart-resized pixels); `Frame` is the one

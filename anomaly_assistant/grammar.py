@@ -8,7 +8,8 @@ the grammar closely enough to trust (the format reward and the fallback to the e
 Boxes inside the JSON are in the backbone's model-input pixel frame; pass a `Frame` to get them in
 original image pixels.
 
->>> text = render_answer("A dark line crosses the top.", "anomalous", "scratch", [[10, 4, 60, 12]], "thin scratch")
+>>> text = render_answer("A dark line crosses the top.", "anomalous", "scratch", [[10, 4, 60, 12]],
+...                      "thin scratch")
 >>> parse_answer(text).verdict, parse_answer(text).boxes[0].as_list()
 ('anomalous', [10.0, 4.0, 60.0, 12.0])
 """
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from anomaly_assistant.finding import Box, Frame
@@ -67,7 +68,10 @@ def render_answer(
         "boxes": [_box_numbers(b) for b in boxes],
         "rationale": _strip_tags(rationale),
     }
-    return f"{THINK_OPEN}{_strip_tags(think).strip()}{THINK_CLOSE}\n{ANSWER_OPEN}{json.dumps(payload, ensure_ascii=False)}{ANSWER_CLOSE}"
+    return (
+        f"{THINK_OPEN}{_strip_tags(think).strip()}{THINK_CLOSE}\n"
+        f"{ANSWER_OPEN}{json.dumps(payload, ensure_ascii=False)}{ANSWER_CLOSE}"
+    )
 
 
 def _strip_tags(text: str) -> str:
@@ -165,7 +169,8 @@ def _to_box(item: Any) -> Box | None:
 def _parse_boxes(value: Any, problems: list[str]) -> list[Box]:
     if value is None:
         return []
-    if isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value):
+    if (isinstance(value, (list, tuple)) and len(value) == 4
+            and all(isinstance(v, (int, float)) for v in value)):
         value = [value]  # a single bare box
     if not isinstance(value, (list, tuple)):
         problems.append("boxes is not a list")

@@ -1,11 +1,11 @@
-"""Turning whatever a user hands us (path, PIL image, array, bytes) into an 8-bit RGB PIL image, with clear errors.
+"""Turning any path, PIL image, array or bytes a user hands us into an 8-bit RGB PIL image, with clear errors.
 
-Images arrive as cameras make them, and each kind is turned into the same 8-bit RGB picture a person would see:
+Images arrive as cameras make them; each kind is turned into the same 8-bit RGB picture a person would see:
 
-- 16-bit (and 10/12/14-bit data stored in 16 bits) greyscale or RGB: scaled by the sensor's range, not clipped.
-  The range is the smallest of 8, 10, 12, 14 or 16 bits that holds the image's maximum, so a 12-bit camera frame
-  (values up to 4095) fills 0..255 like its 8-bit copy would, and a 16-bit PNG gives the same picture as the
-  8-bit PNG made from it (`value >> 8`);
+- 16-bit (and 10/12/14-bit data stored in 16 bits) greyscale or RGB: scaled by the sensor's range, not
+  clipped. The range is the smallest of 8, 10, 12, 14 or 16 bits that holds the image's maximum, so a 12-bit
+  camera frame (values up to 4095) fills 0..255 like its 8-bit copy would, and a 16-bit PNG gives the same
+  picture as the 8-bit PNG made from it (`value >> 8`);
 - 32-bit integer and float images: floats in [0, 1] are scaled by 255, other ranges are stretched min..max;
 - CMYK, palette, greyscale, YCbCr, LAB: converted to RGB; transparency (alpha, palette transparency) is
   composited onto black, the usual "don't care" background of machine-vision crops;
@@ -21,12 +21,12 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray, bytes]
+ImageLike = str | Path | Image.Image | np.ndarray | bytes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; larger frames should be tiled or downscaled by the caller
 MAX_PIXELS_ENV = "ANOMALY_ASSISTANT_MAX_PIXELS"

@@ -1,14 +1,15 @@
-"""The one picture of a Finding: the part with its anomaly heat, numbered boxes, verdict, score and a colour scale.
+"""The one picture of a Finding: the part with its anomaly heat, numbered boxes, verdict, score, colour scale.
 
 Used by `inspect --save-maps`, evaluation reports and the inspector UI alike, so an inspector sees the same
 picture everywhere. Choices that keep it readable on any part (dark PCBs, grey tiles, colour photos):
 
-- the heat is drawn only where it stands out: its opacity ramps from 0 at the map's median to `max_alpha` at its
-  peak (a map flatter than 0.25 never reaches full opacity), so normal surface keeps its own look instead of a
-  uniform colour wash, and a hot spot shows even when it stays below the threshold;
+- the heat is drawn only where it stands out: its opacity ramps from 0 at the map's median to `max_alpha` at
+  its peak (a map flatter than 0.25 never reaches full opacity), so normal surface keeps its own look instead
+  of a uniform colour wash, and a hot spot shows even when it stays below the threshold;
 - the colour is absolute: a calibrated map value of 0.8 has the same colour on every image, and the colour bar
   says so, with the decision threshold marked on it. The ramp is saturated at both ends (blue -> cyan -> green
-  -> yellow -> red, the bright middle of matplotlib's "turbo"), so it contrasts with grey, black and white parts;
+  -> yellow -> red, the bright middle of matplotlib's "turbo"), so it contrasts with grey, black and white
+  parts;
 - boxes are white with a black edge and a numbered tag, visible on black and on white;
 - a header states the verdict (red / green badge), the score and the defect type.
 """
@@ -123,7 +124,7 @@ def _colour_bar(height: int, threshold: float) -> Image.Image:
 
 def render_overlay(image: Image.Image, finding: Finding, threshold: float = DEFAULT_THRESHOLD,
                    max_alpha: float = 0.7, min_side: int = 384, max_side: int = 1024) -> Image.Image:
-    """The finding drawn on its image: heat (where a map exists), numbered boxes, a verdict header, a colour bar.
+    """The finding drawn on its image: heat (where a map exists), numbered boxes, verdict header, colour bar.
 
     `finding` coordinates are in `image`'s original pixels; the picture is scaled for display (see
     `_display_scale`), so it is for people, not for measuring.

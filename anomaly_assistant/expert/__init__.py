@@ -2,10 +2,12 @@
 
 - `config.ExpertConfig`: sizes and constants (JSON-serialisable, carried inside the HF model config).
 - `ltfm.LTFM`: Anomaly-OV's look-twice feature matching -> level maps, map m, significance σ.
-- `selector.VTSelector` / `ScoreHead` / `TokenProjector`: K = 1 + g² tokens in v° space, image score, LLM projector.
+- `selector.VTSelector` / `ScoreHead` / `TokenProjector`: K = 1 + g² tokens in v° space, image score, LLM
+  projector.
 - `model.AnomalyExpert` -> `ExpertOutput`; fuses the training-free reference bank of `reference.py`.
 - `losses`: stage-1 objectives (balanced BCE; focal + dice where masks exist).
-- `sources` (feature sources) and `reference` (memory bank, screener) are imported from their modules directly.
+- `sources` (feature sources) and `reference` (memory bank, screener) are imported from their modules
+  directly.
 """
 
 from .config import LEVEL_WORDS, ExpertConfig

@@ -21,23 +21,25 @@ class ExpertConfig:
     """Sizes and constants of the anomaly expert (LTFM + VT selector + score head + projector).
 
     feature_source: where the level grids come from: "backbone" (the LLM's vision tower, Anomaly-OV's way) or
-        "efficientnet_lite0" (the pretrained CNN of `expert/sources.py`). Only recorded here; the expert itself
-        accepts any level grids whose channel counts match `level_dims`.
+        "efficientnet_lite0" (the pretrained CNN of `expert/sources.py`). Only recorded here; the expert
+        itself accepts any level grids whose channel counts match `level_dims`.
     source_options: keyword arguments that rebuild the feature source with the settings the expert was trained
-        on, e.g. `EfficientNetLite0Config(**source_options)` ({"image_size": 256, "blocks": [4, 10], "pad": 16}),
-        or the backbone's `levels` for "backbone". Saved with the expert so a checkpoint knows its features.
+        on, e.g. `EfficientNetLite0Config(**source_options)`
+        ({"image_size": 256, "blocks": [4, 10], "pad": 16}), or the backbone's `levels` for "backbone".
+        Saved with the expert so a checkpoint knows its features.
     level_dims: channels C_l of each level grid (Anomaly-OV: 4 x 1152 SigLIP widths).
     token_dim: D, width of the visual tokens v° the LLM sees (the selector's values and the output tokens).
     embed_dim: width of the matching space (Aᵢ, Gᵢ, e±, the selector's Q/K). Anomaly-OV: 512.
     class_code_dim: width of the look-back class code c. Anomaly-OV: 512.
     query_grid: g; the selector emits g² tokens plus the global token r, so K = 1 + g². Anomaly-OV: 2.
     logit_scale: cosine-similarity scale before the 2-way softmax. Anomaly-OV: 100.
-    lookback_grid: the look-back's Linear mixes a fixed number of tokens (Anomaly-OV: 729 = 27²). Here v° is first
-        adaptively average-pooled to lookback_grid x lookback_grid, so any token grid (and any aspect ratio) works;
-        a grid smaller than lookback_grid is replicated by the same pooling.
+    lookback_grid: the look-back's Linear mixes a fixed number of tokens (Anomaly-OV: 729 = 27²). Here v° is
+        first adaptively average-pooled to lookback_grid x lookback_grid, so any token grid (and any aspect
+        ratio) works; a grid smaller than lookback_grid is replicated by the same pooling.
     input_norm: apply a parameter-free LayerNorm to level features and to v° before the learned projections
-        (not to the selector's values). Vision towers have outlier channels of very different scales per level;
-        this keeps a 100x logit scale trainable. Beyond Anomaly-OV; set False for the paper's exact algebra.
+        (not to the selector's values). Vision towers have outlier channels of very different scales per
+        level; this keeps a 100x logit scale trainable. Beyond Anomaly-OV; set False for the paper's exact
+        algebra.
     level_thresholds: score cut points for the level word: < t0 slightly, < t1 moderately, else highly.
     level_words: the three words, in order.
     map_fusion: weight of the reference-matching map when it is fused with a trained LTFM map

@@ -1,8 +1,8 @@
 """Stage-1 losses of the anomaly expert, as plain functions.
 
-Anomaly-OV trains the expert with balanced BCE on the image label only. Where pixel masks exist we add focal + dice
-on the LTFM map m (AnomalyCLIP-style), with masks area-resized to m's grid (soft targets); an image whose mask is
-None contributes only to the image term.
+Anomaly-OV trains the expert with balanced BCE on the image label only. Where pixel masks exist we add focal +
+dice on the LTFM map m (AnomalyCLIP-style), with masks area-resized to m's grid (soft targets); an image whose
+mask is None contributes only to the image term.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ def _norm(x: torch.Tensor, on: bool) -> torch.Tensor:
 
 
 class LTFMOutput(NamedTuple):
+    """What `LTFM.forward` returns, by name: per-level maps, their mean m, σ and the class code c."""
+
     level_maps: torch.Tensor  # [B, L, h, w] abnormal probability per level, on the v° grid
     anomaly_map: torch.Tensor  # [B, h, w] mean over levels
     significance: torch.Tensor  # [B] σ = mean(m)

@@ -1,23 +1,23 @@
-"""AnomalyExpert: LTFM + reference matching + VT selector + score head + projector, one image (or batch) at a time.
+"""AnomalyExpert: LTFM + reference matching + VT selector + score head + projector, per image or batch.
 
-Inputs per image are what the feature sources and backbones produce: a list of level grids (H_l, W_l, C_l) and the
-visual tokens v° as an (h, w, D) grid. Everything is resized to the v° grid, so K = 1 + g² tokens come out whatever
-the image size.
+Inputs per image are what the feature sources and backbones produce: a list of level grids (H_l, W_l, C_l) and
+the visual tokens v° as an (h, w, D) grid. Everything is resized to the v° grid, so K = 1 + g² tokens come out
+whatever the image size.
 
 Which cue drives the map (`ExpertOutput.map_source`):
 
-| LTFM trained (or use_ltfm=True) | reference given | map_source       | published map / score                      |
-|---------------------------------|-----------------|------------------|--------------------------------------------|
-| yes                             | no              | "ltfm"           | LTFM map, sigmoid(score head)              |
-| yes                             | yes             | "ltfm+reference" | (1-w) LTFM + w ref (map/score_fusion)      |
-| no                              | yes             | "reference"      | reference map and score alone              |
-| no                              | no              | "none"           | None (anomaly_map, score, level_word)      |
+| LTFM trained (or use_ltfm=True) | has reference | map_source       | published map / score                 |
+|---------------------------------|---------------|------------------|---------------------------------------|
+| yes                             | no            | "ltfm"           | LTFM map, sigmoid(score head)         |
+| yes                             | yes           | "ltfm+reference" | (1-w) LTFM + w ref (map/score_fusion) |
+| no                              | yes           | "reference"      | reference map and score alone         |
+| no                              | no            | "none"           | None (anomaly_map, score, level_word) |
 
-An untrained LTFM's map is noise, so the expert says "none" instead of publishing it; the selector then runs on a
-uniform m (queries = plain g x g average pools of v°, r = the mean of the selected tokens), so K tokens still carry
-the image but no false anomaly cue. `trained` is a persistent buffer: stage-1 training sets it (`mark_trained`),
-and `from_pretrained` restores it. Training itself calls the expert with `use_ltfm=True`, so the LTFM map drives
-the selector (and gets gradients) before that.
+An untrained LTFM's map is noise, so the expert says "none" instead of publishing it; the selector then runs
+on a uniform m (queries = plain g x g average pools of v°, r = the mean of the selected tokens), so K tokens
+still carry the image but no false anomaly cue. `trained` is a persistent buffer: stage-1 training sets it
+(`mark_trained`), and `from_pretrained` restores it. Training itself calls the expert with `use_ltfm=True`, so
+the LTFM map drives the selector (and gets gradients) before that.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ MAP_SOURCES: tuple[str, ...] = ("ltfm", "ltfm+reference", "reference", "none")
 def level_word(
     score: float, thresholds: Sequence[float] = (0.3, 0.7), words: Sequence[str] | None = None
 ) -> str:
-    """Score in [0, 1] -> the level word: < t0 slightly, < t1 moderately, else highly (Anomaly-OV's cut points)."""
+    """Score in [0, 1] -> the level word: < t0 slightly, < t1 moderately, else highly.
+
+    The default cut points are Anomaly-OV's.
+    """
     from .config import LEVEL_WORDS
 
     words = LEVEL_WORDS if words is None else words
@@ -79,11 +82,12 @@ Reference = Union[ReferenceMatch, DistanceBank]  # noqa: UP007 (a runtime alias;
 def match_reference(reference: Any, levels: list[torch.Tensor]) -> ReferenceMatch:
     """A reference cue -> calibrated map and score in [0, 1].
 
-    Accepts a fitted `reference.MemoryBank` (matched here against this image's levels, so it must be fitted on the
-    same feature source), a `ReferenceScreener` (its bank), a `ReferenceMatch`, or any result with `anomaly_map`
-    and `score` (e.g. a `reference.ScreenResult` computed on the original image, whatever features the expert
-    reads). Bank distances use the bank's leave-one-out calibration (z = distance / tau, z²/(1+z²)): 0.5 means
-    "as unusual as the least typical reference looks to the others", on the LTFM probabilities' scale.
+    Accepts a fitted `reference.MemoryBank` (matched here against this image's levels, so it must be fitted on
+    the same feature source), a `ReferenceScreener` (its bank), a `ReferenceMatch`, or any result with
+    `anomaly_map` and `score` (e.g. a `reference.ScreenResult` computed on the original image, whatever
+    features the expert reads). Bank distances use the bank's leave-one-out calibration (z = distance / tau,
+    z²/(1+z²)): 0.5 means "as unusual as the least typical reference looks to the others", on the LTFM
+    probabilities' scale.
     """
     if isinstance(reference, ReferenceMatch):
         return reference
@@ -116,7 +120,7 @@ class ExpertOutput:
     level_word: "slightly/moderately/highly suspicious" from `score`.
     tokens: (K, D) [r, vˢ_1 .. vˢ_{g²}] in v° space; projected_tokens: (K, D_llm) after the projector.
     map_source: "ltfm" | "ltfm+reference" | "reference" | "none"; `meaningful` is map_source != "none".
-    level_maps: (L, h, w) raw LTFM level maps; ltfm_map: (h, w) their mean; score_logit: () raw score-head logit.
+    level_maps: (L, h, w) raw LTFM level maps; ltfm_map: (h, w) their mean; score_logit: () score-head logit.
         These are always computed (trained or not) and carry gradients: stage-1 losses read them.
     significance: () σ = mean of the map the selector used.
     reference_map / reference_score: the calibrated reference cue on the v° grid, when a reference was given.
@@ -136,7 +140,10 @@ class ExpertOutput:
     reference_score: float | None = None
 
     def detach(self) -> ExpertOutput:
-        """A copy with every tensor detached (for records, display and `float()` without autograd warnings)."""
+        """A copy with every tensor detached.
+
+        For records, display and `float()` without autograd warnings.
+        """
         return ExpertOutput(**{k: v.detach() if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
 
     @property
@@ -155,7 +162,7 @@ class ExpertOutput:
 
 
 class AnomalyExpert(nn.Module):
-    """The anomaly expert (Anomaly-OV's LTFM + VT selector + score head) plus reference fusion and a projector."""
+    """The anomaly expert (Anomaly-OV's LTFM + VT selector + score head), reference fusion and a projector."""
 
     def __init__(self, config: ExpertConfig):
         super().__init__()
@@ -170,8 +177,8 @@ class AnomalyExpert(nn.Module):
     def reset_parameters(self) -> AnomalyExpert:
         """Re-apply the expert's own initialisation (and clear `trained`).
 
-        A host model's generic weight init (e.g. an HF `_init_weights` that redraws every nn.Linear) would break
-        the identity projector and the descriptor scale; call this on the expert after such an init.
+        A host model's generic weight init (e.g. an HF `_init_weights` that redraws every nn.Linear) would
+        break the identity projector and the descriptor scale; call this on the expert after such an init.
         """
         for mod in self.modules():
             if isinstance(mod, (nn.Linear, nn.LayerNorm)):
@@ -182,7 +189,7 @@ class AnomalyExpert(nn.Module):
         self.trained.fill_(False)
         return self
 
-    # -- state ----------------------------------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------------------------
     @property
     def is_trained(self) -> bool:
         return bool(self.trained)
@@ -199,7 +206,7 @@ class AnomalyExpert(nn.Module):
     def level_word(self, score: float) -> str:
         return level_word(score, self.config.level_thresholds, self.config.level_words)
 
-    # -- forward --------------------------------------------------------------------------------------------------
+    # -- forward ---------------------------------------------------------------------------------------------
     def forward(
         self,
         levels: Sequence[torch.Tensor],
@@ -207,10 +214,10 @@ class AnomalyExpert(nn.Module):
         reference: Reference | None = None,
         use_ltfm: bool | None = None,
     ) -> ExpertOutput:
-        """One image: levels [(H_l, W_l, C_l)], v° (h, w, D) (None: use the last level as v°), optional reference.
+        """One image: levels [(H_l, W_l, C_l)], v° (h, w, D) (None: the last level), optional reference.
 
-        use_ltfm: None follows the `trained` buffer; stage-1 training passes True so that the LTFM map drives the
-        selector and the score head (and receives their gradients) before the expert is marked trained.
+        use_ltfm: None follows the `trained` buffer; stage-1 training passes True so that the LTFM map drives
+        the selector and the score head (and receives their gradients) before the expert is marked trained.
         """
         return self.forward_batch([levels], [v0], [reference], use_ltfm=use_ltfm)[0]
 
@@ -263,7 +270,7 @@ class AnomalyExpert(nn.Module):
     def _run(
         self, levels: list[torch.Tensor], v0: torch.Tensor, refs: list[ReferenceMatch | None], use_ltfm: bool
     ) -> list[ExpertOutput]:
-        """Batched core: levels [B, H_l, W_l, C_l], v0 [B, h, w, D], one optional reference match per image."""
+        """Batched core: levels [B, H_l, W_l, C_l], v0 [B, h, w, D], an optional reference match per image."""
         c = self.config
         h, w = v0.shape[1:3]
         lt = self.ltfm(levels, v0)  # level_maps [B, L, h, w], anomaly_map [B, h, w]
@@ -322,7 +329,7 @@ class AnomalyExpert(nn.Module):
             )
         return results
 
-    # -- persistence ----------------------------------------------------------------------------------------------
+    # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `expert_config.json` + `expert.safetensors` (no pickle) into `directory`."""
         from safetensors.torch import save_file

@@ -3,27 +3,29 @@
 Given k known-good images of a part, every patch of a query image is scored by its distance to the nearest
 reference patch. Pieces, each usable alone:
 
-- `embed_levels`: locally aware patch features (k×k average over each level, PatchCore's aggregation), all levels
-  aligned to the finest level's grid and concatenated -> one (H, W, D) grid per image.
+- `embed_levels`: locally aware patch features (k×k average over each level, PatchCore's aggregation), all
+  levels aligned to the finest level's grid and concatenated -> one (H, W, D) grid per image.
 - `greedy_coreset`: k-center greedy subsampling (on a random projection) for large banks; keeps coverage.
-- `MemoryBank`: nearest-neighbour distance maps, plus the references' own leave-one-out distances, which calibrate
-  scores so that they are comparable across parts.
-- `ReferenceScreener`: fit(references) / predict(images) -> `ScreenResult(score, anomaly_map, label)`, the map at
-  the ORIGINAL image resolution.
+- `MemoryBank`: nearest-neighbour distance maps, plus the references' own leave-one-out distances, which
+  calibrate scores so that they are comparable across parts.
+- `ReferenceScreener`: fit(references) / predict(images) -> `ScreenResult(score, anomaly_map, label)`, the map
+  at the ORIGINAL image resolution.
 
-Calibration (the documented decision threshold). Let tau be the largest image score any reference gets against the
-bank built from the OTHER references (leave-one-out; with a single reference, its patches against the same image's
-patches outside a spatial neighbourhood). A raw distance d becomes z = d / tau and then `z² / (1 + z²)` in [0, 1].
-So 0.5 means "as unusual as the least typical known-good reference looks to the others", the default decision
-threshold (`localize.DEFAULT_THRESHOLD`; `label = score >= threshold`, the threshold given per `predict` call).
-The same mapping is applied per pixel, so map values are comparable with the score.
+Calibration (the documented decision threshold). Let tau be the largest image score any reference gets against
+the bank built from the OTHER references (leave-one-out; with a single reference, its patches against the same
+image's patches outside a spatial neighbourhood). A raw distance d becomes z = d / tau and then
+`z² / (1 + z²)` in [0, 1]. So 0.5 means "as unusual as the least typical known-good reference looks to the
+others", the default decision threshold (`localize.DEFAULT_THRESHOLD`; `label = score >= threshold`, the
+threshold given per `predict` call). The same mapping is applied per pixel, so map values are comparable with
+the score.
 
 Screening options that matter on real parts (see research/screening_study.py for their measured effect):
-- `scale="reference"` resizes every image by ONE factor derived from the references (keeps aspect ratio and the
-  physical texture scale; squashing differently shaped images to a square changes texture frequency).
+- `scale="reference"` resizes every image by ONE factor derived from the references (keeps aspect ratio and
+  the physical texture scale; squashing differently shaped images to a square changes texture frequency).
 - `illumination="flatfield"` divides the image by a heavily blurred copy of itself (removes slow lighting
   gradients and tile-to-tile brightness changes before features are computed).
-- the source's `pad` (reflect padding) stops the network's zero padding from making border cells look anomalous.
+- the source's `pad` (reflect padding) stops the network's zero padding from making border cells look
+  anomalous.
 - `zoom`: a second, magnified look at the most suspicious regions, matched against references at the same
   magnification, so defects a few pixels wide at the first look's resolution are resolved.
 """
@@ -46,15 +48,16 @@ from anomaly_assistant.expert.sources import FeatureSource, LevelGrids
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, is_anomalous
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Patch embedding and coreset
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def embed_levels(levels: LevelGrids, patch_size: int = 3, instance_norm: bool = False) -> torch.Tensor:
     """Level grids (H_l, W_l, C_l) -> one (H, W, D) grid on the finest level's grid.
 
-    Each level is averaged over a patch_size² neighbourhood (border cells average only over valid cells), resized
-    bilinearly to the finest grid and concatenated along channels. `instance_norm` subtracts each channel's mean over
-    the image and divides by its std, removing global appearance shifts (exposure, gain) shared by all patches.
+    Each level is averaged over a patch_size² neighbourhood (border cells average only over valid cells),
+    resized bilinearly to the finest grid and concatenated along channels. `instance_norm` subtracts each
+    channel's mean over the image and divides by its std, removing global appearance shifts (exposure, gain)
+    shared by all patches.
     """
     target = max((g.shape[0] * g.shape[1], tuple(g.shape[:2])) for g in levels)[1]
     out = []
@@ -74,7 +77,8 @@ def embed_levels(levels: LevelGrids, patch_size: int = 3, instance_norm: bool = 
 def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, C, H, W) -> mean over each k×k window, border windows averaging only their valid cells.
 
-    Equal to avg_pool2d(count_include_pad=False), as a depthwise convolution: 2x faster on CPU for these grids.
+    Equal to avg_pool2d(count_include_pad=False), as a depthwise convolution: 2x faster on CPU for these
+    grids.
     """
     C, (H, W) = x.shape[1], x.shape[2:]
     ones = torch.ones(C, 1, k, k, dtype=x.dtype)
@@ -86,9 +90,10 @@ def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
 def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
     """Indices of n rows chosen by k-center greedy (each pick is the row farthest from all picks so far).
 
-    Distances are taken on a fixed random projection (Johnson-Lindenstrauss) for speed; deterministic for a seed.
-    Each pick costs one matrix-vector product (squared distances from the norms): 11x faster than a cdist per
-    pick: the coreset of 4 references with mirrored views (12 288 patches to 2048) takes about 0.5 s, not 4-6 s.
+    Distances are taken on a fixed random projection (Johnson-Lindenstrauss) for speed; deterministic for a
+    seed. Each pick costs one matrix-vector product (squared distances from the norms): 11x faster than a
+    cdist per pick: the coreset of 4 references with mirrored views (12 288 patches to 2048) takes about
+    0.5 s, not 4-6 s.
     """
     N, D = features.shape
     if n >= N:
@@ -117,7 +122,8 @@ def nn_distance(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int 
     than one (N, M) block at N = 1024, M = 2048 on CPU.
     """
     bank_sq = (bank * bank).sum(1)[None]  # [1, M]
-    bank_t = bank.T  # [D, M] view: BLAS reads it transposed, as fast as a contiguous copy and without the copy
+    # [D, M] view: BLAS reads it transposed, as fast as a contiguous copy and without the copy
+    bank_t = bank.T
     out = []
     for s in range(0, query.shape[0], chunk):
         q = query[s : s + chunk]
@@ -148,7 +154,8 @@ def gaussian_blur_map(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = k / k.sum()
     y = x[None, None]
     ph, pw = min(r, x.shape[0] - 1), min(r, x.shape[1] - 1)
-    y = F.pad(y, (pw, pw, ph, ph), mode="reflect") if ph > 0 and pw > 0 else F.pad(y, (r, r, r, r), "replicate")
+    y = (F.pad(y, (pw, pw, ph, ph), mode="reflect") if ph > 0 and pw > 0
+         else F.pad(y, (r, r, r, r), "replicate"))
     if ph < r or pw < r:  # tiny maps: top up with replicate padding
         y = F.pad(y, (r - pw, r - pw, r - ph, r - ph), mode="replicate")
     y = F.conv2d(y, k.view(1, 1, 1, -1))
@@ -162,24 +169,28 @@ def calibrate(z: torch.Tensor | float) -> torch.Tensor:
     return z * z / (1.0 + z * z)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Memory bank
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class BankConfig:
     """Memory-bank settings.
 
-    patch_size: locally aware aggregation window (cells). knn: distances averaged over the k nearest bank patches.
+    patch_size: locally aware aggregation window (cells).
+    knn: distances averaged over the k nearest bank patches.
     max_bank: greedy coreset above this many patches (0 = never). score/topk: image score reduction.
     blur_sigma: Gaussian smoothing of the cell map before scoring (cells).
     instance_norm: per-image channel standardisation of features (see `embed_levels`).
     self_radius: if > 0, the map is the geometric mean of the reference distance and the image's distance to
-        itself outside a (2r+1)² cell window (`self_distance`): normal-but-unseen surfaces repeat within the image.
-    position_norm: if > 0 (and k >= 2), divide maps by the references' mean leave-one-out map at the same RELATIVE
-        position (pooled to a position_norm² grid): places where normal parts already vary among themselves (image
-        borders, part edges) are discounted by how much they vary, learnt from the references alone.
-    relative: divide each map by its own median (never by less than the references' typical median), so a query that is globally unlike the references (another
-        variant of the part, lighting) is not flagged for that alone; only local departures stand out.
+        itself outside a (2r+1)² cell window (`self_distance`): normal-but-unseen surfaces repeat within the
+        image.
+    position_norm: if > 0 (and k >= 2), divide maps by the references' mean leave-one-out map at the same
+        RELATIVE position (pooled to a position_norm² grid): places where normal parts already vary among
+        themselves (image borders, part edges) are discounted by how much they vary, learnt from the
+        references alone.
+    relative: divide each map by its own median (never by less than the references' typical median), so a
+        query that is globally unlike the references (another variant of the part, lighting) is not flagged
+        for that alone; only local departures stand out.
     """
 
     patch_size: int = 3
@@ -225,13 +236,17 @@ class MemoryBank:
             keep = greedy_coreset(feats, c.max_bank, seed=c.seed)
             feats, origin = feats[keep], origin[keep]
         self.features, self.origin = feats.contiguous(), origin
-        first = {g: i for i, g in reversed(list(enumerate(groups)))}  # score each original once, not its copies
+        # score each original once, not its copies
+        first = {g: i for i, g in reversed(list(enumerate(groups)))}
         self.profile = None
-        loo = [(g, self._map(embs[i], self.features[self.origin != g] if len(first) > 1 else None, final=False))
+        loo = [(g, self._map(embs[i], self.features[self.origin != g] if len(first) > 1 else None,
+                             final=False))
                for g, i in sorted(first.items())]
         if c.position_norm and len(first) > 1:
             P = c.position_norm
-            pooled = torch.stack([F.adaptive_avg_pool2d(m[None, None], P)[0, 0] for _, m in loo])  # [k, P, P]
+            pooled = torch.stack(  # [k, P, P]
+                [F.adaptive_avg_pool2d(m[None, None], P)[0, 0] for _, m in loo]
+            )
             prof = pooled.mean(0)  # [P, P]
             self.profile = prof.clamp_min(0.1 * float(prof.mean()) + 1e-6)
         self.ref_median = None
@@ -242,8 +257,11 @@ class MemoryBank:
         return self
 
     def _map(self, e: torch.Tensor, bank: torch.Tensor | None, final: bool = True) -> torch.Tensor:
-        """(H, W, D) embedding -> (H, W) map: NN distance to `bank` (None: only the image itself, outside a
-        neighbourhood), optionally combined with self-similarity, smoothed, optionally relative to its median."""
+        """(H, W, D) embedding -> (H, W) map: nearest-neighbour distance to `bank`.
+
+        With `bank` None only the image itself is matched, outside a neighbourhood. The distance is optionally
+        combined with self-similarity, smoothed, and (when `final`) optionally made relative to its median.
+        """
         c = self.config
         H, W, D = e.shape
         flat = e.reshape(-1, D)
@@ -252,7 +270,8 @@ class MemoryBank:
         else:
             d = nn_distance(flat, bank, c.knn).view(H, W)
             if c.self_radius:
-                d = torch.sqrt(d * self_distance(e, c.self_radius))  # high only if unlike refs AND unlike itself
+                # high only if unlike refs AND unlike itself
+                d = torch.sqrt(d * self_distance(e, c.self_radius))
         d = gaussian_blur_map(d, c.blur_sigma)
         return self._finish(d) if final else d
 
@@ -276,7 +295,7 @@ class MemoryBank:
 
 
 def self_distance(e: torch.Tensor, radius: int) -> torch.Tensor:
-    """(H, W, D) -> (H, W) distance of each cell to the nearest cell of the SAME image outside a (2r+1)² window.
+    """(H, W, D) -> (H, W) distance of each cell to its nearest SAME-image cell outside a (2r+1)² window.
 
     Normal surfaces repeat themselves, defects rarely do: a zero-shot cue that needs no reference.
     """
@@ -284,19 +303,21 @@ def self_distance(e: torch.Tensor, radius: int) -> torch.Tensor:
     flat = e.reshape(-1, D)
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
-    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)  # [HW, HW]
+    # [HW, HW]: pairs of cells within `radius` of each other
+    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
     d = torch.cdist(flat, flat).masked_fill(near, float("inf")).min(1).values.view(H, W)
     return torch.where(torch.isfinite(d), d, torch.zeros_like(d))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Image-level helpers
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def normalize_illumination(image: Image.Image, mode: str = "none", sigma_frac: float = 0.1) -> Image.Image:
     """Remove lighting differences before features are computed.
 
-    "flatfield": divide by a Gaussian blur (sigma = sigma_frac × shorter side) and rescale to mid-grey, which removes
-    slow gradients and global brightness; "standardize": per-channel zero mean / unit std then rescale; "none".
+    "flatfield": divide by a Gaussian blur (sigma = sigma_frac × shorter side) and rescale to mid-grey, which
+    removes slow gradients and global brightness; "standardize": per-channel zero mean / unit std then
+    rescale; "none".
     """
     if mode == "none":
         return image
@@ -320,9 +341,9 @@ def upsample_map(m: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m[None, None], size=size_hw, mode="bilinear", align_corners=False)[0, 0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Timings: per call context, never on the (shared) screener
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 _TIMINGS: ContextVar[dict[str, float] | None] = ContextVar("screening_timings", default=None)
 
 
@@ -356,21 +377,22 @@ def _timed(kind: str) -> Iterator[None]:
             timings[kind] += time.perf_counter() - start
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Screener
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class ScreenerConfig:
     """Screening settings on top of a feature source and a bank.
 
-    scale: "source" lets the source resize each image on its own (e.g. squash to a square); "reference" resizes all
-        images by one factor, image_size / sqrt(median reference area), keeping aspect ratio and texture scale.
+    scale: "source" lets the source resize each image on its own (e.g. squash to a square); "reference"
+        resizes all images by one factor, image_size / sqrt(median reference area), keeping aspect ratio and
+        texture scale.
     image_size: the side the "reference" scale aims at (area ~ image_size² for a typical reference).
     illumination: see `normalize_illumination`.
-    augment: extra reference views, "hflip" / "vflip" (only for parts whose normal appearance is mirror-symmetric;
-        leave empty where a mirrored part would itself be a defect).
-    zoom: magnification of the second look (0 or 1 disables). zoom_regions: how many top cells get a second look;
-        zoom_window: side of each window as a fraction of the image's shorter side.
+    augment: extra reference views, "hflip" / "vflip" (only for parts whose normal appearance is
+        mirror-symmetric; leave empty where a mirrored part would itself be a defect).
+    zoom: magnification of the second look (0 or 1 disables). zoom_regions: how many top cells get a second
+        look; zoom_window: side of each window as a fraction of the image's shorter side.
     The decision threshold is not a setting: it comes with each `predict` call.
     """
 
@@ -407,7 +429,7 @@ class ReferenceScreener:
         self.zoom_bank: MemoryBank | None = None
         self.scale: float | None = None
 
-    # -- features -------------------------------------------------------------------------------------------------
+    # -- features --------------------------------------------------------------------------------------------
     def _prep(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         return [normalize_illumination(im, self.config.illumination) for im in images]
 
@@ -451,14 +473,17 @@ class ReferenceScreener:
         area = float(np.median([im.size[0] * im.size[1] for im in images]))
         return self.config.image_size / math.sqrt(area) * self.config.zoom
 
-    # -- prediction -----------------------------------------------------------------------------------------------
-    def predict(self, images: Sequence[Image.Image], threshold: float = DEFAULT_THRESHOLD) -> list[ScreenResult]:
-        """Score images; maps are returned at each image's original (H, W), `label` decided at `threshold`."""
+    # -- prediction ------------------------------------------------------------------------------------------
+    def predict(self, images: Sequence[Image.Image],
+                threshold: float = DEFAULT_THRESHOLD) -> list[ScreenResult]:
+        """Score images; maps come at each image's original (H, W), `label` decided at `threshold`."""
         prepped = self._prep(images)
         levels = self._extract(prepped, self.scale)
         with _timed("match"):
-            maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]  # z-maps on each image grid
-        full = [upsample_map(m, (im.size[1], im.size[0])) for m, im in zip(maps, images)]  # [H0, W0]
+            # z-maps on each image grid
+            maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]
+        # each map at its image's original size [H0, W0]
+        full = [upsample_map(m, (im.size[1], im.size[0])) for m, im in zip(maps, images)]
         if self.zoom_bank is not None:
             full = self._second_look(prepped, full)
         out = []
@@ -467,11 +492,12 @@ class ReferenceScreener:
                 reduce_score(z, self.config.bank.score, self.config.bank.topk)
             )
             score = float(calibrate(s))
-            out.append(ScreenResult(score, calibrate(z).numpy().astype(np.float32), is_anomalous(score, threshold), s))
+            out.append(ScreenResult(score, calibrate(z).numpy().astype(np.float32),
+                                    is_anomalous(score, threshold), s))
         return out
 
     def _second_look(self, images: Sequence[Image.Image], full: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Re-examine the top regions at `zoom`× magnification; the zoomed map replaces the coarse one there."""
+        """Look again at the top regions, magnified `zoom`×; there the zoomed map replaces the coarse one."""
         c = self.config
         zs = self._zoom_scale(images)
         crops, where = [], []

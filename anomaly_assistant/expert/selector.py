@@ -26,12 +26,14 @@ TINY = 1e-12
 
 
 def _safe_ratio(num: torch.Tensor, den: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """num / den where den > TINY, else fallback; finite values and gradients everywhere."""
+    """Divide num by den where den > TINY, else take fallback; finite values and gradients everywhere."""
     ok = den > TINY
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback)
 
 
 class SelectorOutput(NamedTuple):
+    """What `VTSelector.forward` returns: the tokens for the LLM plus the intermediates that made them."""
+
     tokens: torch.Tensor  # [B, K, D]: [r, vˢ_1 .. vˢ_{g²}] in v° space
     queries: torch.Tensor  # [B, g², D] m-weighted pooled v°
     attention: torch.Tensor  # [B, g², h*w]
@@ -100,7 +102,7 @@ class ScoreHead(nn.Module):
 
 
 class TokenProjector(nn.Module):
-    """D -> D_llm linear map, identity-initialised: an untrained expert hands v°-space tokens through unchanged.
+    """D -> D_llm linear map, identity-initialised: an untrained expert passes v°-space tokens unchanged.
 
     When D == D_llm it is exactly the identity; otherwise the weight is the rectangular identity (truncate or
     zero-pad channels) and the bias is zero.

@@ -1,8 +1,8 @@
 """Files shipped inside the package: a few small sample images so a fresh install can screen parts offline.
 
-`samples/good/` holds reference normals, `samples/test/` images to inspect (one clean, some with a planted defect).
-They are crops of scikit-image's bundled CC0 textures with defects drawn in by `make_samples.py`; no dataset
-image ships with the package.
+`samples/good/` holds reference normals, `samples/test/` images to inspect (one clean, some with a planted
+defect). They are crops of scikit-image's bundled CC0 textures with defects drawn in by `make_samples.py`; no
+dataset image ships with the package.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Regenerate the bundled sample images: `python -m anomaly_assistant.resources.make_samples`.
 
-Source: scikit-image's bundled CC0 `brick` texture (no dataset image ever ships). Six crops from disjoint parts
-of the 512² texture: three become reference normals (`good/`), three stay clean or get a defect drawn in (`test/`):
+Source: scikit-image's bundled CC0 `brick` texture (no dataset image ever ships). Six crops from disjoint
+parts of the 512² texture: three become reference normals (`good/`), three stay clean or get a defect drawn in
+(`test/`):
 - `test/clean.png`: an untouched crop (expected: normal)
 - `test/scratch.png`: a dark diagonal scratch, 5 px wide (expected: anomalous)
 - `test/stain.png`: a dark soft-edged stain, 36 px across (expected: anomalous)
@@ -74,6 +75,10 @@ def make_samples(out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the sample images (to the package's `samples/` unless `--out` says otherwise) and list them.
+
+    Run after changing the crops or defects above, then commit the regenerated PNGs.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "samples")
     args = parser.parse_args(argv)
