@@ -205,3 +205,16 @@ def test_lora_on_the_vision_tower_stays_inside_it():
                for name, _ in prepare_trainable(model, config).named_parameters() if ".lora_A." in name}
     assert adapted and all(name.startswith("model.vision_tower.") for name in adapted)
     assert {name.rsplit(".", 1)[1] for name in adapted} == {"q_proj", "k_proj", "v_proj"}
+
+
+def test_prompt_completion_export_trains_on_the_completion(data_build, tmp_path):
+    import datasets
+
+    messages = datasets.load_from_disk(str(data_build / "sft"))
+    split = messages.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+                         remove_columns=["messages"])
+    split.save_to_disk(str(tmp_path / "sft"))
+    out = tmp_path / "run"
+    assert run(_config(tmp_path, out, format="prompt_completion", max_steps=2)).is_dir()
+    losses = _losses(out)
+    assert list(losses) == [1, 2] and all(0 < loss < 20 for loss in losses.values())
