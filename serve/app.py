@@ -133,7 +133,8 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                             question = gr.Textbox(placeholder="Ask a follow-up, e.g. what caused it?",
                                                   show_label=False, scale=4, elem_id="question",
                                                   interactive=has_llm)
-                            ask = gr.Button("Ask", scale=1, elem_id="ask-btn", interactive=has_llm)
+                            ask = gr.Button("Ask", scale=1, elem_id="ask-btn", interactive=has_llm,
+                                        variant="primary")
                     with gr.Column(scale=1):
                         op_verdict = gr.Radio(list(OPERATOR_VERDICTS), elem_id="op-verdict",
                                               label="Your verdict on the model's call")
@@ -142,7 +143,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                         op_msg = gr.Markdown(elem_id="op-msg")
                         export_btn = gr.Button("Export report (HTML + JSON)", elem_id="export-btn")
                         export_files = gr.File(label="Report files", file_count="multiple", interactive=False,
-                                               elem_id="export-files", height=120)
+                                               elem_id="export-files", visible=False)
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown("Inspect a whole folder (a path on the server) or a zip of images with the "
                             "chosen reference set. Each image becomes a record; bad files are listed, "
@@ -155,8 +156,9 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                 batch_btn = gr.Button("Run batch", variant="primary", elem_id="batch-btn")
                 batch_table = gr.Dataframe(headers=BATCH_COLUMNS, interactive=False, show_search="filter",
                                            elem_id="batch-table")
-                batch_gallery = gr.Gallery(label="Overlays", columns=6, height=260, elem_id="batch-gallery")
-                batch_csv = gr.File(label="Batch results (CSV)", interactive=False)
+                batch_gallery = gr.Gallery(label="Overlays (click to enlarge)", columns=6, height=300,
+                                           object_fit="contain", elem_id="batch-gallery")
+                batch_csv = gr.File(label="Batch results (CSV)", interactive=False, visible=False)
             with gr.Tab("History", id="history") as history_tab:
                 with gr.Row():
                     query = gr.Textbox(label="Search (image name, defect type, rationale, note)", scale=3,
@@ -169,7 +171,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                     csv_btn = gr.Button("Export CSV", elem_id="history-csv")
                 history_table = gr.Dataframe(headers=HISTORY_COLUMNS, interactive=False, show_search="filter",
                                              elem_id="history-table")
-                history_csv = gr.File(label="CSV", interactive=False)
+                history_csv = gr.File(label="CSV", interactive=False, visible=False)
             with gr.Tab("API", id="api"):
                 gr.Markdown(API_HELP)
 
@@ -238,11 +240,11 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
 
         op_save.click(on_operator, [state, op_verdict, op_note], op_msg)
 
-        def on_export(st: dict | None) -> list[str]:
+        def on_export(st: dict | None) -> dict:
             cur = _current(st)
             if cur is None:
                 raise gr.Error("Inspect an image first.")
-            return [str(p) for p in wb.export_report(cur.record_id)]
+            return gr.update(value=[str(p) for p in wb.export_report(cur.record_id)], visible=True)
 
         export_btn.click(on_export, state, export_files)
 
@@ -271,7 +273,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
             thumbs = [(str(wb.overlay_path(r["record_id"])),
                        f"#{r['record_id']} {r['name']}: {r['verdict']}") for r in rows if r["record_id"]]
             csv_path = wb.export_csv(wb.store.search(batch_id=batch_id, limit=100_000))
-            return table, thumbs, str(csv_path)
+            return table, thumbs, gr.update(value=str(csv_path), visible=True)
 
         batch_btn.click(on_batch, [folder, zip_file, batch_set], [batch_table, batch_gallery, batch_csv],
                         concurrency_limit=None)
@@ -282,14 +284,14 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
         search_btn.click(search, [query, verdict_filter, review_filter], history_table)
         query.submit(search, [query, verdict_filter, review_filter], history_table)
         history_tab.select(search, [query, verdict_filter, review_filter], history_table)
-        csv_btn.click(lambda q, v, r: str(wb.export_csv(_search(wb, q, v, r))),
+        csv_btn.click(lambda q, v, r: gr.update(value=str(wb.export_csv(_search(wb, q, v, r))), visible=True),
                       [query, verdict_filter, review_filter], history_csv)
 
         def refresh_sets() -> tuple:
             choices = set_choices()
             return gr.update(choices=choices), gr.update(choices=choices)
 
-        demo.load(refresh_sets, None, [refset, batch_set])
+        demo.load(refresh_sets, None, [refset, batch_set], show_progress="hidden")
     return demo
 
 

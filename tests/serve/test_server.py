@@ -177,6 +177,13 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         page.wait_for_function(in_table, arg=note)
         assert "scratch.png" in page.inner_text("#history-table")
         page.screenshot(path=SCREENSHOTS / "5_history.png", full_page=True)
+
+        page.get_by_role("tab", name="Batch").click()
+        page.fill("#batch-folder textarea", str(SCRATCH.parent))
+        page.click("#batch-btn")
+        page.wait_for_function("document.querySelector('#batch-table').innerText.includes('stain.png')")
+        page.wait_for_selector("#batch-gallery img")
+        page.screenshot(path=SCREENSHOTS / "6_batch.png", full_page=True)
         browser.close()
     rec = server.http.get("/api/records", params={"q": note}).json()[0]
     assert rec["operator_verdict"] == "confirmed" and len(rec["chat"]) == 4

@@ -1,0 +1,91 @@
+"""`serve`/`demo` command lines, HTTP Basic auth, zip batches and expert-only limits, in-process."""
+
+import io
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+
+from anomaly_assistant.assistant import AnomalyAssistant
+from anomaly_assistant.cli import available_commands
+from anomaly_assistant.cli import main as top_main
+from anomaly_assistant.resources import sample_images
+from anomaly_assistant.serve.app import create_app
+from anomaly_assistant.serve.cli import ServeConfig, main
+from anomaly_assistant.serve.records import RecordStore
+from anomaly_assistant.serve.service import UploadError, Workbench, safe_name, zip_images
+
+
+def test_top_level_cli_lists_serve_and_demo(capsys):
+    assert {"serve", "demo"} <= set(available_commands())
+    assert top_main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--host", "--port", "--auth", "--db", "--max-upload-mb", "--expert-only"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--auth", "nopassword"], "USER:PASS"),
+    (["--max-upload-mb", "0"], "--max-upload-mb"),
+    (["--port", "99999"], "--port"),
+    (["--no-such-flag"], "no-such-flag"),
+])
+def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
+    assert main(argv, command="serve") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_defaults_bind_loopback():
+    assert ServeConfig().host == "127.0.0.1"
+
+
+def test_file_names_and_zip_members_are_never_paths():
+    assert safe_name("part 1 (left).png") == "part 1 (left).png"
+    for bad in ("../x.png", "a/b.png", "..\\x.png", "x\x00.png"):
+        with pytest.raises(UploadError, match="not a plain file name"):
+            safe_name(bad)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("../../evil/a.png", b"x")
+        z.writestr("sub/b.PNG", b"y")
+        z.writestr("readme.txt", b"z")
+        z.writestr("__MACOSX/._c.png", b"w")
+    assert zip_images(buf.getvalue()) == [("a.png", b"x"), ("b.PNG", b"y")]
+    with pytest.raises(UploadError, match="not a zip"):
+        zip_images(b"PK nope")
+
+
+@pytest.fixture(scope="module")
+def expert_client(tmp_path_factory):
+    """Expert-only assistant (nothing loads until references are matched) behind auth."""
+    store = RecordStore(tmp_path_factory.mktemp("auth") / "records.db")
+    wb = Workbench(AnomalyAssistant.expert_only(), store, "expert-only", max_upload_mb=1)
+    with TestClient(create_app(wb, auth=("inspector", "s3cret"))) as client:
+        yield client
+
+
+def test_api_needs_the_credentials_when_auth_is_set(expert_client):
+    assert expert_client.get("/api/health").status_code == 401
+    assert expert_client.get("/api/health", auth=("inspector", "wrong")).status_code == 401
+    health = expert_client.get("/api/health", auth=("inspector", "s3cret")).json()
+    assert health["has_llm"] is False and "Expert-only" in health["banner"]
+
+
+def test_expert_only_needs_references_and_cannot_chat(expert_client):
+    auth = ("inspector", "s3cret")
+    files = {"image": ("scratch.png", sample_images()[1].read_bytes(), "image/png")}
+    out = expert_client.post("/api/inspect", files=files, auth=auth)
+    assert out.status_code == 400 and "needs reference images" in out.json()["error"]
+    out = expert_client.post("/api/batch", files={"zip": ("b.zip", b"not a zip")}, auth=auth)
+    assert out.status_code == 400 and "not a zip" in out.json()["error"]
+    out = expert_client.post("/api/reference-sets", data={"name": "../up"},
+                             files=[("images", ("g.png", sample_images()[0].read_bytes()))], auth=auth)
+    assert out.status_code == 400 and "reference set name" in out.json()["error"]
+
+
+def test_the_ui_asks_for_the_login_too(expert_client):
+    assert expert_client.get("/config").status_code == 401
+    login = expert_client.post("/login", data={"username": "inspector", "password": "s3cret"})
+    assert login.status_code == 200
+    assert expert_client.get("/config").status_code == 200
