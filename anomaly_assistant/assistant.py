@@ -78,6 +78,7 @@ class AnomalyAssistant:
         self._source = None  # EfficientNet-Lite0, shared by every reference screener of this assistant
         self._screeners: OrderedDict[str, Future] = OrderedDict()  # screeners by reference content (LRU)
         self._screeners_lock = threading.Lock()  # guards the cache and the source, never a fit
+        self.fitted_expert = None  # a FittedExpert (`expert fit`): screens images that come without references
         if processor is not None:
             processor.tokenizer.padding_side = "left"  # batched generation appends to the right
 
@@ -108,7 +109,7 @@ class AnomalyAssistant:
 
     @classmethod
     def expert_only(cls, feature_source: str = "efficientnet_lite0", screener_config: Any = None,
-                    threshold: float = DEFAULT_THRESHOLD) -> AnomalyAssistant:
+                    threshold: float = DEFAULT_THRESHOLD, expert: str | None = None) -> AnomalyAssistant:
         """No language model: `screen` / `inspect` give expert Findings from reference matching.
 
         Such an assistant needs references for every image it screens.
@@ -117,7 +118,12 @@ class AnomalyAssistant:
             raise ValueError(
                 "expert-only screening without a model uses the efficientnet_lite0 feature source"
             )
-        return cls(None, None, screener_config=screener_config, threshold=threshold)
+        assistant = cls(None, None, screener_config=screener_config, threshold=threshold)
+        if expert:  # a folder written by `anomaly-assistant expert fit`: no references needed per image
+            from .expert.fitted import FittedExpert
+
+            assistant.fitted_expert = FittedExpert.load(expert)
+        return assistant
 
     @property
     def has_llm(self) -> bool:
@@ -180,9 +186,10 @@ class AnomalyAssistant:
         """Expert only (no LLM): verdict, calibrated score, anomaly map at original size, boxes per image."""
         threshold = self._decision_threshold(threshold)
         pils = [load_image(im) for im in images]
-        if references or screener is not None:
-            screener = screener or self.reference_screener(references)
-            return [self._finding_from_map(im, r.anomaly_map, r.score, src, "reference", threshold)
+        screener = screener or (self.reference_screener(references) if references else self.fitted_expert)
+        if screener is not None:
+            kind = getattr(screener, "map_source", "reference")
+            return [self._finding_from_map(im, r.anomaly_map, r.score, src, kind, threshold)
                     for im, r, src in zip(pils, screener.predict(pils, threshold), images)]
         if not self.has_llm or not self.model.expert.is_trained:
             raise ValueError(f"cannot screen: {NO_MAP_NOTE}; pass references=[...] or load a trained expert")
@@ -312,7 +319,8 @@ class ChatSession:
         self.assistant = assistant
         self.threshold = None if threshold is None else check_threshold(threshold)
         self.references = [load_image(r) for r in references] if references else []
-        self._screener = assistant.reference_screener(self.references) if self.references else None
+        self._screener = (assistant.reference_screener(self.references) if self.references
+                          else assistant.fitted_expert)
         self.image: Image.Image | None = load_image(image) if image is not None else None
         self.image_source: Any = image
         self.turns: list[_Turn] = []

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("anomaly_assistant.serve.cli", "start the inspector UI and HTTP API"),
     "data": ("anomaly_assistant.data_builders.cli", "build and inspect training/evaluation data"),
     "train": ("anomaly_assistant.train.cli", "train the expert (stage 1), SFT (stage 2), GRPO (stage 3)"),
+    "expert": ("anomaly_assistant.train.expert_fit", "fit the expert to one part from a few good images"),
     "eval": ("anomaly_assistant.eval.cli", "evaluate: AD metrics, detection, reasoning, MMAD"),
     "bench": ("anomaly_assistant.eval.bench", "speed and memory benchmark"),
 }

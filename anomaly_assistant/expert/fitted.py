@@ -134,6 +134,8 @@ class Calibration:
 class FittedExpert:
     """Trained expert + reference bank + calibration for one part; `predict` like a `ReferenceScreener`."""
 
+    map_source = "fitted expert (trained LTFM fused with reference matching)"
+
     def __init__(
         self,
         expert: AnomalyExpert,
