@@ -19,6 +19,8 @@ PROG = "anomaly-assistant train"
 
 # stage -> (module with `run(config) -> Path`, its config class name, one-line help)
 STAGES: dict[str, tuple[str, str, str]] = {
+    "expert": ("anomaly_assistant.train.expert", "ExpertStageConfig",
+               "stage 1: the anomaly expert (LTFM + score head) on the expert export, feature source frozen"),
     "sft": ("anomaly_assistant.train.sft", "SftStageConfig",
             "stage 2: supervised fine-tuning on the SFT export (LoRA, QLoRA or full)"),
     "grpo": ("anomaly_assistant.train.grpo", "GrpoStageConfig",

@@ -84,3 +84,16 @@ def test_run_saves_reloads_resumes_and_ablates_the_mask_loss(export, tmp_path):
     run(ExpertStageConfig(**base, output_dir=str(tmp_path / "c"), epochs=1, mask_loss=False))
     row = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["focal"] == 0.0 and row["dice"] == 0.0 and rows[0]["dice"] > 0.0
+
+
+def test_cli_train_expert(export, tmp_path):
+    from anomaly_assistant.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["train", "expert", "--data", str(export), "--output-dir", str(out), "--epochs", "1"]
+    assert (
+        main([*argv, "--image-size", str(SIZE), "--batch-size", "8", "--no-progress", "--embed-dim", "8"])
+        == 0
+    )
+    assert AnomalyExpert.from_pretrained(out / "expert").is_trained
+    assert main([*argv, "--epochs", "0"]) == 2  # a config that cannot work is a usage error
