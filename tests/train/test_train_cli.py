@@ -124,8 +124,7 @@ def test_every_shipped_stage_config_parses(path):
 
     module_name, class_name, _ = STAGES[path.name.split("_")[0]]
     config_class = getattr(importlib.import_module(module_name), class_name)
-    config = parse_config(config_class, ["--config", str(path)], "test")
-    assert config.model and config.data and config.output_dir
+    assert isinstance(parse_config(config_class, ["--config", str(path)], "test"), config_class)
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
