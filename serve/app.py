@@ -31,7 +31,8 @@ CSS = """
 #banner p { color: #5c4400 !important; margin: 4px 0; }
 .badge { display: inline-block; padding: 6px 14px; border-radius: 6px; font-weight: 700; font-size: 1.2em;
          color: white; }
-.badge.anomalous { background: #c0392b; } .badge.normal { background: #1e8449; }
+.badge.anomalous { background: #c0392b; }
+.badge.refused { background: #7f8c8d; } .badge.normal { background: #1e8449; }
 .badge-sub { margin-left: 10px; color: var(--body-text-color-subdued); }
 """
 
@@ -181,7 +182,10 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
             names = [(f"{i + 1}. {it.upload.name}", i) for i, it in enumerate(st["items"])] if st else []
             record = wb.store.get(cur.record_id) if cur else None
             picker = gr.update(choices=names, value=st["current"] if st else None, visible=len(names) > 1)
-            return (st, _badge(cur), cur.overlay if cur else None, _details(cur, errors),
+            badge_html = _badge(cur) if cur or not errors else (
+                "<span class='badge refused' id='verdict-badge'>NOT INSPECTED</span>"
+                "<span class='badge-sub'>see the reason below</span>")
+            return (st, badge_html, cur.overlay if cur else None, _details(cur, errors),
                     [] if cur is None else _chat_view(cur), picker, record and record.operator_verdict,
                     (record and record.operator_note) or "", "")
 
@@ -190,7 +194,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
         def on_inspect(paths: list[str] | None, set_name_: str,
                        progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 - gradio's idiom
             if not paths:
-                raise gr.Error("Choose an image to inspect first.")
+                return view(None, ["choose an image to inspect first (step 1)."])
             items, errors = [], []
             for i, path in enumerate(paths):
                 progress((i, len(paths)), desc=f"inspecting {Path(path).name}")
@@ -201,7 +205,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                 except Exception as exc:
                     raise _fail(exc) from exc
             if not items:
-                raise gr.Error(" ".join(errors))
+                return view(None, errors)  # said in the result panel, not as a red error over every box
             return view({"items": items, "current": 0}, errors)
 
         inspect_btn.click(on_inspect, [files, refset], view_outputs, concurrency_limit=None)
@@ -215,14 +219,20 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
 
         def on_ask(st: dict | None, text: str, history: list) -> Iterator[tuple]:
             cur = _current(st)
-            if cur is None:
-                raise gr.Error("Inspect an image first; the chat is about the inspected image.")
             history = list(history or []) + [{"role": "user", "content": text},
                                              {"role": "assistant", "content": ""}]
+            if cur is None:
+                history[-1]["content"] = "(Inspect an image first: the chat is about the inspected image.)"
+                yield history, text
+                return
             try:
                 for reply in wb.chat_stream(cur, text):
                     history[-1] = {"role": "assistant", "content": reply}
                     yield history, ""
+            except (UploadError, Busy) as exc:
+                history[-1] = {"role": "assistant", "content": f"(Could not answer: {exc})"}
+                yield history, text
+                return
             except Exception as exc:
                 raise _fail(exc) from exc
             yield _chat_view(cur), ""

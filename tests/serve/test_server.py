@@ -146,13 +146,25 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         assert "Untrained demo model" in page.inner_text("#banner")
         page.screenshot(path=SCREENSHOTS / "1_start.png", full_page=True)
 
+        fake = SCREENSHOTS / "not_an_image.png"  # a text file renamed .png: refused with a message, no crash
+        fake.write_text("hello, I am text")
+        page.locator("#images input[type=file]").set_input_files(str(fake))
+        page.wait_for_selector("#images >> text=not_an_image.png")
+        page.click("#inspect-btn")
+        page.wait_for_selector("#details >> text=not an image (content is not PNG")
+        assert page.inner_text("#verdict-badge") == "NOT INSPECTED"
+        page.screenshot(path=SCREENSHOTS / "1b_refused_upload.png", full_page=True)
+        fake.unlink()
+        page.click("#images button[aria-label='Clear']")
+
         page.locator("#images input[type=file]").set_input_files(str(SCRATCH))
         page.wait_for_selector("#images >> text=scratch.png")
         page.click("#inspect-btn")
-        page.wait_for_selector("#verdict-badge")
+        page.wait_for_function("document.querySelector('#verdict-badge').innerText !== 'NOT INSPECTED'")
         assert page.inner_text("#verdict-badge") == "ANOMALOUS"
         page.wait_for_selector("#overlay img")
         assert "#1 (" in page.inner_text("#details")  # numbered boxes listed beside the overlay
+        assert "not_an_image" not in page.inner_text("#details")
         page.screenshot(path=SCREENSHOTS / "2_inspected.png", full_page=True)
 
         page.fill("#question textarea", "What could have caused this?")
