@@ -1,7 +1,9 @@
 """`anomaly-assistant data {build,inspect,synth}`: thin wrappers over `build.build`, readers, SynthInspect.
 
 Each sub-command has one dataclass config read by the project's one config parser (`commands.config`): flags
-come from its fields and `--config file.yaml` supplies any of them (flags win).
+come from its fields and `--config file.yaml` supplies any of them (flags win). A `--source` or path that
+names nothing, or a folder in which no reader finds images, exits 1 with one line naming it and the layout
+expected (never an empty dataset and exit 0); usage errors exit 2 (`commands.runtime`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anomaly_assistant.commands.config import UsageError, parse_config
+from anomaly_assistant.commands.runtime import InputError, note, run_command
 from anomaly_assistant.data_builders.build import BuildConfig
 
 PROG = "anomaly-assistant data"
@@ -50,17 +53,58 @@ class SynthCommandConfig:
 # ------------------------------------------------------------------------------------------ commands
 
 
+FOLDER_LAYOUT = "ROOT/good/*.png and ROOT/<defect>/*.png (or ROOT/<category>/..., or a ROOT/manifest.csv)"
+
+
+def check_source(spec: str) -> None:
+    """InputError now, before anything is written, when `--source SPEC` names nothing or holds no images.
+
+    Only the generic folder reader is tried here (the one a wrong layout silently gives 0 images from); the
+    other readers are checked by existence, and `cmd_build` rejects a build that read nothing at all.
+    """
+    from anomaly_assistant.data_builders.records import SkipLog
+    from anomaly_assistant.data_builders.sources import READERS, detect_kind, read_folder
+
+    kind, _, rest = spec.partition(":")
+    if kind in READERS and rest:
+        with_root = kind in ("anomaly_instruct", "visa_dr", "mmad", "manifest")  # KIND:PATH:IMAGE_ROOT
+        path = Path(rest.partition(":")[0] if with_root else rest)
+    else:
+        kind, path = "", Path(spec)
+    if not path.exists():
+        raise InputError(f"--source {spec}: no such file or folder")
+    if (kind or detect_kind(path)) != "folder":
+        return
+    skips = SkipLog()
+    if read_folder(path, skips):
+        return
+    from anomaly_assistant.images import IMAGE_SUFFIXES
+
+    flat = sum(1 for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if flat:
+        raise InputError(f"--source {spec}: {flat} images sit directly in the folder, with no labels; "
+                         f"sort them into {FOLDER_LAYOUT}")
+    why = f" ({skips.items[0][1]}, ...)" if len(skips) else ""
+    raise InputError(f"--source {spec}: no images found{why}; expected {FOLDER_LAYOUT}, an MVTec / VisA / "
+                     "DeepPCB root, or a JSON / CSV / JSONL file")
+
+
 def cmd_build(cfg: BuildConfig) -> int:
     """`data build`: SFT / GRPO / expert datasets, with a summary table."""
     from anomaly_assistant.data_builders.build import build
 
     if not cfg.sources and not (cfg.synth or cfg.textures):
-        print(f"{PROG} build: nothing to build: give --source, --synth or --textures", file=sys.stderr)
-        return 2
+        raise UsageError("nothing to build: give --source, --synth or --textures")
+    for spec in cfg.sources:
+        check_source(spec)
     import datasets
 
     datasets.disable_progress_bars()
+    note(f"building datasets into {cfg.out} ...")
     result = build(cfg)
+    if not any(result.splits.values()):
+        skipped = "; " + result.skips.format(limit=3).replace("\n", "; ") if len(result.skips) else ""
+        raise InputError(f"no images read from {', '.join(cfg.sources)}{skipped}")
     print(result.summary_table())
     print(
         f"\nwrote {result.out}/ (sft, grpo, expert, records, README.md, summary.json); "
@@ -92,9 +136,12 @@ def cmd_inspect(cfg: InspectConfig) -> int:
     from anomaly_assistant.data_builders.records import summarize
 
     if not Path(cfg.path.split(":", 1)[-1] if not Path(cfg.path).exists() else cfg.path).exists():
-        print(f"{PROG} inspect: {cfg.path} does not exist", file=sys.stderr)
-        return 2
+        raise InputError(f"{cfg.path}: no such file or folder")
     records, skips = _load_for_inspect(cfg)
+    if not records:
+        why = f" ({skips.items[0][1]}, ...)" if len(skips) else ""
+        raise InputError(f"{cfg.path}: no images found{why}; `data inspect` reads a build output folder or "
+                         f"a dataset: {FOLDER_LAYOUT}, an MVTec / VisA / DeepPCB root, or a JSON / CSV file")
     counts = summarize(records)
     n1 = sum(r.gt_label for r in records)
     print(f"{len(records)} images: {len(records) - n1} normal, {n1} anomalous")
@@ -169,14 +216,16 @@ def main(argv: list[str] | None = None, command: str = "data") -> int:
         print(f"{PROG}: unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     cls, fn, _ = COMMANDS[name]
-    try:
-        cfg = parse_config(cls, rest, f"{PROG} {name}", (cls.__doc__ or "").strip())
+    prog = f"{PROG} {name}"
+
+    def body() -> int:
+        try:
+            cfg = parse_config(cls, rest, prog, (cls.__doc__ or "").strip())
+        except SystemExit as exc:  # --help
+            return int(exc.code or 0)
         return int(fn(cfg) or 0)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except (UsageError, ValueError) as exc:  # configuration errors (unknown backbone, bad fractions)
-        print(f"{PROG} {name}: {exc}", file=sys.stderr)
-        return 2
+
+    return run_command(prog, rest, body)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
+from anomaly_assistant.commands.config import DEVICE_HELP, parse_config, resolve_device
+from anomaly_assistant.commands.runtime import run_command
 
 KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio",
         "expert_latency_ratio_no_references", "tokens_per_s", "peak_rss_mb")
@@ -293,18 +294,19 @@ def main(argv: list[str] | None = None, command: str = "bench") -> int:
     from anomaly_assistant.eval import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = parse_config(BenchConfig, argv, f"anomaly-assistant {command}", __doc__.splitlines()[0])
+    prog = f"anomaly-assistant {command}"
+
+    def body() -> int:
+        cfg = parse_config(BenchConfig, argv, prog, __doc__.splitlines()[0])
         result = run(cfg)
-    except UsageError as exc:
-        print(f"anomaly-assistant {command}: {exc}", file=sys.stderr)
-        return 2
-    out = Path(cfg.out)
-    md, html = write_report(result, out)
-    result["report"] = {"markdown": md.name, "html": html.name}
-    cli.write_json(result, out)
-    print(json.dumps({k: result[k] for k in KEYS}))
-    return 0
+        out = Path(cfg.out)
+        md, html = write_report(result, out)
+        result["report"] = {"markdown": md.name, "html": html.name}
+        cli.write_json(result, out)
+        print(json.dumps({k: result[k] for k in KEYS}))
+        return 0
+
+    return run_command(prog, argv, body)
 
 
 if __name__ == "__main__":

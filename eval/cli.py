@@ -4,6 +4,10 @@ Each sub-command has one dataclass config read by the project's one config parse
 from its fields, or `--config file.yaml` with flags overriding it), builds the assistant, runs, and writes
 `--out FILE.json` plus `FILE.md` / `FILE.html` / `FILE_figures/`. Under `accelerate launch` every process
 evaluates its share; the main process writes.
+
+Inputs are checked before the model loads: a missing `--data`, an unknown `--category`, `--shots` the data
+cannot give, or a folder in the wrong layout is one line and exit 2 (usage) or 1 (data), never a traceback
+or a report of 0 images.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
+from anomaly_assistant.commands.runtime import InputError, check_model_source, note, run_command
 from anomaly_assistant.eval.judge import JudgeConfig
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 
@@ -112,12 +117,70 @@ def build_assistant(cfg: ModelArgs) -> Any:
         return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0",
                                             threshold=cfg.threshold)
     # --expert-only with --model: the model's own expert screens (`screen`), the LLM never generates.
-    if not cfg.model:
+    check_usage(cfg)
+    kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
+    device = resolve_device(cfg.device)
+    check_model_source(cfg.model)
+    note(f"loading model {cfg.model} on {device} ...")
+    try:
+        return AnomalyAssistant.from_pretrained(cfg.model, device=device, threshold=cfg.threshold, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"could not load model {cfg.model!r}: {exc}") from exc
+
+
+def check_usage(cfg: ModelArgs) -> None:
+    """UsageError for what the command line alone gets wrong: the device, a missing --model."""
+    resolve_device(cfg.device)
+    if not cfg.model and not cfg.expert_only:
         raise UsageError("--model is required unless --expert-only is given (`--model tiny` builds a toy "
                          "model)")
-    kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
-    return AnomalyAssistant.from_pretrained(cfg.model, device=resolve_device(cfg.device),
-                                            threshold=cfg.threshold, **kwargs)
+
+
+def check_data_exists(data: str) -> Path:
+    """`--data` as a Path; InputError naming it when nothing is there."""
+    path = Path(data)
+    if not path.exists():
+        raise InputError(f"--data {data}: no such file or folder")
+    return path
+
+
+def check_ad_inputs(cfg: ADConfig) -> None:
+    """The category exists and train/good can give `--shots` references, before any model loads."""
+    from anomaly_assistant.images import IMAGE_SUFFIXES
+
+    root = check_data_exists(cfg.data)
+    layout = "an MVTec-layout root: ROOT/CATEGORY/{train/good,test/<good|defect>}/*.png"
+    if not root.is_dir():
+        raise InputError(f"--data {root}: a file, expected {layout}")
+    categories = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
+    if not categories:
+        hint = (f" ({root} looks like a category itself: pass --data {root.parent} --category {root.name})"
+                if (root / "test").is_dir() else "")
+        raise InputError(f"--data {root}: no CATEGORY/test folder in it; expected {layout}{hint}")
+    if cfg.category not in categories:
+        raise UsageError(f"unknown --category {cfg.category!r}: {root} has {', '.join(categories)}")
+    good = root / cfg.category / "train" / "good"
+    n_good = sum(1 for p in good.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if good.is_dir() else 0
+    if cfg.shots < 0 or (cfg.shots == 0 and not cfg.model):
+        raise UsageError(f"--shots must be at least 1 (reference normals from {good}); zero-shot (--shots 0) "
+                         "needs a --model whose expert is trained")
+    if cfg.shots > 0 and n_good == 0:
+        raise InputError(f"{good}: no normal images to take --shots {cfg.shots} references from")
+    if cfg.shots > n_good:
+        raise UsageError(f"--shots {cfg.shots}: {good} has only {n_good} normal images "
+                         f"(use --shots 1..{n_good})")
+
+
+def check_detect_inputs(cfg: DetectConfig) -> None:
+    """The data holds images to evaluate in a layout `detection.load` reads, before any model loads."""
+    from anomaly_assistant.eval import detection
+
+    check_data_exists(cfg.data)
+    recs, _ = detection.load(cfg.data, cfg.category, cfg.references, cfg.image_root)
+    if not recs:
+        which = f" of --category {cfg.category}" if cfg.category else ""
+        raise InputError(f"--data {cfg.data}: no test images{which} found; expected an MVTec-layout root "
+                         "(ROOT/CATEGORY/test/<good|defect>/*.png) or a VisA-D&R JSON")
 
 
 def mode(cfg: ModelArgs) -> str:
@@ -162,6 +225,10 @@ def write_rows(rows: list[dict[str, Any]], out: str | Path) -> Path:
 def _finish(result: dict[str, Any], cfg: ModelArgs, write_report, rows: list[dict[str, Any]]) -> int:
     from anomaly_assistant.eval import distributed
 
+    if not rows:  # an empty evaluation is no result: say what was read instead of writing null metrics
+        data = cfg.data  # type: ignore[attr-defined]
+        raise InputError(f"--data {data}: nothing to evaluate (0 items read); check its layout, --category "
+                         "and --image-root")
     if not distributed.is_main_process():
         return 0
     result.update({"mode": mode(cfg), "model": cfg.model, "feature_source": cfg.feature_source,
@@ -171,7 +238,7 @@ def _finish(result: dict[str, Any], cfg: ModelArgs, write_report, rows: list[dic
     result["report"] = {"markdown": md.name, "html": html.name, "predictions": write_rows(rows, out).name}
     write_json(result, out)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, default=_jsonable))
-    print(f"wrote {out}, {md}, {html}", file=sys.stderr)
+    note(f"wrote {out}, {md}, {html}")
     return 0
 
 
@@ -179,7 +246,9 @@ def run_ad(cfg: ADConfig) -> int:
     """`eval ad`."""
     from anomaly_assistant.eval import ad
 
+    check_ad_inputs(cfg)
     assistant = build_assistant(cfg)
+    note(f"evaluating {cfg.category} ({cfg.shots}-shot) ...")
     result, records, preds = ad.evaluate(assistant, cfg.data, cfg.category, cfg.shots,
                                          batch_size=cfg.batch_size, expert_only=cfg.expert_only,
                                          limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
@@ -193,7 +262,9 @@ def run_detect(cfg: DetectConfig) -> int:
     """`eval detect`."""
     from anomaly_assistant.eval import detection
 
+    check_detect_inputs(cfg)
     assistant = build_assistant(cfg)
+    note(f"evaluating detection on {cfg.data} ...")
     result, preds = detection.evaluate(assistant, cfg.data, cfg.category, cfg.references,
                                        expert_only=cfg.expert_only, max_new_tokens=cfg.max_new_tokens,
                                        image_root=cfg.image_root, limit=cfg.limit)
@@ -206,6 +277,7 @@ def run_reasoning(cfg: ReasoningConfig) -> int:
     from anomaly_assistant.eval import reasoning
     from anomaly_assistant.eval.judge import build_judge, config_dict
 
+    check_data_exists(cfg.data)
     assistant = build_assistant(cfg)
     judge = build_judge(cfg.judge)
     result, turns = reasoning.evaluate(assistant, cfg.data, judge=judge, image_root=cfg.image_root,
@@ -220,6 +292,7 @@ def run_mmad(cfg: MMADConfig) -> int:
     """`eval mmad`."""
     from anomaly_assistant.eval import mmad
 
+    check_data_exists(cfg.data)
     assistant = build_assistant(cfg)
     result, rows = mmad.evaluate(assistant, cfg.data, image_root=cfg.image_root, use_reference=cfg.reference,
                                  template=cfg.template, max_new_tokens=cfg.max_new_tokens, limit=cfg.limit)
@@ -251,11 +324,14 @@ def main(argv: list[str] | None = None, command: str = "eval") -> int:
         print(f"{prog}: unknown sub-command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     cls, run, help_text = SUBCOMMANDS[name]
-    try:
-        return run(parse_config(cls, rest, f"{prog} {name}", help_text))
-    except UsageError as exc:
-        print(f"{prog} {name}: {exc}", file=sys.stderr)
-        return 2
+    sub_prog = f"{prog} {name}"
+
+    def body() -> int:
+        cfg = parse_config(cls, rest, sub_prog, help_text)
+        check_usage(cfg)  # command-line mistakes first, then the data, then the (slow) model
+        return run(cfg)
+
+    return run_command(sub_prog, rest, body)
 
 
 if __name__ == "__main__":

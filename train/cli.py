@@ -12,8 +12,8 @@ import argparse
 import importlib
 import sys
 
-from anomaly_assistant.commands.config import UsageError, parse_config
-from anomaly_assistant.train.common import InputError
+from anomaly_assistant.commands.config import parse_config
+from anomaly_assistant.commands.runtime import run_command
 
 PROG = "anomaly-assistant train"
 
@@ -43,21 +43,19 @@ def main(argv: list[str] | None = None, command: str = "train") -> int:
         print(f"{PROG}: unknown stage {name!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
     module_name, class_name, _ = STAGES[name]
-    module = importlib.import_module(module_name)
-    config_class = getattr(module, class_name)
-    try:
-        config = parse_config(config_class, rest, f"{PROG} {name}", (config_class.__doc__ or "").strip())
-        final = module.run(config)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except UsageError as exc:
-        print(f"{PROG} {name}: {exc}", file=sys.stderr)
-        return 2
-    except InputError as exc:
-        print(f"{PROG} {name}: {exc}", file=sys.stderr)
-        return 1
-    print(f"saved {final}")
-    return 0
+    prog = f"{PROG} {name}"
+
+    def body() -> int:  # UsageError -> 2, train.common.InputError -> 1, one line each (commands.runtime)
+        module = importlib.import_module(module_name)
+        config_class = getattr(module, class_name)
+        try:
+            config = parse_config(config_class, rest, prog, (config_class.__doc__ or "").strip())
+        except SystemExit as exc:  # --help
+            return int(exc.code or 0)
+        print(f"saved {module.run(config)}")
+        return 0
+
+    return run_command(prog, rest, body)
 
 
 if __name__ == "__main__":

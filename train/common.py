@@ -30,6 +30,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from anomaly_assistant.commands import runtime
 from anomaly_assistant.commands.config import DEVICE_HELP, UsageError
 
 PARTS = ("llm", "projector", "vision")
@@ -54,7 +55,7 @@ BASE_DIR_NAME = "anomaly-base"
 METRICS_FILE = "metrics.jsonl"
 
 
-class InputError(Exception):
+class InputError(runtime.InputError):
     """Input that cannot be used (dataset folder, column, image file); the message names it (exit 1)."""
 
 
@@ -194,6 +195,7 @@ def load_model(config: StageConfig, device: str) -> LoadedModel:
     dtype = torch.float32 if device == "cpu" else "auto"
     source, is_anomaly_dir = config.model, False
     if not source.startswith("tiny"):
+        runtime.check_model_source(source)  # a hub id without network fails now, not after hub retries
         try:
             is_anomaly_dir = AutoConfig.from_pretrained(source).model_type.startswith("anomaly_")
         except (OSError, ValueError) as exc:

@@ -1,11 +1,12 @@
 """What `inspect` and `chat` share: model/reference arguments, loading, input checking, output formatting.
 
-The commands stay thin: everything about inspection lives in `AnomalyAssistant` / `ChatSession`; this module only
-turns command-line words into library calls and library results into lines a person (or a pipe) can read.
+The commands stay thin: everything about inspection lives in `AnomalyAssistant` / `ChatSession`; this module
+only turns command-line words into library calls and library results into lines a person (or a pipe) can read.
 
 Conventions for both commands:
-- stdout carries results only (one line per image, or one JSON object per line with `--json`); notes, progress and
-  errors go to stderr. Libraries that print while loading weights are redirected to stderr (`quiet_stdout`).
+- stdout carries results only (one line per image, or one JSON object per line with `--json`); notes, progress
+  and errors go to stderr. Libraries that print while loading weights are redirected to stderr
+  (`quiet_stdout`). `-q` drops the notes, `-v` adds debug logs and tracebacks (`commands.runtime`).
 - Bad inputs never crash a run: each is reported and skipped, and the exit code says whether any failed
   (0 ok, 1 some input failed, 2 usage error, 130 interrupted).
 """
@@ -21,19 +22,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, resolve_device
+from anomaly_assistant.commands.config import DEVICE_HELP, resolve_device
+from anomaly_assistant.commands.runtime import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    InputError,
+    UsageError,
+    add_verbosity_arguments,
+    check_model_source,
+    note,
+)
 from anomaly_assistant.finding import Finding
-from anomaly_assistant.images import ImageError, list_images, load_image
+from anomaly_assistant.images import IMAGE_SUFFIXES, ImageError, list_images, load_image
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "InputError", "UsageError", "note"]
 
 MODEL_HELP = (
     "model to load: a Hugging Face hub id, a local checkpoint directory, or `tiny` / `tiny:<family>` "
-    "(a small random model built offline, for trying the commands; families: qwen2_5_vl, llava_onevision, llava)"
+    "(a small random model built offline, for trying the commands; families: qwen2_5_vl, llava_onevision, "
+    "llava)"
 )
 THRESHOLD_HELP = (
     f"decision threshold on the calibrated score, in [0, 1] (default {DEFAULT_THRESHOLD}: as unusual as the "
@@ -41,24 +53,39 @@ THRESHOLD_HELP = (
     "fewer parts"
 )
 REFERENCES_HELP = (
-    "known-good reference images of the same part: a directory and/or files. It takes every path that follows "
-    "it, so put IMAGE... first or end the list with `--`"
+    "known-good reference images of the same part: a directory and/or files. It takes every path that "
+    "follows it, so put IMAGE... first or end the list with `--`"
 )
 
 
-class InputError(Exception):
-    """An input image that cannot be read, where the command cannot go on without it (exit code 1)."""
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the config parser's rules: a usage error is one line (exit 2), `-q` / `-v` everywhere."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        add_verbosity_arguments(self)
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message} (see --help)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --references, --device, --max-new-tokens, --threshold: shared by the inspecting commands."""
     parser.add_argument("--model", metavar="PATH_OR_ID", help=MODEL_HELP)
-    parser.add_argument("--references", metavar="PATH", nargs="+", action="extend", default=[], help=REFERENCES_HELP)
+    parser.add_argument(
+        "--references", metavar="PATH", nargs="+", action="extend", default=[], help=REFERENCES_HELP
+    )
     parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                        help="longest answer the model may generate (default: the assistant's setting)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T",
-                        help=THRESHOLD_HELP)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longest answer the model may generate (default: the assistant's setting)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T", help=THRESHOLD_HELP
+    )
 
 
 def threshold_of(args: argparse.Namespace) -> float:
@@ -70,12 +97,13 @@ def threshold_of(args: argparse.Namespace) -> float:
 
 
 def warn(message: str) -> None:
+    """An error or warning about one input: stderr, shown even with `-q` (the exit code reflects it)."""
     print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def quiet_stdout() -> Iterator[None]:
-    """Send anything printed while loading (weight-loading chatter) to stderr, so stdout stays machine-readable."""
+    """Send what libraries print while loading weights to stderr: stdout stays machine-readable."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
 
@@ -89,16 +117,30 @@ class Loaded:
     error: str | None = None
 
 
-def load_inputs(paths: Sequence[str | Path]) -> list[Loaded]:
-    """Expand files and directories (in the order given) and load each image; unreadable, empty or missing inputs
-    come back with an `error` instead of raising. A directory without images is an error too (likely a wrong path).
+def expand_images(path: Path, recursive: bool = False) -> list[Path]:
+    """The images of a directory (sorted; with `recursive`, of every folder below it), or the path itself."""
+    if not (recursive and path.is_dir()):
+        return list_images(path)
+    return sorted(q for q in path.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+
+
+def load_inputs(paths: Sequence[str | Path], recursive: bool = False) -> list[Loaded]:
+    """Expand files and directories (in the order given) and load each image.
+
+    Unreadable, empty or missing inputs come back with an `error` instead of raising. A directory without
+    images is an error too (likely a wrong path); without `recursive`, the error says when its subfolders hold
+    images.
     """
     out = []
     for raw in paths:
         p = Path(raw)
-        expanded = list_images(p)
+        expanded = expand_images(p, recursive)
         if p.is_dir() and not expanded:
-            out.append(Loaded(p, error=f"{p}: directory has no images"))
+            nested = not recursive and next(
+                (q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES), None
+            )
+            hint = " (its subfolders do: add --recursive)" if nested else ""
+            out.append(Loaded(p, error=f"{p}: directory has no images{hint}"))
         for path in expanded:
             try:
                 out.append(Loaded(path, image=load_image(path)))
@@ -107,22 +149,29 @@ def load_inputs(paths: Sequence[str | Path]) -> list[Loaded]:
     return out
 
 
-def load_assistant(model: str | None, device: str = "auto", max_new_tokens: int | None = None,
-                   threshold: float = DEFAULT_THRESHOLD) -> Any:
+def load_assistant(
+    model: str | None,
+    device: str = "auto",
+    max_new_tokens: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Any:
     """`AnomalyAssistant.from_pretrained(model)`, or an expert-only assistant when `model` is None.
 
-    Raises UsageError when the model cannot be loaded (wrong id, no network for a hub id, not a supported family).
+    Raises InputError (exit 1) when the model cannot be loaded: a missing folder, a hub id without network (at
+    once in offline mode, else after one request), a checkpoint of an unsupported family.
     """
     from anomaly_assistant.assistant import AnomalyAssistant
 
     if model is None:
         return AnomalyAssistant.expert_only(threshold=threshold)
     device = resolve_device(device)
+    check_model_source(model)
+    note(f"loading model {model} on {device} ...")
     try:
         with quiet_stdout():
             assistant = AnomalyAssistant.from_pretrained(model, device=device, threshold=threshold)
     except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"could not load model {model!r}: {exc}") from exc
+        raise InputError(f"could not load model {model!r}: {exc}") from exc
     if max_new_tokens is not None:
         assistant.generation.max_new_tokens = max_new_tokens
     return assistant
@@ -134,32 +183,72 @@ def fit_screener(assistant: Any, references: Sequence[Image.Image]) -> Any:
         return assistant.reference_screener(list(references))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Output
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _fmt_box(box: Any) -> str:
-    return "[" + ",".join(f"{v:.0f}" for v in box.as_list()) + "]"
+    x1, y1, x2, y2 = box.as_list()
+    return f"({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f})"
 
 
-def format_finding(finding: Finding, name: str | None = None) -> str:
-    """One readable line: image, verdict, score, boxes, defect type, rationale, notes."""
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+# What the library's "map source: X" tag means, for a person (the JSON output keeps the tag).
+_MAP_SOURCES = {
+    "reference": "compared with {refs}",
+    "ltfm": "judged by the trained expert",
+    "ltfm+reference": "judged by the trained expert and compared with {refs}",
+}
+
+
+def _note_in_words(text: str, references: int | None) -> str:
+    tag = text.removeprefix("map source: ")
+    if tag == text or tag not in _MAP_SOURCES:
+        return text
+    refs = _plural(references, "reference image") if references else "the reference images"
+    return _MAP_SOURCES[tag].format(refs=refs)
+
+
+def format_finding(finding: Finding, name: str | None = None, references: int | None = None) -> str:
+    """One line a person reads: image, verdict, score, regions, defect type, rationale, then caveats.
+
+    e.g. `scratch.png  ANOMALOUS  score 0.812  1 region: (40,48)-(120,104)  compared with 3 reference images`.
+    Coordinates are pixels of the original image, (left,top)-(right,bottom).
+    """
     name = name or finding.image_path or "<image>"
-    score = "-" if finding.score is None else f"{finding.score:.3f}"
-    boxes = " ".join(_fmt_box(b) for b in finding.boxes) or "-"
-    parts = [f"{name}: {finding.verdict.upper():9s}", f"score {score}", f"boxes {boxes}",
-             f"type {finding.defect_type or '-'}"]
+    parts = [
+        name,
+        f"{finding.verdict.upper():9s}",
+        "score -" if finding.score is None else f"score {finding.score:.3f}",
+    ]
+    if finding.boxes:
+        parts.append(
+            f"{_plural(len(finding.boxes), 'region')}: " + " ".join(_fmt_box(b) for b in finding.boxes)
+        )
+    elif finding.is_anomalous:
+        parts.append("no region marked")
+    if finding.defect_type:
+        parts.append(f"defect: {finding.defect_type}")
     if finding.rationale:
-        parts.append(f"rationale: {' '.join(finding.rationale.split())}")
-    if finding.parse_error:
-        parts.append(f"parse error: {finding.parse_error}")
-    if finding.notes:
-        parts.append(f"notes: {'; '.join(finding.notes)}")
+        parts.append(f"why: {' '.join(finding.rationale.split())}")
+    parts.extend(_note_in_words(n, references) for n in finding.notes)
+    if finding.parse_error:  # the details are in --json's parse_error
+        parts.append(
+            "(the model's answer was not in the inspection format: verdict from the expert)"
+            if finding.source == "expert"
+            else "(the model's answer was not fully in the inspection format)"
+        )
     return "  ".join(parts)
 
 
 def json_line(obj: Any) -> str:
-    """One JSON object on one line: besides \\n (always escaped by json), the Unicode line separators that
-    `str.splitlines` and some readers split on (U+0085, U+2028, U+2029) are escaped too; other text stays readable."""
+    r"""One JSON object on one line, whatever the text holds.
+
+    Besides \n (always escaped by json), the Unicode line separators that `str.splitlines` and some readers
+    split on (U+0085, U+2028, U+2029) are escaped too; other text stays readable.
+    """
     text = json.dumps(obj, ensure_ascii=False)
     return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
@@ -170,8 +259,11 @@ def finding_record(finding: Finding, **extra: Any) -> dict[str, Any]:
 
 
 def unique_path(directory: Path, stem: str, suffix: str, taken: set[Path]) -> Path:
-    """directory/stem+suffix, or stem-2, stem-3, ... when this run already wrote that name (same file name in two
-    folders); files from earlier runs are overwritten. Adds the result to `taken`."""
+    """directory/stem+suffix, or stem-2, stem-3, ... when this run already wrote that name.
+
+    The same file name can come from two folders; files from earlier runs are overwritten. Adds the result
+    to `taken`.
+    """
     path, n = directory / f"{stem}{suffix}", 1
     while path in taken:
         n += 1

@@ -1,9 +1,9 @@
-"""`anomaly-assistant chat IMAGE [--model PATH_OR_ID] [--references PATH...]`: inspect one image, then talk about it.
+"""`anomaly-assistant chat IMAGE [--model PATH_OR_ID] [--references PATH...]`: inspect, then talk about it.
 
-Runs an inspection first and prints the Finding, then reads questions from stdin line by line (prompt "> " when
-stdin is a terminal; a pipe works the same, which is how scripts and tests drive it) and streams each answer.
-Every question sees the whole conversation. Commands: /finding (the last Finding as JSON), /reset (forget the
-conversation, keep image and references), /help, /quit (or end of input).
+Runs an inspection first and prints the Finding, then reads questions from stdin line by line (prompt "> "
+when stdin is a terminal; a pipe works the same, which is how scripts and tests drive it) and streams each
+answer. Every question sees the whole conversation. Commands: /finding (the last Finding as JSON), /reset
+(forget the conversation, keep image and references), /help, /quit (or end of input).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from anomaly_assistant.commands._common import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_USAGE,
+    CommandParser,
     InputError,
     UsageError,
     add_model_arguments,
@@ -31,16 +29,23 @@ from anomaly_assistant.commands._common import (
     threshold_of,
     warn,
 )
+from anomaly_assistant.commands.runtime import run_command
 
-COMMANDS_HELP = ("/finding  print the last Finding as JSON\n/reset    start the conversation over (same image)\n"
-                 "/help     this list\n/quit     leave (end of input does the same)")
+COMMANDS_HELP = (
+    "/finding  print the last Finding as JSON\n/reset    start the conversation over (same image)\n"
+    "/help     this list\n/quit     leave (end of input does the same)"
+)
 
 
 def build_parser(prog: str = "anomaly-assistant chat") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Inspect one image, then ask follow-up questions about it (multi-turn).",
-        epilog="in-chat commands:\n" + COMMANDS_HELP + "\n\nexample:\n  printf 'What is the defect?\\n/quit\\n' | "
-               "anomaly-assistant chat part.png --model tiny",
+    """The chat command line (one image, the model options, -q / -v)."""
+    parser = CommandParser(
+        prog=prog,
+        description="Inspect one image, then ask follow-up questions about it (multi-turn).",
+        epilog="in-chat commands:\n"
+        + COMMANDS_HELP
+        + "\n\nexample:\n  printf 'What is the defect?\\n/quit\\n' | "
+        "anomaly-assistant chat part.png --model tiny",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", metavar="IMAGE", help="the image to inspect and talk about")
@@ -52,7 +57,8 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load inputs and the model, run the first inspection; returns (session, finding)."""
     if not args.model:
         raise UsageError(
-            "chat needs a language model: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or `tiny`). "
+            "chat needs a language model: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or "
+            "`tiny`). "
             "Expert-only screening has no language to chat with; for a verdict without a model use "
             "`anomaly-assistant inspect IMAGE --expert-only --references DIR`"
         )
@@ -125,21 +131,18 @@ def converse(session: Any, finding: Any, stdin: TextIO, stdout: TextIO) -> None:
 
 
 def main(argv: list[str] | None = None, command: str = "chat") -> int:
-    args = build_parser(f"anomaly-assistant {command}").parse_args(argv)
-    try:
+    """`anomaly-assistant chat ...`: exit 0 done, 1 the image or model cannot be used, 2 usage error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"anomaly-assistant {command}"
+
+    def body() -> int:
+        args = build_parser(prog).parse_args(argv)
         session, finding = _start(args)
-        print(format_finding(finding), flush=True)
+        print(format_finding(finding, references=len(session.references)), flush=True)
         converse(session, finding, sys.stdin, sys.stdout)
         return EXIT_OK
-    except UsageError as exc:
-        warn(f"anomaly-assistant {command}: {exc}")
-        return EXIT_USAGE
-    except InputError as exc:
-        warn(f"error: {exc}")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        warn("\ninterrupted")
-        return EXIT_INTERRUPTED
+
+    return run_command(prog, argv, body)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ What it lacks is added here:
 - YAML keys are checked: an unknown key, a value outside `choices` or a non-boolean for a switch is a usage
   error naming the key (TrlParser raises a ValueError listing leftover `--key value` strings).
 - Usage errors raise `UsageError` with a one-line message (the command exits 2), not the usage block.
+- `-q/--quiet` and `-v/--verbose` on every command (`commands.runtime` applies them).
 - `--help` lists each option once, hyphenated, with its default once (argparse's ArgumentDefaultsHelpFormatter
   appends "(default: …)" even where the help text already gives one).
 """
@@ -40,13 +41,13 @@ from typing import Any, TypeVar
 
 from trl import TrlParser
 
+from anomaly_assistant.commands.runtime import UsageError, add_verbosity_arguments
+
+__all__ = ["DEVICE_HELP", "ConfigParser", "UsageError", "parse_config", "resolve_device"]
+
 ConfigT = TypeVar("ConfigT")
 
 DEVICE_HELP = "torch device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
-
-
-class UsageError(Exception):
-    """A command line that cannot run; the message says what to pass instead (exit code 2)."""
 
 
 def resolve_device(device: str | None = "auto") -> str:
@@ -80,12 +81,17 @@ class ConfigParser(TrlParser):
 
     def __init__(self, dataclass_types: Sequence[type], **kwargs: Any):
         super().__init__(dataclass_types=None, formatter_class=_HelpFormatter, **kwargs)
-        self.add_argument("--config", metavar="FILE.yaml",
-                          help="YAML file whose keys are any of the options below (flags override it)")
+        self.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="YAML file whose keys are any of the options below (flags override it)",
+        )
         self.sections: set[str] = set()  # dest prefixes of nested dataclass fields, e.g. "judge_"
         self.dataclass_types = list(dataclass_types)
         for dtype in self.dataclass_types:
             self._add_dataclass_arguments(dtype)
+        # -q / -v (applied by commands.runtime.run_command before parsing) unless a config field owns the name
+        self.verbosity_dests = add_verbosity_arguments(self)
 
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(f"{message} (see --help)")
@@ -96,7 +102,8 @@ class ConfigParser(TrlParser):
         if config_path:
             self._apply_config(config_path)
         values = vars(self.parse_args(argv))
-        values.pop("config")
+        for key in ("config", *self.verbosity_dests):
+            values.pop(key)
         try:
             return tuple(self._build(dtype, values) for dtype in self.dataclass_types)
         except ValueError as exc:  # a config's own check (__post_init__)
@@ -110,8 +117,11 @@ class ConfigParser(TrlParser):
         Works on copies of the fields: HfArgumentParser writes resolved types into the class's own fields.
         """
         if group is None:
-            group = self.add_argument_group(dtype._argument_group_name) if hasattr(
-                dtype, "_argument_group_name") else self
+            group = (
+                self.add_argument_group(dtype._argument_group_name)
+                if hasattr(dtype, "_argument_group_name")
+                else self
+            )
         hints = typing.get_type_hints(dtype)
         for f in dataclasses.fields(dtype):
             if not f.init:
@@ -132,16 +142,27 @@ class ConfigParser(TrlParser):
         meta = dict(f.metadata)
         default = _default(f)
         if meta.pop("positional", False):
-            group.add_argument(f.name, nargs=None if default is dataclasses.MISSING else "?",
-                               default=None if default is dataclasses.MISSING else default,
-                               metavar=meta.get("metavar", f.name.upper()), help=meta.get("help"))
+            group.add_argument(
+                f.name,
+                nargs=None if default is dataclasses.MISSING else "?",
+                default=None if default is dataclasses.MISSING else default,
+                metavar=meta.get("metavar", f.name.upper()),
+                help=meta.get("help"),
+            )
         elif f.type is bool or f.type == bool | None:
             hyphen = f.name.replace("_", "-")
             on = list(dict.fromkeys([f"--{hyphen}", f"--{f.name}", *_aliases(meta)]))
             off = list(dict.fromkeys([f"--no-{hyphen}", f"--no_{f.name}"]))
-            group.add_argument(*on, *off, action=_Switch, negatives=off, dest=f.name, help=meta.get("help"),
-                               default=None if default is dataclasses.MISSING else default,
-                               required=default is dataclasses.MISSING)
+            group.add_argument(
+                *on,
+                *off,
+                action=_Switch,
+                negatives=off,
+                dest=f.name,
+                help=meta.get("help"),
+                default=None if default is dataclasses.MISSING else default,
+                required=default is dataclasses.MISSING,
+            )
         else:
             if _is_list(f.type):
                 meta["action"] = _ListAction
@@ -185,7 +206,8 @@ class ConfigParser(TrlParser):
                 flat.update({f"{key}_{sub}": v for sub, v in value.items()})
             else:
                 flat[str(key)] = value
-        actions = {a.dest: a for a in self._actions if a.dest not in ("help", "config")}
+        skip = {"help", "config", *self.verbosity_dests}
+        actions = {a.dest: a for a in self._actions if a.dest not in skip}
         for key, value in flat.items():
             if key not in actions:
                 close = difflib.get_close_matches(key, actions, n=1)
@@ -229,8 +251,11 @@ def _aliases(meta: dict[str, Any]) -> list[str]:
 
 
 def _is_list(tp: Any) -> bool:
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
-        typing.Union, types.UnionType) else [tp]
+    args = (
+        [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType)
+        else [tp]
+    )
     return len(args) == 1 and typing.get_origin(args[0]) is list
 
 
@@ -269,8 +294,15 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, default = action.help or "", action.default
-        if ("default" in text or action.required or default is None or default is False or default == ""
-                or default == [] or default is argparse.SUPPRESS):
+        if (
+            "default" in text
+            or action.required
+            or default is None
+            or default is False
+            or default == ""
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"

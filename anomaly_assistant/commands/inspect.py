@@ -1,9 +1,10 @@
-"""`anomaly-assistant inspect IMAGE... [--model PATH_OR_ID] [--references PATH...] [--expert-only] [--json]`
+"""`anomaly-assistant inspect IMAGE... [--model PATH_OR_ID] [--references PATH...] [--expert-only] [--json]`.
 
-Prints one Finding per image. With a model, the language model answers in the inspection grammar (verdict, boxes,
-defect type, rationale) and the expert supplies score and map. With `--expert-only` (or no `--model` but
-`--references`) no language model is loaded at all: pretrained EfficientNet-Lite0 patch features are matched against
-the references (training-free), which gives verdict, calibrated score, map and boxes on a laptop right after install.
+Prints one Finding per image. With a model, the language model answers in the inspection grammar (verdict,
+boxes, defect type, rationale) and the expert supplies score and map. With `--expert-only` (or no `--model`
+but `--references`) no language model is loaded at all: pretrained EfficientNet-Lite0 patch features are
+matched against the references (training-free), which gives verdict, calibrated score, map and boxes on a
+laptop right after install.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 
 from anomaly_assistant.commands._common import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_USAGE,
+    CommandParser,
     Loaded,
     UsageError,
     add_model_arguments,
@@ -28,11 +28,13 @@ from anomaly_assistant.commands._common import (
     json_line,
     load_assistant,
     load_inputs,
+    note,
     quiet_stdout,
     threshold_of,
     unique_path,
     warn,
 )
+from anomaly_assistant.commands.runtime import is_quiet, run_command
 from anomaly_assistant.finding import Finding
 from anomaly_assistant.overlay import render_overlay
 
@@ -40,33 +42,73 @@ EXAMPLES = """examples:
   anomaly-assistant inspect part.png --references good/            # expert-only screening, no model needed
   anomaly-assistant inspect test/ --model tiny --json              # JSON lines, one object per image
   anomaly-assistant inspect --expert-only --save-maps maps/ --references good/ -- test/
+  anomaly-assistant inspect -q --recursive --references bottle/train/good -- bottle/test   # MVTec layout
 
-exit codes: 0 all images inspected, 1 some input could not be read or inspected, 2 usage error, 130 interrupted"""
+exit codes: 0 all images inspected, 1 some input could not be read or inspected, 2 usage error,
+130 interrupted"""
 
 
 def build_parser(prog: str = "anomaly-assistant inspect") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Inspect images: verdict, score, boxes, defect type and rationale per image.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    """The inspect command line: images, model and reference options, output options, -q / -v."""
+    parser = CommandParser(
+        prog=prog,
+        description="Inspect images: verdict, score, boxes, defect type and rationale per image.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files and/or directories (not recursive)")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files and/or directories (their images; with --recursive, every folder below)",
+    )
+    parser.add_argument(
+        "--recursive",
+        "-r",
+        action="store_true",
+        help="descend into the folders given as IMAGE (e.g. an MVTec test/ folder of defect types)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, usually one per core)",
+    )
     add_model_arguments(parser)
-    parser.add_argument("--expert-only", action="store_true",
-                        help="no language model: match pretrained EfficientNet-Lite0 features against --references")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per image on stdout (Finding keys; {image, error} on failure)")
-    parser.add_argument("--save-maps", metavar="DIR", type=Path,
-                        help="write each anomaly map as a heatmap overlay PNG with boxes into DIR")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
-                        help="images per batched generation / screening step (default 8)")
+    parser.add_argument(
+        "--expert-only",
+        action="store_true",
+        help="no language model: match pretrained EfficientNet-Lite0 features against --references",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per image on stdout (Finding keys; {image, error} on failure)",
+    )
+    parser.add_argument(
+        "--save-maps",
+        metavar="DIR",
+        type=Path,
+        help="write each anomaly map as a heatmap overlay PNG with boxes into DIR",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="images per batched generation / screening step (default 8)",
+    )
     return parser
 
 
 def choose_mode(args: argparse.Namespace) -> str:
     """'model' or 'expert'; raises UsageError saying what to pass when the command line cannot work."""
     if not args.images:
-        hint = (" (--references takes every path after it: put IMAGE... first, or end the references with `--`)"
-                if args.references else "")
+        hint = (
+            " (--references takes every path after it: put IMAGE... first, or end the references with `--`)"
+            if args.references
+            else ""
+        )
         raise UsageError(f"no IMAGE given: pass image files or directories to inspect{hint}")
     if args.model and args.expert_only:
         raise UsageError("--expert-only screens without a model: drop --model, or drop --expert-only")
@@ -76,16 +118,20 @@ def choose_mode(args: argparse.Namespace) -> str:
         return "model"
     if args.references:
         if not args.expert_only:
-            warn("note: no --model given, screening with the expert only against the references "
-                 "(verdict, score, map, boxes; no rationale)")
+            note(
+                "note: no --model given, screening with the expert only against the references "
+                "(verdict, score, map, boxes; no rationale)"
+            )
         return "expert"
-    raise UsageError("nothing to inspect with: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or `tiny`), "
-                     "or --references DIR (known-good images of the part) to screen without a model")
+    raise UsageError(
+        "nothing to inspect with: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or `tiny`), "
+        "or --references DIR (known-good images of the part) to screen without a model"
+    )
 
 
 def _chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
     n = max(1, n)
-    return [items[i:i + n] for i in range(0, len(items), n)]
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 class Inspector:
@@ -93,7 +139,10 @@ class Inspector:
 
     def __init__(self, assistant: Any, references: list[Any], batch_size: int):
         self.assistant, self.references, self.batch_size = assistant, references, batch_size
-        self.screener = fit_screener(assistant, references) if references and not assistant.has_llm else None
+        self.screener = None
+        if references and not assistant.has_llm:
+            note(f"fitting the expert to {len(references)} reference image{'s' * (len(references) != 1)} ...")
+            self.screener = fit_screener(assistant, references)
 
     def _run(self, images: list[Any]) -> list[Finding]:
         with quiet_stdout():  # the reference screener loads its weights lazily inside inspect_batch
@@ -108,19 +157,28 @@ class Inspector:
                 results = [(item, f, None) for item, f in zip(chunk, self._run([it.image for it in chunk]))]
             except Exception as exc:  # noqa: BLE001 - isolate the image that breaks, report it, keep going
                 if len(chunk) == 1:
-                    results = [(chunk[0], None, f"{chunk[0].path}: inspection failed ({type(exc).__name__}: {exc})")]
+                    results = [
+                        (chunk[0], None, f"{chunk[0].path}: inspection failed ({type(exc).__name__}: {exc})")
+                    ]
                 else:
                     results = [r for item in chunk for r in self([item])]
             yield from results
 
 
 def run(args: argparse.Namespace) -> int:
+    """Inspect every readable input; 0 when all were inspected, 1 when any failed (each reported)."""
     threshold = threshold_of(args)
-    mode = choose_mode(args)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    mode = choose_mode(args)
+    if args.threads is not None:
+        from anomaly_assistant.expert.sources import set_intra_op_threads
+
+        set_intra_op_threads(args.threads)  # process-wide: once, before anything runs
     failures = 0
-    references = load_inputs(args.references)
+    references = load_inputs(args.references, args.recursive)
     for ref in references:
         if ref.error:
             failures += 1
@@ -134,16 +192,18 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json_line({"image": str(path), "error": message}), flush=True)
 
-    items = load_inputs(args.images)
+    items = load_inputs(args.images, args.recursive)
     for item in items:  # unreadable inputs are reported at once, before the (slow) model loads
         if item.error:
             failures += 1
             report_error(item.path, item.error)
     todo = [it for it in items if it.error is None]
     if todo:  # nothing readable: no reason to load a model
-        assistant = load_assistant(args.model if mode == "model" else None, args.device, args.max_new_tokens,
-                                   threshold)
+        assistant = load_assistant(
+            args.model if mode == "model" else None, args.device, args.max_new_tokens, threshold
+        )
         inspector = Inspector(assistant, ref_images, args.batch_size)
+        note(f"inspecting {len(todo)} image{'s' * (len(todo) != 1)} ...")
     if args.save_maps:
         args.save_maps.mkdir(parents=True, exist_ok=True)
     written: set[Path] = set()
@@ -168,25 +228,22 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json_line(finding_record(finding, **extra)), flush=True)
         else:
-            print(format_finding(finding), flush=True)
+            print(format_finding(finding, references=len(ref_images)), flush=True)
 
-    summary = f"{n_done} image{'s' * (n_done != 1)} inspected: {n_anomalous} anomalous, {n_done - n_anomalous} normal"
+    n_normal = n_done - n_anomalous
+    summary = f"{n_done} image{'s' * (n_done != 1)} inspected: {n_anomalous} anomalous, {n_normal} normal"
     if failures:
         summary += f"; {failures} input{'s' * (failures != 1)} failed"
-    print(summary, file=sys.stderr if args.json else sys.stdout, flush=True)
+    if not is_quiet():  # -q: the per-image results only
+        print(summary, file=sys.stderr if args.json else sys.stdout, flush=True)
     return EXIT_FAILED if failures else EXIT_OK
 
 
 def main(argv: list[str] | None = None, command: str = "inspect") -> int:
-    args = build_parser(f"anomaly-assistant {command}").parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as exc:
-        warn(f"anomaly-assistant {command}: {exc}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        warn("interrupted")
-        return EXIT_INTERRUPTED
+    """`anomaly-assistant inspect ...`: exit 0 all inspected, 1 an input failed, 2 usage error, 130 Ctrl-C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"anomaly-assistant {command}"
+    return run_command(prog, argv, lambda: run(build_parser(prog).parse_args(argv)))
 
 
 if __name__ == "__main__":

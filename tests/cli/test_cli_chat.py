@@ -36,7 +36,7 @@ def test_chat_through_a_pipe(sample_paths):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "error:" not in proc.stderr, proc.stderr
     first = proc.stdout.splitlines()[0]
-    assert first.startswith(f"{sample_paths['scratch']}: ")  # the inspection's Finding comes first
+    assert first.startswith(f"{sample_paths['scratch']}  ")  # the inspection's Finding comes first
     assert "> " not in proc.stdout.splitlines()[1:2]  # no prompt when stdin is not a terminal
     rows = _json_rows(proc.stdout)
     assert len(rows) == 1, proc.stdout  # exactly one /finding answered: /quit stopped the loop
@@ -89,8 +89,8 @@ def test_threshold_flag_changes_the_printed_verdict(threshold, verdict, sample_p
                         "--threshold", threshold, "--references", str(sample_paths["good"])])
     out = capsys.readouterr().out
     assert rc == 0
-    assert out.startswith(f"{sample_paths['scratch']}: {verdict} ")
-    assert ("boxes -" in out) == (verdict == "NORMAL")
+    assert out.startswith(f"{sample_paths['scratch']}  {verdict} ")
+    assert ("region" not in out) == (verdict == "NORMAL")
 
 
 def test_a_bad_threshold_exits_2_before_loading(sample_paths, capsys):

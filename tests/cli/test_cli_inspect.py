@@ -99,9 +99,9 @@ def test_references_alone_fall_back_to_expert_and_bad_inputs_are_skipped(sample_
     assert f"{bad_inputs['missing']}: no such file" in err
     lines = out.splitlines()
     assert len(lines) == 2, out  # one line for the readable image, one summary line
-    assert lines[0].startswith(f"{sample_paths['scratch']}: ANOMALOUS")
+    assert lines[0].startswith(f"{sample_paths['scratch']}  ANOMALOUS")
     assert float(re.search(r"score (\d\.\d+)", lines[0]).group(1)) >= 0.5
-    assert "boxes [" in lines[0] and "map source: reference" in lines[0]
+    assert "1 region: (" in lines[0] and "compared with 3 reference images" in lines[0]
     assert lines[1] == "1 image inspected: 1 anomalous, 0 normal; 3 inputs failed"
 
 
@@ -182,7 +182,7 @@ def test_threshold_flag_moves_verdicts_and_boxes_together(expert_run, sample_pat
     rc, out, err = run_main("--threshold", (1 + scores["scratch.png"]) / 2, sample_paths["scratch"],
                             "--references", sample_paths["good"])
     assert rc == 0, err
-    assert out.startswith(f"{sample_paths['scratch']}: NORMAL") and "boxes -" in out
+    assert out.startswith(f"{sample_paths['scratch']}  NORMAL") and "region" not in out
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
