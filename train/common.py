@@ -146,28 +146,36 @@ def load_export(data: str, kind: str, split: str, columns: tuple[str, ...], max_
         raise InputError(f"{folder} ({split}) lacks column {missing[0]!r}; it has: {have}")
     if len(loaded) == 0:
         raise InputError(f"{folder} ({split}) has no rows")
+    check_image_files(loaded, str(folder))
     if max_samples:
         loaded = loaded.select(range(min(max_samples, len(loaded))))
-    check_image_files(loaded, str(folder))
     return loaded
 
 
 def check_image_files(dataset: Any, where: str) -> None:
-    """Raise InputError for the first image stored as a path (`--no-embed-images`) that does not exist."""
+    """Raise InputError for the first image stored only as a path whose file does not exist.
+
+    Reads the memory-mapped Arrow columns (which images have no bytes, and their paths), never the image
+    bytes: an export of many thousand embedded images is checked in milliseconds.
+    """
     import datasets
+    import pyarrow.compute as pc
 
     for name, feature in dataset.features.items():
         nested = isinstance(feature, datasets.List | datasets.Sequence)
-        inner = feature.feature if nested else feature
-        if not isinstance(inner, datasets.Image):
+        if not isinstance(feature.feature if nested else feature, datasets.Image):
             continue
-        raw = dataset.select_columns([name]).cast_column(
-            name, datasets.List(datasets.Image(decode=False)) if nested else datasets.Image(decode=False))
-        for row, value in enumerate(raw[name]):
-            for image in value if nested else [value]:
-                path = image and image.get("bytes") is None and image.get("path")
-                if path and not Path(path).exists():
+        first_row = 0
+        for chunk in dataset.data.column(name).chunks:
+            images = chunk.flatten() if nested else chunk  # struct {bytes, path} per image
+            rows = pc.list_parent_indices(chunk) if nested else None
+            path_only = pc.and_(pc.is_null(images.field("bytes")), pc.is_valid(images.field("path")))
+            for i in pc.indices_nonzero(path_only).to_pylist():
+                path = images.field("path")[i].as_py()
+                if not Path(path).exists():
+                    row = first_row + (rows[i].as_py() if nested else i)
                     raise InputError(f"{where}: row {row}, column {name!r}: image file {path} does not exist")
+            first_row += len(chunk)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -194,7 +202,7 @@ def load_model(config: StageConfig, device: str) -> LoadedModel:
 
     dtype = torch.float32 if device == "cpu" else "auto"
     source, is_anomaly_dir = config.model, False
-    if not source.startswith("tiny"):
+    if not is_tiny(source):
         runtime.check_model_source(source)  # a hub id without network fails now, not after hub retries
         try:
             is_anomaly_dir = AutoConfig.from_pretrained(source).model_type.startswith("anomaly_")
@@ -214,11 +222,22 @@ def load_model(config: StageConfig, device: str) -> LoadedModel:
                 except OSError:  # another process of this launch renamed its identical copy first
                     shutil.rmtree(staging)
             source = str(base)
+        # A 4-bit model cannot be moved after loading (the trainer leaves it where it is): load it on its GPU,
+        # this process's one under a multi-process launch.
+        device_map = None
+        if device != "cpu":
+            gpu = torch.device(device).index
+            device_map = {"": gpu if gpu is not None else int(os.environ.get("LOCAL_RANK", 0))}
         model = AutoModelForImageTextToText.from_pretrained(
-            source, quantization_config=quantization_config(device), dtype=dtype)
+            source, quantization_config=quantization_config(device), dtype=dtype, device_map=device_map)
         return LoadedModel(model, AutoProcessor.from_pretrained(source), Path(source))
     model, processor = _load_full(source, is_anomaly_dir, dtype, config.seed)
     return LoadedModel(model, processor)
+
+
+def is_tiny(source: str) -> bool:
+    """`tiny` / `tiny:<family>`: a tiny random model built in code (a folder named `tiny_run` is a folder)."""
+    return source == "tiny" or source.startswith("tiny:")
 
 
 def _load_full(source: str, is_anomaly_dir: bool, dtype: Any, seed: int) -> tuple[Any, Any]:
@@ -226,7 +245,7 @@ def _load_full(source: str, is_anomaly_dir: bool, dtype: Any, seed: int) -> tupl
 
     from anomaly_assistant import modeling
 
-    if source == "tiny" or source.startswith("tiny:"):
+    if is_tiny(source):
         return modeling.tiny_anomaly_model(source.partition(":")[2] or "qwen2_5_vl", seed=seed)
     if is_anomaly_dir:
         return (AutoModelForImageTextToText.from_pretrained(source, dtype=dtype),

@@ -218,3 +218,10 @@ def test_prompt_completion_export_trains_on_the_completion(data_build, tmp_path)
     assert run(_config(tmp_path, out, format="prompt_completion", max_steps=2)).is_dir()
     losses = _losses(out)
     assert list(losses) == [1, 2] and all(0 < loss < 20 for loss in losses.values())
+
+
+def test_only_tiny_and_tiny_family_name_the_built_in_model():
+    from anomaly_assistant.train.common import is_tiny
+
+    assert is_tiny("tiny") and is_tiny("tiny:llava")
+    assert not is_tiny("tiny_run/final") and not is_tiny("runs/tiny")
