@@ -225,3 +225,48 @@ def test_only_tiny_and_tiny_family_name_the_built_in_model():
 
     assert is_tiny("tiny") and is_tiny("tiny:llava")
     assert not is_tiny("tiny_run/final") and not is_tiny("runs/tiny")
+
+
+def test_metrics_logged_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    from anomaly_assistant.train.common import JsonlMetricsCallback
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    lines = [{"step": s, "loss": 5.0 - s} for s in (1, 2, 3)]  # step 3 ran, then the run was killed
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    JsonlMetricsCallback(tmp_path, resume_from=str(checkpoint))
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
+    JsonlMetricsCallback(tmp_path, resume_from=None)  # a fresh run starts a fresh file
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_where_its_last_checkpoint_left(data_build, tmp_path):
+    """SIGKILL once a checkpoint exists, rerun the same command: steps 1-N logged once each, the same losses
+    as an unbroken run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "anomaly_assistant.cli", "train", "sft", "--model", "tiny:qwen2_5_vl",
+               "--data", str(data_build), "--out", str(out), "--max-samples", "4", "--max-steps", "30",
+               "--save-steps", "2", "--save-total-limit", "0", "--lr-scheduler", "constant",
+               "--learning-rate", "5e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+               "--no-gradient-checkpointing", "--device", "cpu", "--no-progress", "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "checkpoint-2" / "trainer_state.json").exists() and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["step"] for m in _metrics(out) if "loss" in m] == list(range(1, 31))
+    straight = tmp_path / "straight"
+    run(_config(data_build, straight, max_steps=30, save_steps=100))
+    assert _losses(straight) == pytest.approx(_losses(out), rel=1e-5)
