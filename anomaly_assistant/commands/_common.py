@@ -233,7 +233,10 @@ def format_finding(finding: Finding, name: str | None = None, references: int | 
         parts.append(f"defect: {finding.defect_type}")
     if finding.rationale:
         parts.append(f"why: {' '.join(finding.rationale.split())}")
-    parts.extend(_note_in_words(n, references) for n in finding.notes)
+    notes = [_note_in_words(n, references) for n in finding.notes]
+    if references and not any("reference" in n for n in notes):  # a model's answer carries no map note
+        notes.append(f"compared with {_plural(references, 'reference image')}")
+    parts.extend(notes)
     if finding.parse_error:  # the details are in --json's parse_error
         parts.append(
             "(the model's answer was not in the inspection format: verdict from the expert)"

@@ -207,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_maps:
         args.save_maps.mkdir(parents=True, exist_ok=True)
     written: set[Path] = set()
+    width = max((len(str(it.path)) for it in todo), default=0)
     n_done = n_anomalous = 0
 
     for item, finding, error in inspector(todo) if todo else []:
@@ -228,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json_line(finding_record(finding, **extra)), flush=True)
         else:
-            print(format_finding(finding, references=len(ref_images)), flush=True)
+            name = str(item.path).ljust(width)  # names padded to one width: the verdicts line up
+            print(format_finding(finding, name, references=len(ref_images)), flush=True)
 
     n_normal = n_done - n_anomalous
     summary = f"{n_done} image{'s' * (n_done != 1)} inspected: {n_anomalous} anomalous, {n_normal} normal"

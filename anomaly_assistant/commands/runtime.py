@@ -101,12 +101,8 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-_ENV_QUIET = {
-    "TQDM_DISABLE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-}
+# Read by transformers when a command imports it later (an already imported one is set in `_library_logging`).
+_ENV_QUIET = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 _ENV_VERBOSE = {"TRANSFORMERS_VERBOSITY": "info"}
 
 
@@ -125,7 +121,7 @@ def verbosity(level: int) -> Iterator[None]:
     handler = None
     os.environ.update(env)
     _verbosity = level
-    with warnings.catch_warnings(), _no_progress_bars(level == QUIET):
+    with warnings.catch_warnings(), _no_progress_bars(level == QUIET), _library_logging(level):
         if level == QUIET:
             warnings.simplefilter("ignore")
             root.setLevel(logging.ERROR)
@@ -135,7 +131,6 @@ def verbosity(level: int) -> Iterator[None]:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             root.addHandler(handler)
-        _set_library_verbosity(level)
         try:
             yield
         finally:
@@ -144,7 +139,6 @@ def verbosity(level: int) -> Iterator[None]:
             ours.setLevel(saved_ours)
             if handler is not None:
                 root.removeHandler(handler)
-            _set_library_verbosity(NORMAL)
             for key, value in saved_env.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -178,19 +172,20 @@ def _no_progress_bars(active: bool) -> Iterator[None]:
         std.tqdm.__init__ = original
 
 
-def _set_library_verbosity(level: int) -> None:
-    """Transformers / datasets read their environment variables at import: set already imported ones here."""
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+@contextlib.contextmanager
+def _library_logging(level: int) -> Iterator[None]:
+    """The log level of an already imported transformers follows -q / -v (it reads its env at import)."""
+    if level == NORMAL or "transformers" not in sys.modules:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity(
-            {QUIET: hf_logging.ERROR, VERBOSE: hf_logging.INFO}.get(level, hf_logging.WARNING)
-        )
-        (hf_logging.disable_progress_bar if level == QUIET else hf_logging.enable_progress_bar)()
-    if "datasets" in sys.modules:
-        import datasets
-
-        (datasets.disable_progress_bars if level == QUIET else datasets.enable_progress_bars)()
+    saved = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(hf_logging.ERROR if level == QUIET else hf_logging.INFO)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(saved)
 
 
 def run_command(prog: str, argv: Sequence[str], body: Callable[[], int | None]) -> int:

@@ -8,6 +8,7 @@ environment matters (offline mode), where a fresh interpreter runs them.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -330,6 +331,17 @@ def test_inspect_quiet_prints_only_the_result_lines(sample_paths, capsys):
     assert line.startswith(f"{sample_paths['scratch']}  ANOMALOUS  score 0.")
     assert "1 region: (" in line and line.endswith("compared with 3 reference images")
     assert "map source" not in line and "type -" not in line
+
+
+def test_chat_quiet_prints_the_finding_only(sample_paths, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))
+    scratch, good = sample_paths["scratch"], sample_paths["good"]
+    rc, out, err = run(
+        capsys, "chat", "-q", scratch, "--model", "tiny", "--max-new-tokens", "4", "--references", good
+    )
+    assert rc == 0 and err == ""
+    (line,) = out.splitlines()
+    assert line.startswith(f"{scratch}  ") and "compared with 3 reference images" in line
 
 
 def test_inspect_default_output_has_one_note_per_long_step_and_a_summary(sample_paths, capsys):
