@@ -106,6 +106,9 @@ class StageConfig:
     gradient_checkpointing: bool = field(default=True, metadata={
         "help": "recompute activations in the backward pass (less memory, about a third more time)"})
     logging_steps: int = field(default=1, metadata={"help": "log loss / lr every N steps"})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "trackers that also get the logs, besides metrics.jsonl (tensorboard, wandb, ...; the "
+                "package must be installed; tensorboard writes under <output-dir>/runs)"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
@@ -351,7 +354,7 @@ def trainer_arguments(config: StageConfig, device: str) -> dict[str, Any]:
         "save_steps": config.save_steps,
         "save_total_limit": config.save_total_limit or None,
         "logging_steps": config.logging_steps,
-        "report_to": [],
+        "report_to": list(config.report_to),
         "disable_tqdm": not config.progress,
         "use_cpu": device == "cpu",
         "bf16": device != "cpu",  # CPU autocast to bfloat16 is several times slower than float32 here

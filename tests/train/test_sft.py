@@ -270,3 +270,16 @@ def test_a_killed_run_resumes_where_its_last_checkpoint_left(data_build, tmp_pat
     straight = tmp_path / "straight"
     run(_config(data_build, straight, max_steps=30, save_steps=100))
     assert _losses(straight) == pytest.approx(_losses(out), rel=1e-5)
+
+
+def test_tensorboard_gets_the_logs_or_its_absence_stops_the_run_before_a_step(data_build, tmp_path):
+    import importlib.util
+
+    config = _config(data_build, tmp_path, max_steps=1, report_to=["tensorboard"])
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        with pytest.raises(RuntimeError, match="tensorboard"):
+            run(config)
+        assert not list(tmp_path.glob("checkpoint-*"))
+    else:
+        run(config)
+        assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
