@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,9 @@ def _fail(exc: Exception) -> gr.Error:
     return gr.Error(f"Something went wrong: {type(exc).__name__}: {exc}")
 
 
-def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Blocks:
-    """The Blocks app; `default_reference_set` is preselected (the demo's bundled set)."""
+def build_ui(wb: Workbench, default_reference_set: str | None = None,
+             samples: Sequence[Path] = ()) -> gr.Blocks:
+    """The Blocks app; `default_reference_set` is preselected and `samples` offered (the demo's)."""
     has_llm = wb.assistant.has_llm
 
     def set_choices() -> list[tuple[str, str]]:
@@ -108,6 +109,11 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                     with gr.Column(scale=1):
                         files = gr.File(label="1. Image(s) to inspect", file_count="multiple",
                                         file_types=["image"], elem_id="images")
+                        pasted = gr.Image(label="or paste (Ctrl+V) / drop one image", type="filepath",
+                                          sources=["clipboard", "upload"], height=150, elem_id="pasted")
+                        if samples:
+                            gr.Examples([[str(p)] for p in samples], inputs=[pasted],
+                                        label="or pick a sample")
                         refset = gr.Dropdown(set_choices(), value=default_reference_set or "",
                                              label="2. Reference set (known-good images of this part)",
                                              elem_id="refset")
@@ -191,8 +197,9 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
 
         view_outputs = [state, badge, overlay, details, chatbot, pick, op_verdict, op_note, op_msg]
 
-        def on_inspect(paths: list[str] | None, set_name_: str,
+        def on_inspect(paths: list[str] | None, pasted_path: str | None, set_name_: str,
                        progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 - gradio's idiom
+            paths = list(paths or []) + ([pasted_path] if pasted_path else [])
             if not paths:
                 return view(None, ["choose an image to inspect first (step 1)."])
             items, errors = [], []
@@ -208,7 +215,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None) -> gr.Bloc
                 return view(None, errors)  # said in the result panel, not as a red error over every box
             return view({"items": items, "current": 0}, errors)
 
-        inspect_btn.click(on_inspect, [files, refset], view_outputs, concurrency_limit=None)
+        inspect_btn.click(on_inspect, [files, pasted, refset], view_outputs, concurrency_limit=None)
 
         def on_pick(st: dict | None, index: int | None) -> tuple:
             if st and index is not None:
@@ -362,7 +369,7 @@ curl -F image=@part.png -F reference_set=demo http://127.0.0.1:7860/api/inspect
 
 
 def create_app(wb: Workbench, auth: tuple[str, str] | None = None, default_reference_set: str | None = None,
-               concurrency: int = 1) -> Any:
+               concurrency: int = 1, samples: Sequence[Path] = ()) -> Any:
     """One FastAPI app: the `/api` routes, and the gradio UI at `/` (same auth, same upload size limit)."""
     from fastapi import FastAPI
 
@@ -371,7 +378,7 @@ def create_app(wb: Workbench, auth: tuple[str, str] | None = None, default_refer
     app = FastAPI(title="anomaly-assistant", description="Visual inspection API (see /api/docs).",
                   docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
     add_api(app, wb, auth)
-    ui = build_ui(wb, default_reference_set)
+    ui = build_ui(wb, default_reference_set, samples)
     ui.queue(default_concurrency_limit=concurrency, max_size=256)
     max_mb = max(1, int(wb.max_upload_bytes / 2**20 + 0.999))
     return gr.mount_gradio_app(app, ui, path="/", auth=auth, max_file_size=f"{max_mb}mb", css=CSS,

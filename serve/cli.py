@@ -61,16 +61,17 @@ def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a Fast
     store = RecordStore(config.db)
     wb = Workbench(assistant, store, model_id, max_upload_mb=config.max_upload_mb,
                    max_pixels=config.max_pixels, concurrency=config.concurrency)
-    default_set = None
+    default_set, samples = None, ()
     if command == "demo":
-        from anomaly_assistant.resources import sample_references
+        from anomaly_assistant.resources import sample_images, sample_references
 
         refs = sample_references()
         paths = store.save_reference_set(DEMO_SET, [(p.name, p.read_bytes()) for p in refs])
         assistant.reference_screener([str(p) for p in paths])  # fit now, so the first click is quick
-        default_set = DEMO_SET
+        default_set, samples = DEMO_SET, sample_images()
     auth = tuple(config.auth.split(":", 1)) if config.auth else None
-    return create_app(wb, auth=auth, default_reference_set=default_set, concurrency=config.concurrency)
+    return create_app(wb, auth=auth, default_reference_set=default_set, concurrency=config.concurrency,
+                      samples=samples)
 
 
 def main(argv: list[str] | None = None, command: str = "serve") -> int:

@@ -8,6 +8,7 @@ import json
 import struct
 import threading
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -106,6 +107,13 @@ def test_batch_records_operator_and_csv(server):
     csv_text = server.http.get("/api/records.csv").text
     assert csv_text.startswith("id,created_at,image_name") and "deep scratch" in csv_text
     assert "data:image/png;base64" in server.http.get(f"/api/records/{rid}/report.html").text
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("line3/z_scratch.png", SCRATCH.read_bytes())
+        z.writestr("line3/z_notes.txt", "ignored")
+    out = server.http.post("/api/batch", files={"zip": ("parts.zip", buf.getvalue(), "application/zip")},
+                           data={"reference_set": DEMO_SET})
+    assert [(r["name"], r["verdict"]) for r in out.json()["results"]] == [("z_scratch.png", "anomalous")]
 
 
 BAD_INPUTS = {
@@ -133,6 +141,19 @@ def test_unknown_reference_set_and_expert_needs(server):
     assert out.status_code == 400 and "no reference set named" in out.json()["error"]
 
 
+def _upload(page, path: Path) -> None:
+    """Choose a file in the upload box; again if the page was not listening yet (seen right after load)."""
+    for _ in range(3):
+        page.locator("#images input[type=file]").set_input_files(str(path))
+        try:
+            page.wait_for_selector(f"#images >> text={path.name}", timeout=15_000)
+            return
+        except Exception:
+            print(f"upload of {path.name} not picked up; trying again")
+            continue
+    raise AssertionError(f"{path.name} never showed in the upload box")
+
+
 def test_browser_inspect_chat_note_export_history(server, chromium):
     sync_api = pytest.importorskip("playwright.sync_api")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -144,21 +165,22 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         page.goto(server.url)
         page.wait_for_selector("#inspect-btn")
         assert "Untrained demo model" in page.inner_text("#banner")
+        page.wait_for_selector("text=or pick a sample")
         page.screenshot(path=SCREENSHOTS / "1_start.png", full_page=True)
 
         fake = SCREENSHOTS / "not_an_image.png"  # a text file renamed .png: refused with a message, no crash
         fake.write_text("hello, I am text")
-        page.locator("#images input[type=file]").set_input_files(str(fake))
-        page.wait_for_selector("#images >> text=not_an_image.png")
+        _upload(page, fake)
         page.click("#inspect-btn")
         page.wait_for_selector("#details >> text=not an image (content is not PNG")
         assert page.inner_text("#verdict-badge") == "NOT INSPECTED"
         page.screenshot(path=SCREENSHOTS / "1b_refused_upload.png", full_page=True)
         fake.unlink()
         page.click("#images button[aria-label='Clear']")
+        page.wait_for_function("!document.querySelector('#images').innerText.includes('not_an_image')")
+        page.wait_for_selector("#images input[type=file]", state="attached")
 
-        page.locator("#images input[type=file]").set_input_files(str(SCRATCH))
-        page.wait_for_selector("#images >> text=scratch.png")
+        _upload(page, SCRATCH)
         page.click("#inspect-btn")
         page.wait_for_function("document.querySelector('#verdict-badge').innerText !== 'NOT INSPECTED'")
         assert page.inner_text("#verdict-badge") == "ANOMALOUS"
@@ -196,6 +218,15 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         page.wait_for_function("document.querySelector('#batch-table').innerText.includes('stain.png')")
         page.wait_for_selector("#batch-gallery img")
         page.screenshot(path=SCREENSHOTS / "6_batch.png", full_page=True)
+
+        page.get_by_role("tab", name="Inspect").click()  # pick a bundled sample instead of uploading
+        page.click("#images button[aria-label='Clear']")
+        page.locator(".gallery-item").nth(0).click()
+        page.wait_for_selector("#pasted img")
+        page.click("#inspect-btn")
+        page.wait_for_function("document.querySelector('#verdict-badge').innerText === 'NORMAL'")
+        assert "clean.png" in page.inner_text("#details")
+        page.screenshot(path=SCREENSHOTS / "7_sample_picked.png", full_page=True)
         browser.close()
     rec = server.http.get("/api/records", params={"q": note}).json()[0]
     assert rec["operator_verdict"] == "confirmed" and len(rec["chat"]) == 4
