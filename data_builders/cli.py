@@ -17,6 +17,7 @@ from pathlib import Path
 from anomaly_assistant.commands.config import UsageError, parse_config
 from anomaly_assistant.commands.runtime import InputError, note, run_command
 from anomaly_assistant.data_builders.build import BuildConfig
+from anomaly_assistant.data_builders.synth_inspect import CATEGORIES
 
 PROG = "anomaly-assistant data"
 
@@ -45,7 +46,13 @@ class SynthCommandConfig:
     n_test: int = field(default=20, metadata={"help": "test images per category (about half anomalous)"})
     size: int = field(default=256, metadata={"help": "image side in pixels"})
     categories: list[str] = field(
-        default_factory=list, metadata={"help": "categories (default: all)", "aliases": ["--category"]}
+        default_factory=list,
+        metadata={
+            "help": f"categories (default: all of {', '.join(CATEGORIES)})",
+            "aliases": ["--category"],
+            "choices": list(CATEGORIES),
+            "metavar": "CATEGORY",
+        },
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
 

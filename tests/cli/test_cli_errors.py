@@ -214,6 +214,28 @@ def test_eval_detect_on_a_folder_in_the_wrong_layout_is_an_input_error(
     assert not (tmp_path / "d.json").exists()
 
 
+# ------------------------------------------------------------------------------- eval reasoning, mmad
+
+
+@pytest.mark.parametrize("sub", ["reasoning", "mmad"])
+def test_eval_on_a_missing_json_is_an_input_error(sub, tmp_path, capsys):
+    missing = tmp_path / "dialogues.json"
+    rc, _, err = run(capsys, "eval", sub, "--data", missing, "--model", "tiny", "--out", tmp_path / "r.json")
+    assert rc == 1
+    assert_one_line(err, f"--data {missing}: no such file or folder")
+
+
+def test_eval_with_nothing_to_evaluate_exits_1_without_a_report(tmp_path, capsys):
+    empty = tmp_path / "mmad.json"
+    empty.write_text("{}")
+    rc, out, err = run(
+        capsys, "eval", "mmad", "-q", "--data", empty, "--model", "tiny", "--out", tmp_path / "r.json"
+    )
+    assert rc == 1 and out == ""
+    assert_one_line(err, f"--data {empty}: nothing to evaluate (0 items read)")
+    assert not (tmp_path / "r.json").exists()
+
+
 # ---------------------------------------------------------------------------------------- data
 
 
@@ -241,6 +263,13 @@ def test_data_build_with_nothing_to_build_is_a_usage_error(tmp_path, capsys):
     rc, _, err = run(capsys, "data", "build", "--out", tmp_path / "out")
     assert rc == 2
     assert_one_line(err, "nothing to build")
+
+
+def test_data_synth_unknown_category_is_a_usage_error(tmp_path, capsys):
+    rc, _, err = run(capsys, "data", "synth", "--category", "nope", "--out", tmp_path / "synth")
+    assert rc == 2
+    assert_one_line(err, "invalid choice: 'nope'", "'bottle'")
+    assert not (tmp_path / "synth").exists()
 
 
 def test_data_synth_bad_value_is_one_line(capsys):
