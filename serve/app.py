@@ -23,7 +23,7 @@ from anomaly_assistant.serve.records import OPERATOR_VERDICTS
 from anomaly_assistant.serve.service import Busy, Inspection, UploadError, Workbench, zip_images
 
 log = logging.getLogger(__name__)
-CHAT_HINT = "Inspect an image, then ask about it here."
+CHAT_HINT = "After an inspection, ask about the part here; each answer sees the whole conversation."
 NO_CHAT = "Chat needs a language model; this server screens with the expert only."
 
 CSS = """
@@ -33,7 +33,7 @@ CSS = """
          color: white; }
 .badge.anomalous { background: #c0392b; }
 .badge.refused { background: #7f8c8d; } .badge.normal { background: #1e8449; }
-.badge-sub { margin-left: 10px; color: var(--body-text-color-subdued); }
+.badge-sub { margin-left: 10px; color: var(--body-text-color); }
 """
 
 HISTORY_COLUMNS = ["record", "inspected", "image", "verdict", "score", "defect type", "boxes",

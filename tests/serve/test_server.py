@@ -22,6 +22,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--no-first-run"]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "runs" / "screenshots"  # gitignored test artifacts
 
+pytestmark = pytest.mark.slow  # one server start (model load + reference warm-up) for the module
+
 DEMO_SET = "demo samples"
 SCRATCH, STAIN = sample_images()[1], sample_images()[2]
 
