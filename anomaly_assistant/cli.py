@@ -71,10 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "--version":
         parser.parse_args(argv[:1])  # prints the version and exits 0
+    verbosity = []  # `anomaly-assistant -q COMMAND ...` works like `anomaly-assistant COMMAND -q ...`
+    while argv and argv[0] in ("-q", "--quiet", "-v", "--verbose"):
+        verbosity.append(argv.pop(0))
+    if not argv:
+        parser.print_help()
+        return 0
     name, rest = argv[0], argv[1:]
+    cut = rest.index("--") if "--" in rest else len(rest)  # after the sub-command's own words, before `--`
+    rest = [*rest[:cut], *verbosity, *rest[cut:]]
     commands = available_commands()
-    if name not in commands:
-        parser.error(f"unknown command {name!r}; choose from {', '.join(commands)}")
+    if name not in commands:  # one line, exit 2, like every command's usage errors
+        print(f"anomaly-assistant: unknown command {name!r}; choose from {', '.join(commands)} (see --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
     module = importlib.import_module(commands[name][0])
     # serve/demo and eval/bench share modules: the sub-command name tells them which.
     return int(module.main(rest, command=name) or 0)

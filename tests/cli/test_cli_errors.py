@@ -451,3 +451,18 @@ def test_every_command_offers_quiet_and_verbose(argv, capsys):
     assert rc in (0, None)
     out = capsys.readouterr().out
     assert "-q, --quiet" in out and "-v, --verbose" in out, out
+
+
+def test_an_unknown_command_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["inspekt", "x.png"])
+    assert exc.value.code == 2
+    assert_one_line(capsys.readouterr().err, "unknown command 'inspekt'", "inspect", "(see --help)")
+
+
+def test_quiet_before_the_command_applies_to_it(sample_paths, capsys):
+    rc, out, err = run(
+        capsys, "-q", "inspect", "--references", sample_paths["good"], "--", sample_paths["clean"]
+    )
+    assert rc == 0 and err == ""
+    assert len(out.splitlines()) == 1 and "NORMAL" in out
