@@ -363,6 +363,15 @@ def trainer_arguments(config: StageConfig, device: str) -> dict[str, Any]:
     }
 
 
+def quiet_console(trainer: Any) -> None:
+    """Under `-q` the trainer prints no log lines or progress bar (metrics.jsonl and `report_to` get all)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if runtime.is_quiet():
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+
+
 def resume_checkpoint(config: StageConfig) -> str | None:
     """The last `checkpoint-N` folder of the output dir when resuming (None: start from step 0)."""
     from transformers.trainer_utils import get_last_checkpoint

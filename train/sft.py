@@ -19,6 +19,7 @@ from anomaly_assistant.train.common import (
     load_export,
     load_model,
     prepare_trainable,
+    quiet_console,
     resume_checkpoint,
     save_final,
     seed_everything,
@@ -58,5 +59,6 @@ def run(config: SftStageConfig) -> Path:
                          callbacks=[JsonlMetricsCallback(config.output_dir, resume)])
     if config.tuning == "qlora":
         float32_whole_modules(trainer.model)
+    quiet_console(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return save_final(trainer.model, loaded, config)
