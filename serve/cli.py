@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
+from anomaly_assistant.commands.config import DEVICE_HELP, parse_config, resolve_device
+from anomaly_assistant.commands.runtime import InputError, run_command
 
 DEMO_SET = "demo samples"
 
@@ -75,21 +76,19 @@ def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a Fast
 
 
 def main(argv: list[str] | None = None, command: str = "serve") -> int:
-    """`anomaly-assistant serve|demo [options]`; runs until interrupted."""
+    """`anomaly-assistant serve|demo [options]`; runs until interrupted. Exit codes as every command's."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"anomaly-assistant {command}"
-    try:
-        config = parse_config(ServeConfig, argv, prog, (ServeConfig.__doc__ or "").strip())
-        if command == "demo":
-            config.model = config.model or "tiny"
-            if config.db == "runs/serve/records.db":
-                config.db = "runs/demo/records.db"
-        app = build(config, command)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+    return run_command(prog, argv, lambda: _run(argv, command, prog))
+
+
+def _run(argv: list[str], command: str, prog: str) -> int:
+    config = parse_config(ServeConfig, argv, prog, (ServeConfig.__doc__ or "").strip())
+    if command == "demo":
+        config.model = config.model or "tiny"
+        if config.db == "runs/serve/records.db":
+            config.db = "runs/demo/records.db"
+    app = build(config, command)
     import uvicorn
 
     url = f"http://{config.host}:{config.port}/"
@@ -97,7 +96,9 @@ def main(argv: list[str] | None = None, command: str = "serve") -> int:
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     server.run()
-    return 0 if server.started else 1
+    if not server.started:
+        raise InputError(f"could not serve on {config.host}:{config.port} (port in use?)")
+    return 0
 
 
 if __name__ == "__main__":

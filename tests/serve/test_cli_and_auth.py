@@ -18,7 +18,9 @@ from anomaly_assistant.serve.service import UploadError, Workbench, safe_name, z
 
 def test_top_level_cli_lists_serve_and_demo(capsys):
     assert {"serve", "demo"} <= set(available_commands())
-    assert top_main(["serve", "--help"]) == 0
+    with pytest.raises(SystemExit) as done:  # argparse's --help, as in every command
+        top_main(["serve", "--help"])
+    assert done.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--model", "--host", "--port", "--auth", "--db", "--max-upload-mb", "--expert-only"):
         assert flag in out
@@ -89,3 +91,9 @@ def test_the_ui_asks_for_the_login_too(expert_client):
     login = expert_client.post("/login", data={"username": "inspector", "password": "s3cret"})
     assert login.status_code == 200
     assert expert_client.get("/config").status_code == 200
+
+
+def test_a_model_that_does_not_load_is_one_line_and_exit_1(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "no-model"), "--db", str(tmp_path / "r.db")], command="serve") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("anomaly-assistant serve: error:") and err.count("\n") == 1
