@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly_assistant.commands.config import DEVICE_HELP, parse_config, resolve_device
-from anomaly_assistant.commands.runtime import run_command
+from anomaly_assistant.commands.runtime import note, run_command
 
 KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio",
         "expert_latency_ratio_no_references", "tokens_per_s", "peak_rss_mb")
@@ -242,7 +242,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     tests, refs = bench_images(cfg)
     result: dict[str, Any] = {}
+    note(f"timing expert-only screening of {len(tests)} images against {len(refs)} references ...")
     result.update(bench_screening(tests, refs, cfg.repeats))
+    note(f"timing inspection on {device} with the expert, without references and without the expert ...")
     result.update(bench_inspection(cfg, tests, refs, device))
     result["peak_rss_mb"] = peak_rss_mb()
     result["seconds"] = time.perf_counter() - t0
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None, command: str = "bench") -> int:
         result["report"] = {"markdown": md.name, "html": html.name}
         cli.write_json(result, out)
         print(json.dumps({k: result[k] for k in KEYS}))
+        note(f"wrote {out}, {md}, {html}")
         return 0
 
     return run_command(prog, argv, body)
