@@ -370,7 +370,10 @@ curl -F image=@part.png -F reference_set=demo http://127.0.0.1:7860/api/inspect
 
 def create_app(wb: Workbench, auth: tuple[str, str] | None = None, default_reference_set: str | None = None,
                concurrency: int = 1, samples: Sequence[Path] = ()) -> Any:
-    """One FastAPI app: the `/api` routes, and the gradio UI at `/` (same auth, same upload size limit)."""
+    """One FastAPI app: the `/api` routes, and the gradio UI at `/` (same auth, same upload size limit).
+
+    The UI may hand out only reports and overlay pictures from the records folder, never the database.
+    """
     from fastapi import FastAPI
 
     from anomaly_assistant.serve.api import add_api
@@ -381,5 +384,6 @@ def create_app(wb: Workbench, auth: tuple[str, str] | None = None, default_refer
     ui = build_ui(wb, default_reference_set, samples)
     ui.queue(default_concurrency_limit=concurrency, max_size=256)
     max_mb = max(1, int(wb.max_upload_bytes / 2**20 + 0.999))
+    shared = [str(wb.store.root / "reports"), str(wb.store.root / "overlays")]
     return gr.mount_gradio_app(app, ui, path="/", auth=auth, max_file_size=f"{max_mb}mb", css=CSS,
-                               footer_links=["api"], allowed_paths=[str(wb.store.root)])
+                               footer_links=["api"], allowed_paths=shared)

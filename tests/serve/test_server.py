@@ -138,6 +138,10 @@ def test_bad_inputs_get_a_clear_error_and_the_server_stays_up(server, case):
     assert server.alive()
 
 
+def test_the_ui_never_hands_out_the_records_database(server):
+    assert server.http.get(f"/gradio_api/file={server.db}").status_code in (403, 404)
+
+
 def test_unknown_reference_set_and_expert_needs(server):
     out = _inspect(server, reference_set="no such set")
     assert out.status_code == 400 and "no reference set named" in out.json()["error"]
