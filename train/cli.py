@@ -1,4 +1,4 @@
-"""`anomaly-assistant train {sft,grpo} --config FILE [overrides]`: thin wrappers over each stage's `run`.
+"""`anomaly-assistant train {expert,sft,grpo,pipeline} --config FILE [overrides]`: wrappers of each `run`.
 
 Each stage has one dataclass config read by the project's one config parser (`commands.config`): `--config`
 YAML supplies any option, flags win. Exit codes: 0 done (the final model's folder is printed); 2 a usage
@@ -25,6 +25,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
             "stage 2: supervised fine-tuning on the SFT export (LoRA, QLoRA or full)"),
     "grpo": ("anomaly_assistant.train.grpo", "GrpoStageConfig",
              "stage 3: GRPO on the GRPO export with the verifiable rewards of train.rewards"),
+    "pipeline": ("anomaly_assistant.train.pipeline", "PipelineConfig",
+                 "data build -> stage 1 -> SFT -> GRPO into one folder with a model card (resumable)"),
+    "bench": ("anomaly_assistant.train.bench", "TrainBenchConfig",
+              "SFT and GRPO step time with the expert / without it on one tiny backbone, peak memory"),
 }
 
 
