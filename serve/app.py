@@ -193,9 +193,11 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None,
                 "<span class='badge-sub'>see the reason below</span>")
             return (st, badge_html, cur.overlay if cur else None, _details(cur, errors),
                     [] if cur is None else _chat_view(cur), picker, record and record.operator_verdict,
-                    (record and record.operator_note) or "", "")
+                    (record and record.operator_note) or "", "", gr.update(value=None, visible=False))
 
-        view_outputs = [state, badge, overlay, details, chatbot, pick, op_verdict, op_note, op_msg]
+        # export_files last: a new result hides the previous result's report files
+        view_outputs = [state, badge, overlay, details, chatbot, pick, op_verdict, op_note, op_msg,
+                        export_files]
 
         def on_inspect(paths: list[str] | None, pasted_path: str | None, set_name_: str,
                        progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 - gradio's idiom

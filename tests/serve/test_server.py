@@ -233,6 +233,14 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         page.wait_for_function("document.querySelector('#verdict-badge').innerText === 'NORMAL'")
         assert "clean.png" in page.inner_text("#details")
         page.screenshot(path=SCREENSHOTS / "7_sample_picked.png", full_page=True)
+
+        page.click("#pasted button[aria-label='Remove Image']")  # several images at once: a picker lists the results
+        page.locator("#images input[type=file]").set_input_files([str(STAIN), str(SCRATCH)])
+        page.wait_for_selector("#images >> text=stain.png")
+        page.click("#inspect-btn")
+        page.wait_for_selector("#pick input", state="visible")
+        page.wait_for_function("document.querySelector('#details').innerText.includes('stain.png')")
+        page.screenshot(path=SCREENSHOTS / "8_several_images.png", full_page=True)
         browser.close()
     rec = server.http.get("/api/records", params={"q": note}).json()[0]
     assert rec["operator_verdict"] == "confirmed" and len(rec["chat"]) == 4
