@@ -35,7 +35,8 @@ def default_expert_config(base_config: Any, family: str, feature_source: str = "
     source: dict = {}
     if feature_source == "backbone":
         vision = base_config.vision_config
-        level_dims = [int(vision.hidden_size)] * len(chosen)
+        widths = getattr(vision, "hidden_sizes", None)  # per hidden state where they differ (a CNN tower)
+        level_dims = [int(widths[lv] if widths else vision.hidden_size) for lv in chosen]
     elif feature_source == "efficientnet_lite0":
         from .expert.sources import EFFNET_LITE0_BLOCKS, EfficientNetLite0Config
 

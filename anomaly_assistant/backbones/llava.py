@@ -20,6 +20,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel,
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from .. import efficientnet_tower  # noqa: F401  (registers the EfficientNet-Lite0 tower the default model uses)
 from ..finding import Frame
 from ..injection import AnomalyConfigFields, AnomalyInnerMixin, AnomalyOuterMixin, anomaly_forward
 from ..processing import AnomalyBlockMixin

