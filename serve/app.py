@@ -46,7 +46,7 @@ def _badge(inspection: Inspection | None) -> str:
         return ("<div class='badge-sub'>No inspection yet: choose an image, a reference set, "
                 "then Inspect.</div>")
     f = inspection.finding
-    score = "no score" if f.score is None else f"score {f.score:.2f}"
+    score = "no score" if f.score is None else f"score {f.score:.3f}"
     who = {"model": "decided by the model", "expert": "decided by the anomaly expert",
            "none": "no decision: flagged for review"}.get(f.source, f.source)
     return (f"<span class='badge {f.verdict}' id='verdict-badge'>{f.verdict.upper()}</span>"

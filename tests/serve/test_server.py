@@ -234,7 +234,8 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         assert "clean.png" in page.inner_text("#details")
         page.screenshot(path=SCREENSHOTS / "7_sample_picked.png", full_page=True)
 
-        page.click("#pasted button[aria-label='Remove Image']")  # several images at once: a picker lists the results
+        # several images at once: a picker lists the results
+        page.click("#pasted button[aria-label='Remove Image']")
         page.locator("#images input[type=file]").set_input_files([str(STAIN), str(SCRATCH)])
         page.wait_for_selector("#images >> text=stain.png")
         page.click("#inspect-btn")
