@@ -97,3 +97,29 @@ def test_a_model_that_does_not_load_is_one_line_and_exit_1(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "no-model"), "--db", str(tmp_path / "r.db")], command="serve") == 1
     err = capsys.readouterr().err
     assert err.startswith("anomaly-assistant serve: error:") and err.count("\n") == 1
+
+
+def test_a_caller_that_waits_too_long_for_the_model_gets_busy(tmp_path):
+    import threading
+
+    from anomaly_assistant.serve.service import Busy
+
+    wb = Workbench(AnomalyAssistant.expert_only(), RecordStore(tmp_path / "r.db"), "expert-only",
+                   concurrency=1, queue_timeout_s=0.2)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with wb.slot():
+            holding.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    holding.wait(5)
+    with pytest.raises(Busy, match="busy"):
+        with wb.slot():
+            pass
+    release.set()
+    worker.join()
+    with wb.slot():  # free again
+        pass
