@@ -27,10 +27,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The inspector's workbench on the bundled samples; it prints the URL (Ctrl+C stops it).
 run: install
-	S=$$($(PY) -c 'from anomaly_assistant.resources import samples_dir; print(samples_dir())') && $(BIN)/anomaly-assistant inspect --expert-only --references "$$S/good" -- "$$S/test"
+	$(BIN)/anomaly-assistant demo
 
 test: install
+	$(BIN)/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: install

@@ -78,7 +78,8 @@ class AnomalyAssistant:
         self._source = None  # EfficientNet-Lite0, shared by every reference screener of this assistant
         self._screeners: OrderedDict[str, Future] = OrderedDict()  # screeners by reference content (LRU)
         self._screeners_lock = threading.Lock()  # guards the cache and the source, never a fit
-        self.fitted_expert = None  # a FittedExpert (`expert fit`): screens images that come without references
+        # a FittedExpert (`expert fit`): screens images that come without references
+        self.fitted_expert = None
         if processor is not None:
             processor.tokenizer.padding_side = "left"  # batched generation appends to the right
 
