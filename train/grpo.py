@@ -43,6 +43,7 @@ from anomaly_assistant.train.common import (
     seed_everything,
     trainer_arguments,
 )
+from anomaly_assistant.train.distributed import WeightsDigestCallback
 from anomaly_assistant.train.rewards import Reward, RewardConfig, reward_functions, reward_report
 
 
@@ -140,7 +141,7 @@ def run(config: GrpoStageConfig) -> Path:
     resume = resume_checkpoint(config)
     trainer = GroupFilteringGRPOTrainer(
         model=model, args=args, reward_funcs=funcs, train_dataset=train, processing_class=loaded.processor,
-        callbacks=[JsonlMetricsCallback(config.output_dir, resume)],
+        callbacks=[JsonlMetricsCallback(config.output_dir, resume), WeightsDigestCallback()],
         drop_zero_signal=config.zero_signal_groups == "drop",
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -179,6 +180,33 @@ class GroupFilteringGRPOTrainer(GRPOTrainer):
         self.drop_zero_signal = drop_zero_signal
         self._flat_rows = None  # [rows of all processes] bool: the row's group earned one total reward
 
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, *args, expert_pixel_values=None, **kwargs):
+        """TRL's scoring forward, also handing the CNN input of an efficientnet-source expert to the model.
+
+        TRL forwards only the image keys it knows; the processor's `expert_pixel_values` (kept with the batch
+        by `_generate_and_score_completions`, handed over by `_compute_loss`) reach the anomaly model through
+        a forward pre-hook that lives for this call only, on one chunk (the whole batch).
+        """
+        if expert_pixel_values is None:
+            expert_pixel_values = getattr(self, "_expert_pixel_values", None)
+        if expert_pixel_values is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, *args, **kwargs)
+        inner = next(m for m in model.modules() if hasattr(m, "expert_levels_from"))
+
+        def add_pixels(module, args, kw):
+            if kw.get("expert_pixel_values") is None:
+                kw["expert_pixel_values"] = expert_pixel_values
+            return args, kw
+
+        handle = inner.register_forward_pre_hook(add_pixels, with_kwargs=True)
+        try:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, input_ids.size(0), *args, **kwargs)
+        finally:
+            handle.remove()
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         group = self.num_generations if self.model.training else self.num_generations_eval
@@ -188,8 +216,21 @@ class GroupFilteringGRPOTrainer(GRPOTrainer):
         self._flat_rows = flat.repeat_interleave(group)  # [N]
         return rewards_per_func
 
+    def _compute_loss(self, model, inputs):
+        self._expert_pixel_values = inputs.get("expert_pixel_values")
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._expert_pixel_values = None
+
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
+        size = getattr(self.processing_class, "expert_image_size", None)
+        if size:  # an efficientnet-source expert: its CNN input travels with the batch (one image per row)
+            from anomaly_assistant.processing import cnn_pixel_values
+
+            images = [row["image"] if "image" in row else row["images"][0] for row in inputs]
+            out["expert_pixel_values"] = cnn_pixel_values(images, int(size)).to(out["completion_ids"].device)
         if not (self.drop_zero_signal and self.model.training):
             return out
         n = len(out["advantages"])

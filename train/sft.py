@@ -25,6 +25,7 @@ from anomaly_assistant.train.common import (
     seed_everything,
     trainer_arguments,
 )
+from anomaly_assistant.train.distributed import WeightsDigestCallback
 
 # The columns each SFT export format needs (data_builders.export.sft_row writes them).
 FORMAT_COLUMNS = {"messages": ("images", "messages"), "prompt_completion": ("images", "prompt", "completion")}
@@ -56,7 +57,7 @@ def run(config: SftStageConfig) -> Path:
     args = SFTConfig(**trainer_arguments(config, device), max_length=None,
                      assistant_only_loss=config.format == "messages")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=loaded.processor,
-                         callbacks=[JsonlMetricsCallback(config.output_dir, resume)])
+                         callbacks=[JsonlMetricsCallback(config.output_dir, resume), WeightsDigestCallback()])
     if config.tuning == "qlora":
         float32_whole_modules(trainer.model)
     quiet_console(trainer)

@@ -12,6 +12,7 @@ from anomaly_assistant.commands.config import UsageError, parse_config
 from anomaly_assistant.finding import Finding
 from anomaly_assistant.modeling import tiny_anomaly_model
 from anomaly_assistant.train.common import InputError
+from anomaly_assistant.train.distributed import read_digests, trainable_digest
 from anomaly_assistant.train.grpo import (
     GrpoStageConfig,
     held_out_reward,
@@ -176,29 +177,62 @@ def test_groups_whose_rewards_are_all_equal_leave_the_loss(grpo_train, tmp_path,
     assert int(batch["num_items_in_batch"]) == int(kept.sum())
 
 
-@pytest.mark.slow
-def test_two_processes_train_one_model(data_build, tmp_path):
-    """`accelerate launch --num_processes 2` (CPU, gloo): rewards of both ranks are gathered before groups are
-    judged, one metrics line per step, and one final model that loads."""
+def launch_two(*args: str) -> None:
+    """`accelerate launch --num_processes 2` on CPU (gloo) of `anomaly-assistant train ...`."""
     import os
     import subprocess
     import sys
 
-    out = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-         "29533", "-m", "anomaly_assistant.cli", "train", "grpo", "--config", str(CONFIG), "--data",
-         str(data_build), "--output-dir", str(out), "--max-steps", "1", "--rewards-max-chars", "24",
-         "--device", "cpu"], env=env, timeout=600, capture_output=True, text=True)
+         "29533", "-m", "anomaly_assistant.cli", "train", *args, "--device", "cpu"],
+        env=env, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_ranks_agree(out: Path, steps: int) -> None:
+    digests = read_digests(out)
+    assert [d["rank"] for d in digests] == [0, 1] and {d["step"] for d in digests} == {steps}
+    assert digests[0]["trainable"] > 0 and digests[0]["sha256"] == digests[1]["sha256"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_sft_then_grpo_and_both_ranks_agree(data_build, tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo): SFT steps, then a GRPO step from SFT's model.
+
+    Each rank writes a digest of its final trainable weights and they agree; GRPO gathers both ranks' rewards
+    before groups are judged, one metrics line per step, one final model that loads.
+    """
+    sft_out, out = tmp_path / "sft", tmp_path / "two"
+    launch_two("sft", "--config", str(CONFIG.with_name("sft_tiny.yaml")), "--data", str(data_build),
+               "--output-dir", str(sft_out), "--max-steps", "2", "--max-samples", "8", "--no-progress",
+               "--no-resume")
+    assert_ranks_agree(sft_out, 2)
+    launch_two("grpo", "--config", str(CONFIG), "--model", str(sft_out / "final"), "--data", str(data_build),
+               "--output-dir", str(out), "--max-steps", "1", "--rewards-max-chars", "24")
+    assert_ranks_agree(out, 1)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in steps if "reward" in line]
     assert len(steps) == 1
     assert steps[0]["frac_groups_dropped"] == pytest.approx(steps[0]["frac_reward_zero_std"])
     assert steps[0]["num_tokens"] > 0 and math.isfinite(steps[0]["reward"])
     assert AnomalyAssistant.from_pretrained(str(out / "final")).model is not None
+
+
+def test_the_weights_digest_sees_one_trainable_bit_and_ignores_frozen_weights():
+    model, _ = tiny_anomaly_model("qwen2_5_vl")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("model.language_model"))
+    before, count = trainable_digest(model)
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        model.model.expert.ltfm.descriptors.add_(1.0)  # frozen
+        assert trainable_digest(model)[0] == before
+        weight = model.model.language_model.norm.weight
+        weight[0] = torch.nextafter(weight[0], torch.tensor(2.0))  # one ulp of one trainable weight
+    assert trainable_digest(model)[0] != before
 
 
 def test_held_out_reward_scores_a_checkpoint_on_the_product_path(tiny_run, data_build):
