@@ -32,7 +32,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / 
 
 def score_all(fitted: FittedExpert, records: list, batch: int = 8) -> dict[str, list[dict]]:
     """Per variant, eval.ad-style prediction dicts for every record."""
-    variants: dict[str, list[dict]] = {"fused": [], "ltfm": [], "reference": []}
+    variants: dict[str, list[dict]] = {k: [] for k in ("fused", "ltfm", "reference", "fused_max", "ltfm_max")}
     for s in range(0, len(records), batch):
         chunk = records[s : s + batch]
         images = [Image.open(r.image_path).convert("RGB") for r in chunk]
@@ -43,8 +43,13 @@ def score_all(fitted: FittedExpert, records: list, batch: int = 8) -> dict[str, 
                 "fused": (float(cal(float(o.score))), cal(upsample_map(o.anomaly_map.float(), size))),
                 "ltfm": (float(torch.sigmoid(o.score_logit)), upsample_map(o.ltfm_map.float(), size)),
                 "reference": (float(o.reference_score), upsample_map(o.reference_map.float(), size)),
+                # image score = the map's maximum instead of the score head (same maps)
+                "fused_max": (float(o.anomaly_map.max()), None),
+                "ltfm_max": (float(o.ltfm_map.max()), None),
             }
             for name, (score, amap) in rows.items():
+                if amap is None:  # a score-only variant shares the map of its base
+                    amap = rows[name.removesuffix("_max")][1]
                 variants[name].append(
                     {
                         "image_path": rec.image_path,
@@ -113,7 +118,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         with (out / "results.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-    for name in ("fused", "ltfm", "reference"):
+    for name in summary[0]:
+        if not isinstance(summary[0][name], dict):
+            continue
         img = [r[name]["image_auroc"] for r in summary]
         px = [r[name]["pixel_auroc"] for r in summary]
         print(
