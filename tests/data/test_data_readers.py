@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from anomaly_assistant.data_builders.records import Record, SkipLog, load_mask
 from anomaly_assistant.data_builders.sources import (
@@ -21,8 +20,6 @@ from anomaly_assistant.data_builders.sources import (
     read_visa,
     read_visa_dr,
 )
-
-REAL_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-dev"
 
 
 def test_mvtec_layout_labels_masks_boxes(mvtec_root):
@@ -167,10 +164,9 @@ def test_record_round_trip():
     }
 
 
-@pytest.mark.skipif(not (REAL_DEV / "magnetic_tile").is_dir(), reason="real-dev data not present")
-def test_real_magnetic_tile():
+def test_real_magnetic_tile(real_dev):
     skips = SkipLog()
-    recs = read_mvtec(REAL_DEV / "magnetic_tile", source="magnetic_tile", skips=skips)
+    recs = read_mvtec(real_dev("magnetic_tile"), source="magnetic_tile", skips=skips)
     assert len(recs) + len(skips) == 300 + 200 + 342
     bad = [r for r in recs if r.gt_label]
     assert len(bad) >= 330 and all(r.gt_mask for r in bad)
@@ -181,10 +177,9 @@ def test_real_magnetic_tile():
         assert all(0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h for b in r.gt_boxes)
 
 
-@pytest.mark.skipif(not (REAL_DEV / "deeppcb").is_dir(), reason="real-dev data not present")
-def test_real_deeppcb():
+def test_real_deeppcb(real_dev):
     skips = SkipLog()
-    recs = read_deeppcb(REAL_DEV / "deeppcb", skips=skips)
+    recs = read_deeppcb(real_dev("deeppcb"), skips=skips)
     tests = [r for r in recs if r.gt_label]
     assert len(tests) == 200 and len(recs) == 400 and len(skips) == 0
     assert all(r.reference_path and r.image_size == (640, 640) for r in tests)
@@ -193,12 +188,11 @@ def test_real_deeppcb():
     assert np.mean([len(r.gt_boxes) for r in tests]) > 2
 
 
-@pytest.mark.skipif(not (REAL_DEV / "elpv").is_dir(), reason="real-dev data not present")
-def test_real_elpv_through_the_generic_reader():
+def test_real_elpv_through_the_generic_reader(real_dev):
     """ELPV's labels.csv (image, defect_probability, cell_type) is a generic manifest:
     probability >= 0.5 = defective."""
     skips = SkipLog()
-    recs = read_folder(REAL_DEV / "elpv", skips=skips, source="elpv")
+    recs = read_folder(real_dev("elpv"), skips=skips, source="elpv")
     assert len(recs) == 300 and len(skips) == 0
     assert all(r.category == "elpv" and r.gt_boxes == [] for r in recs)
     probs = {r.image_path: float(r.meta.get("label_raw", r.gt_label)) for r in recs}

@@ -19,8 +19,6 @@ from anomaly_assistant.data_builders.sources import read_mvtec
 from anomaly_assistant.data_builders.synth_inspect import CATEGORIES, CATEGORY_DEFECTS, SynthInspect, render
 from anomaly_assistant.localize import boxes_from_map
 
-REAL_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-dev"
-
 
 @pytest.fixture(scope="module")
 def samples():
@@ -110,20 +108,21 @@ def test_generator_speed_floor():
     assert rate > 15, f"{rate:.1f} images/s"
 
 
-def _real_normals() -> list[np.ndarray]:
+def _real_normals(real_dev_root: Path) -> list[np.ndarray]:
+    """scikit-image's textures, plus real tiles and a DeepPCB template where the real-dev data is present."""
     imgs = [np.asarray(Image.open(p).convert("RGB").resize((192, 192))) for p in skimage_texture_paths()]
-    tile = REAL_DEV / "magnetic_tile" / "train" / "good"
+    tile = real_dev_root / "magnetic_tile" / "train" / "good"
     if tile.is_dir():
         imgs += [np.asarray(Image.open(p).convert("RGB")) for p in sorted(tile.iterdir())[:2]]
-    pcb = REAL_DEV / "deeppcb"
+    pcb = real_dev_root / "deeppcb"
     if pcb.is_dir():
         imgs += [np.asarray(Image.open(next(pcb.rglob("*_temp.jpg"))).convert("RGB"))]
     return imgs
 
 
 @pytest.mark.parametrize("kind", DEFECT_KINDS)
-def test_every_defect_kind_on_real_images(kind):
-    imgs = _real_normals()
+def test_every_defect_kind_on_real_images(kind, real_dev_root):
+    imgs = _real_normals(real_dev_root)
     assert len(imgs) >= 3  # scikit-image's CC0 textures are always there
     for i, img in enumerate(imgs):
         d = synthesize(img, kind, rng=i, region=foreground(img))
@@ -134,7 +133,7 @@ def test_every_defect_kind_on_real_images(kind):
         assert inside > 5 * max(outside, 0.2), (kind, i, inside, outside)
 
 
-def test_foreground_finds_objects_not_patterns():
+def test_foreground_finds_objects_not_patterns(real_dev_root):
     nut = render("nut", 0, seed=0, size=128, anomalous=False).image
     fg = foreground(nut)
     assert fg is not None and 0.1 < fg.mean() < 0.6 and not fg[0].any() and not fg[:, 0].any()
@@ -142,6 +141,6 @@ def test_foreground_finds_objects_not_patterns():
         assert foreground(render(cat, 0, seed=0, size=128, anomalous=False).image) is None, cat
     for p in skimage_texture_paths():
         assert foreground(np.asarray(Image.open(p).convert("RGB"))) is None, p.name
-    pcb = REAL_DEV / "deeppcb"
+    pcb = real_dev_root / "deeppcb"
     if pcb.is_dir():  # a real board runs off every edge: no object mask
         assert foreground(np.asarray(Image.open(next(pcb.rglob("*_temp.jpg"))).convert("RGB"))) is None

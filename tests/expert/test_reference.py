@@ -1,6 +1,5 @@
 """Reference matching: coreset coverage, NN distances, calibration, planted and real defects, determinism."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +19,6 @@ from anomaly_assistant.expert.reference import (
     normalize_illumination,
 )
 from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
-
-REAL_DEV = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real-dev"
-DATA = REAL_DEV / "magnetic_tile"
 
 
 @pytest.fixture(scope="session")
@@ -129,11 +125,11 @@ def test_single_reference_calibration(source, brick):
     assert r1[0].score < 0.05
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="real-dev magnetic_tile data absent")
-def test_real_defects_localised_on_magnetic_tile():
+def test_real_defects_localised_on_magnetic_tile(real_dev):
     """4 good references, screener defaults; the first two tiles of the three coarse defect types (measured:
     4 of 6 argmaxes fall inside the mask; thin blowholes/cracks are not reliably localised at 256 px, see
     research/screening_study.py)."""
+    DATA = real_dev("magnetic_tile")
     refs = [Image.open(p).convert("RGB") for p in sorted((DATA / "train" / "good").glob("*"))[:4]]
     scr = ReferenceScreener(EfficientNetLite0Source(), ScreenerConfig()).fit(refs)
     hits, scores = 0, []
@@ -150,14 +146,13 @@ def test_real_defects_localised_on_magnetic_tile():
     assert same.score < min(scores)
 
 
-@pytest.mark.skipif(not (REAL_DEV / "deeppcb").exists(), reason="real-dev deeppcb data absent")
-def test_real_pcb_defects_localised_with_the_template_as_the_only_reference():
+def test_real_pcb_defects_localised_with_the_template_as_the_only_reference(real_dev):
     """DeepPCB: each defective board against its aligned defect-free template (k = 1, no mirrored views: a
     mirrored board is not a normal board). Measured: the argmax lands in a ground-truth box for 17 of these 20
     pairs, and for 151 of all 200 (75.5 %)."""
     from anomaly_assistant.data_builders.sources import read_deeppcb
 
-    tests = [r for r in read_deeppcb(REAL_DEV / "deeppcb", include_templates=False)][::10]
+    tests = [r for r in read_deeppcb(real_dev("deeppcb"), include_templates=False)][::10]
     assert len(tests) == 20
     source = EfficientNetLite0Source()
     hits = 0

@@ -1,7 +1,6 @@
 """AnomalyAssistant / ChatSession on a tiny model: Findings, fallbacks, multi-turn history, batch,
 screening."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ from anomaly_assistant import AnomalyAssistant, Box, Finding
 from anomaly_assistant.backbones import get
 from anomaly_assistant.grammar import render_answer
 from anomaly_assistant.images import ImageError
-
-TILES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-dev" / "magnetic_tile"
 
 
 def _texture(seed: int, size=(160, 120), defect: bool = False) -> Image.Image:
@@ -127,8 +124,8 @@ def test_expert_only_screening_needs_no_model(references):
         session.ask("why?")
 
 
-@pytest.mark.skipif(not TILES.is_dir(), reason="real-dev data not present")
-def test_real_magnetic_tile_defect_scores_above_its_references():
+def test_real_magnetic_tile_defect_scores_above_its_references(real_dev):
+    TILES = real_dev("magnetic_tile")
     refs = sorted((TILES / "train" / "good").iterdir())[:4]
     defective = sorted((TILES / "test" / "break").iterdir())[:3]
     good = sorted((TILES / "test" / "good").iterdir())[:3]
