@@ -41,6 +41,7 @@ from anomaly_assistant.train.sft import SftStageConfig
 
 STAGE_NAMES = ("data", "expert", "start", "sft", "grpo", "final")
 CARD_NAME = "README.md"
+CONFIG_NAME = "pipeline_config.json"
 QUALITY_NAME = "quality.json"
 
 
@@ -257,6 +258,7 @@ def run(config: PipelineConfig) -> Path:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
+    (out / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=1) + "\n")
     timings: dict[str, float] = {}
     family = _family(config.model)
 
