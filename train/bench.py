@@ -247,7 +247,7 @@ def run(config: TrainBenchConfig) -> Path:
                 torch.cuda.reset_peak_memory_stats()
             times["sft"][path] += _sft_steps(config, model, processor, sft_rows, out / path, device, sync)
             times["grpo"][path] += _grpo_steps(config, model, processor, grpo_rows, out / path, device, sync)
-            memory[path]["peak_rss_mb"] = _peak_rss_mb()
+            memory[path].setdefault("peak_rss_mb", _peak_rss_mb())  # first round: "with" ran alone first
             if cuda:
                 memory[path]["peak_gpu_mb"] = max(
                     memory[path].get("peak_gpu_mb", 0.0), torch.cuda.max_memory_allocated() / 2**20
