@@ -6,13 +6,16 @@ Endpoints (all JSON; images as multipart files):
 - `POST /api/inspect`: `image` (+ optional `references` files or a `reference_set` name) -> Finding JSON,
   `record_id` and a `session_id` for follow-up chat.
 - `POST /api/chat`: `{"session_id", "message"}` -> the reply and the session's whole history.
-- `POST /api/batch`: several `images` or one `zip` (+ `reference_set`) -> one row per image, errors as rows.
+- `POST /api/batch`: several `images`, one `zip`, or a server `folder` under the batch root
+  (+ `reference_set`) -> one row per image, errors as rows. Without `--batch-root` a folder is refused (403).
 - `GET  /api/records` (search `q`, `verdict`, `operator_verdict`, `reference_set`, `batch_id`, `limit`),
   `GET /api/records.csv`, `GET /api/records/{id}`, `POST /api/records/{id}/operator`,
-  `GET /api/records/{id}/report.html`.
+  `GET /api/records/{id}/report.html`, `.../report.md` (overlay linked as `overlay.png`), `.../report.zip`
+  (report.md + overlay.png).
 - `GET/POST /api/reference-sets`: list, or create/replace a named set from `images`.
 
-Errors are `{"error": message}` with 400 (bad input), 404 (unknown id), 413 (too large), 503 (model busy)
+Errors are `{"error": message}` with 400 (bad input), 403 (a folder outside the batch root, or folder
+batches off), 404 (unknown id), 413 (too large), 503 (model busy)
 or 500 (an inspection failed; the server stays up).
 """
 
@@ -23,7 +26,7 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel
 
@@ -100,12 +103,16 @@ def add_api(app: FastAPI, workbench: Workbench, auth: tuple[str, str] | None = N
     @router.post("/batch")
     async def batch(images: Annotated[list[UploadFile] | None, File()] = None,
                     zip: Annotated[UploadFile | None, File(description="a zip of images")] = None,  # noqa: A002
+                    folder: Annotated[str | None, Form(description="a folder under the server's "
+                                                               "--batch-root")] = None,
                     reference_set: Annotated[str | None, Form()] = None) -> dict[str, Any]:
-        items = [await _read(wb, f) for f in images or []]
+        items: list[tuple[str | None, Any]] = [await _read(wb, f) for f in images or []]
         if zip is not None:
             items += zip_images((await _read(wb, zip))[1])
+        if folder:
+            items += await _run(wb.folder_items, folder)
         if not items:
-            raise UploadError("send images (several `images` files) or one `zip`")
+            raise UploadError("send images (several `images` files), one `zip`, or a `folder`")
         batch_id, rows = await _run(wb.batch, [(n or "image", d) for n, d in items], reference_set or None)
         return {"batch_id": batch_id, "results": rows}
 
@@ -130,6 +137,15 @@ def add_api(app: FastAPI, workbench: Workbench, auth: tuple[str, str] | None = N
     @router.get("/records/{record_id}/report.html", response_class=HTMLResponse)
     def report(record_id: int) -> HTMLResponse:
         return HTMLResponse(wb.report_html(record_id))
+
+    @router.get("/records/{record_id}/report.md", response_class=PlainTextResponse)
+    def report_md(record_id: int) -> PlainTextResponse:
+        return PlainTextResponse(wb.report_markdown(record_id), media_type="text/markdown")
+
+    @router.get("/records/{record_id}/report.zip")
+    def report_zip(record_id: int) -> Response:
+        return Response(wb.report_zip(record_id), media_type="application/zip", headers={
+            "Content-Disposition": f'attachment; filename="inspection-{record_id}-markdown.zip"'})
 
     @router.post("/records/{record_id}/operator")
     def operator(record_id: int, request: OperatorRequest) -> dict[str, Any]:

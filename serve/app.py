@@ -1,24 +1,28 @@
 """The inspector's workbench in the browser (gradio Blocks), mounted beside the HTTP API in one FastAPI app.
 
 Tabs: **Inspect** (upload -> verdict badge, heatmap overlay with numbered boxes, defect type, rationale; a
-chat about the image streamed with its whole history; the inspector's own verdict and note; HTML + JSON
-report),
-**Batch** (a server folder or a zip, with a progress bar, a sortable/filterable table and overlay thumbnails),
+chat about the image streamed with its whole history; the inspector's own verdict and note; reports as HTML,
+JSON and Markdown (zip with the overlay)),
+**Batch** (a folder under the server's `--batch-root`, or a zip, with a progress bar, and a results table
+with an overlay thumbnail per row that sorts by score or name and filters by verdict),
 **History** (search and filter the records, CSV export) and **API** (how machines call it). Each browser tab
 keeps its own conversations in `gr.State`; the model is shared through the `Workbench`'s slots.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
-from anomaly_assistant.images import list_images
 from anomaly_assistant.serve.records import OPERATOR_VERDICTS
 from anomaly_assistant.serve.service import Busy, Inspection, UploadError, Workbench, zip_images
 
@@ -38,7 +42,11 @@ CSS = """
 
 HISTORY_COLUMNS = ["record", "inspected", "image", "verdict", "score", "defect type", "boxes",
                    "reference set", "operator verdict", "operator note"]
-BATCH_COLUMNS = ["record", "image", "verdict", "score", "defect type", "boxes", "error"]
+BATCH_COLUMNS = ["overlay", "record", "image", "verdict", "score", "defect type", "boxes", "error"]
+BATCH_TYPES = ["markdown", "number", "str", "str", "number", "str", "number", "str"]
+BATCH_SHOW = ["all", "anomalous", "normal", "errors"]
+BATCH_SORT = ["batch order", "score, highest first", "score, lowest first", "image name"]
+THUMB_PX = 72
 
 
 def _badge(inspection: Inspection | None) -> str:
@@ -148,21 +156,34 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None,
                         op_note = gr.Textbox(label="Note", lines=2, elem_id="op-note")
                         op_save = gr.Button("Save verdict and note", elem_id="op-save")
                         op_msg = gr.Markdown(elem_id="op-msg")
-                        export_btn = gr.Button("Export report (HTML + JSON)", elem_id="export-btn")
+                        export_btn = gr.Button("Export report (HTML, JSON, Markdown zip)",
+                                               elem_id="export-btn")
                         export_files = gr.File(label="Report files", file_count="multiple", interactive=False,
                                                elem_id="export-files", visible=False)
             with gr.Tab("Batch", id="batch"):
-                gr.Markdown("Inspect a whole folder (a path on the server) or a zip of images with the "
-                            "chosen reference set. Each image becomes a record; bad files are listed, "
-                            "not fatal.")
+                gr.Markdown("Inspect a whole folder on the server or a zip of images with the chosen "
+                            "reference set. Each image becomes a record; bad files are listed, not fatal.")
+                if wb.batch_root is not None:
+                    folder_label = f"Folder on the server, under {wb.batch_root}"
+                    folder_hint = "a folder name under the batch root, or its full path"
+                else:
+                    folder_label = "Folder on the server: off (start the server with --batch-root DIR)"
+                    folder_hint = "folder batches are off on this server; upload a zip instead"
                 with gr.Row():
-                    folder = gr.Textbox(label="Folder on the server", scale=2, elem_id="batch-folder")
+                    folder = gr.Textbox(label=folder_label, placeholder=folder_hint, scale=2,
+                                        elem_id="batch-folder", interactive=wb.batch_root is not None)
                     zip_file = gr.File(label="or a zip of images", file_types=[".zip"], scale=1)
                     batch_set = gr.Dropdown(set_choices(), value=default_reference_set or "",
                                             label="Reference set", scale=1)
                 batch_btn = gr.Button("Run batch", variant="primary", elem_id="batch-btn")
-                batch_table = gr.Dataframe(headers=BATCH_COLUMNS, interactive=False, show_search="filter",
-                                           elem_id="batch-table")
+                with gr.Row():
+                    batch_show = gr.Radio(BATCH_SHOW, value="all", label="Show", elem_id="batch-show")
+                    batch_sort = gr.Radio(BATCH_SORT, value="batch order", label="Sort by",
+                                          elem_id="batch-sort")
+                batch_rows = gr.State([])
+                batch_table = gr.Dataframe(headers=BATCH_COLUMNS, datatype=BATCH_TYPES, interactive=False,
+                                           show_search="filter", elem_id="batch-table", wrap=True,
+                                           column_widths=[f"{THUMB_PX + 24}px"] + [None] * 7)
                 batch_gallery = gr.Gallery(label="Overlays (click to enlarge)", columns=6, height=300,
                                            object_fit="contain", elem_id="batch-gallery")
                 batch_csv = gr.File(label="Batch results (CSV)", interactive=False, visible=False)
@@ -279,7 +300,7 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None,
 
         set_save.click(on_save_set, [set_name, set_files], [set_msg, refset, batch_set])
 
-        def on_batch(folder_: str, zip_path: str | None, set_name_: str,
+        def on_batch(folder_: str, zip_path: str | None, set_name_: str, show: str, order: str,
                      progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
             try:
                 items = _batch_items(wb, folder_, zip_path)
@@ -287,15 +308,18 @@ def build_ui(wb: Workbench, default_reference_set: str | None = None,
                                           progress=lambda i, n, name: progress((i, n), desc=name))
             except Exception as exc:
                 raise _fail(exc) from exc
-            table = [[r["record_id"], r["name"], r["verdict"], r["score"], r["defect_type"], r["boxes"],
-                      r["error"] or ""] for r in rows]
+            for r in rows:
+                r["thumb"] = _thumbnail(wb, r)
             thumbs = [(str(wb.overlay_path(r["record_id"])),
                        f"#{r['record_id']} {r['name']}: {r['verdict']}") for r in rows if r["record_id"]]
             csv_path = wb.export_csv(wb.store.search(batch_id=batch_id, limit=100_000))
-            return table, thumbs, gr.update(value=str(csv_path), visible=True)
+            return rows, _batch_table(rows, show, order), thumbs, gr.update(value=str(csv_path), visible=True)
 
-        batch_btn.click(on_batch, [folder, zip_file, batch_set], [batch_table, batch_gallery, batch_csv],
-                        concurrency_limit=None)
+        batch_btn.click(on_batch, [folder, zip_file, batch_set, batch_show, batch_sort],
+                        [batch_rows, batch_table, batch_gallery, batch_csv], concurrency_limit=None)
+        for control in (batch_show, batch_sort):
+            control.change(_batch_table, [batch_rows, batch_show, batch_sort], batch_table,
+                           show_progress="hidden")
 
         def search(q: str, verdict: str, review: str) -> list[list[Any]]:
             return [_history_row(r) for r in _search(wb, q, verdict, review)]
@@ -332,7 +356,7 @@ def _history_row(r: Any) -> list[Any]:
             r.reference_set or "", r.operator_verdict or "", r.operator_note or ""]
 
 
-def _batch_items(wb: Workbench, folder: str, zip_path: str | None) -> list[tuple[str, bytes]]:
+def _batch_items(wb: Workbench, folder: str, zip_path: str | None) -> list[tuple[str, Any]]:
     if zip_path:
         size = Path(zip_path).stat().st_size
         if size > wb.max_upload_bytes * 50:
@@ -340,13 +364,38 @@ def _batch_items(wb: Workbench, folder: str, zip_path: str | None) -> list[tuple
         return zip_images(Path(zip_path).read_bytes())
     if not (folder or "").strip():
         raise UploadError("give a folder on the server or upload a zip")
-    path = Path(folder.strip()).expanduser()
-    if not path.is_dir():
-        raise UploadError(f"{folder}: no such folder on the server")
-    items = [(p.name, p.read_bytes()) for p in list_images(path)]  # the batch checks each one
-    if not items:
-        raise UploadError(f"{folder}: no images (.png, .jpg, .bmp, .tif, .webp) in this folder")
-    return items
+    return wb.folder_items(folder)  # refused outside --batch-root, or when folder batches are off
+
+
+def _thumbnail(wb: Workbench, row: dict) -> str:
+    """A small overlay picture for a batch row, as Markdown with a data URI (no file serving needed)."""
+    path = wb.overlay_path(row["record_id"]) if row["record_id"] else None
+    if path is None or not path.exists():
+        return ""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+    alt = re.sub(r"[^A-Za-z0-9._ -]", "_", f"#{row['record_id']} {row['name']}")
+    return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def _batch_table(rows: list[dict] | None, show: str, order: str) -> list[list[Any]]:
+    """The batch rows shown: filtered by verdict ("errors": refused files) and sorted as chosen."""
+    rows = list(rows or [])
+    if show in ("anomalous", "normal"):
+        rows = [r for r in rows if r["verdict"] == show]
+    elif show == "errors":
+        rows = [r for r in rows if r["error"]]
+    if order.startswith("score"):
+        scored = [r for r in rows if r["score"] is not None]
+        rows = sorted(scored, key=lambda r: r["score"], reverse="highest" in order) + \
+            [r for r in rows if r["score"] is None]  # unscored (refused) rows last either way
+    elif order == "image name":
+        rows = sorted(rows, key=lambda r: r["name"].lower())
+    return [[r.get("thumb", ""), r["record_id"], r["name"], r["verdict"], r["score"], r["defect_type"],
+             r["boxes"], r["error"] or ""] for r in rows]
 
 
 API_HELP = """
@@ -359,8 +408,9 @@ The same server answers machines under `/api` (interactive docs at [/api/docs](/
 | `GET /api/health` | model, record count, reference sets |
 | `POST /api/inspect` (`image`; `references` or `reference_set`) | Finding, `record_id`, `session_id` |
 | `POST /api/chat` `{"session_id", "message"}` | the reply and the whole history |
-| `POST /api/batch` (multipart `images` or `zip`, `reference_set`) | one row per image |
+| `POST /api/batch` (`images`, a `zip`, or a `folder` under `--batch-root`; `reference_set`) | rows |
 | `GET /api/records?q=&verdict=` · `GET /api/records.csv` · `GET /api/records/{id}` | the records |
+| `GET /api/records/{id}/report.html` · `report.md` · `report.zip` (report.md + overlay.png) | reports |
 | `POST /api/records/{id}/operator` `{"verdict", "note"}` | the inspector's call |
 | `GET/POST /api/reference-sets` | named sets of good images |
 

@@ -3,7 +3,9 @@
 `serve` loads `--model` (a checkpoint folder, a hub id, or `tiny` for a random toy), or screens with the
 expert only (`--expert-only`, also the choice when no model is given). `demo` starts the UI on the tiny
 model with the bundled sample images and a ready reference set ("demo samples"), warms it up, and prints
-the URL. Both bind 127.0.0.1 unless `--host` says otherwise. Usage errors exit 2 with one line.
+the URL. Folder batches read the server's disk, so they are off unless `--batch-root DIR` names the one folder
+tree they may read (`demo` sets it to the bundled samples folder); zip uploads work either way.
+Both bind 127.0.0.1 unless `--host` says otherwise. Usage errors exit 2 with one line.
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ class ServeConfig:
         "help": "largest accepted image in pixels (default: the library's limit, 64 M)"})
     concurrency: int = field(default=1, metadata={"help": "model calls allowed at once (others queue)"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    batch_root: str | None = field(default=None, metadata={
+        "help": "folder batches may read only folders under DIR (after symlinks); without it they are off "
+                "(zip uploads still work). demo: the bundled samples folder", "metavar": "DIR"})
 
     def __post_init__(self) -> None:
         if self.auth is not None and (":" not in self.auth or not self.auth.split(":", 1)[0]):
             raise ValueError("--auth must be USER:PASS")
         if self.max_upload_mb <= 0 or self.concurrency < 1 or not 0 < self.port < 65536:
             raise ValueError("--max-upload-mb must be > 0, --concurrency >= 1, --port in 1..65535")
+        if self.batch_root is not None and not Path(self.batch_root).expanduser().is_dir():
+            raise ValueError(f"--batch-root {self.batch_root}: no such folder")
 
 
 def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a FastAPI app
@@ -61,7 +68,7 @@ def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a Fast
         model_id = config.model
     store = RecordStore(config.db)
     wb = Workbench(assistant, store, model_id, max_upload_mb=config.max_upload_mb,
-                   max_pixels=config.max_pixels, concurrency=config.concurrency)
+                   max_pixels=config.max_pixels, concurrency=config.concurrency, batch_root=config.batch_root)
     default_set, samples = None, ()
     if command == "demo":
         from anomaly_assistant.resources import sample_images, sample_references
@@ -88,6 +95,10 @@ def _run(argv: list[str], command: str, prog: str) -> int:
         config.model = config.model or "tiny"
         if config.db == "runs/serve/records.db":
             config.db = "runs/demo/records.db"
+        if config.batch_root is None:
+            from anomaly_assistant.resources import samples_dir
+
+            config.batch_root = str(samples_dir())
     app = build(config, command)
     import uvicorn
 

@@ -9,6 +9,10 @@ session id): the assistant keeps no per-call state, so no session sees another's
 Uploads are checked before any model work: size (`max_upload_mb`), content (decoded by `images.load_image`,
 which also applies the pixel-count limit from the header, so a decompression bomb is refused before it
 allocates), and file name (a name with a folder part or `..` is refused, never joined to a path).
+
+Folder batches read the server's own disk, so they are off unless the server names a batch root
+(`--batch-root DIR`): a folder is then resolved (symlinks followed) and must lie inside that root, and so must
+each image in it (a link that leads out becomes an error row). Zip uploads need no root.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from PIL import Image
 
 from anomaly_assistant.assistant import AnomalyAssistant, ChatSession
 from anomaly_assistant.finding import Finding
-from anomaly_assistant.images import IMAGE_SUFFIXES, ImageError, load_image
+from anomaly_assistant.images import IMAGE_SUFFIXES, ImageError, list_images, load_image
 from anomaly_assistant.overlay import render_overlay
 from anomaly_assistant.serve.records import Record, RecordStore, records_csv, sha256
 
@@ -106,8 +110,10 @@ class Workbench:
 
     def __init__(self, assistant: AnomalyAssistant, store: RecordStore, model_id: str,
                  max_upload_mb: float = 20.0, max_pixels: int | None = None, concurrency: int = 1,
-                 queue_timeout_s: float = 300.0, max_api_sessions: int = 256):
+                 queue_timeout_s: float = 300.0, max_api_sessions: int = 256,
+                 batch_root: str | Path | None = None):
         self.assistant = assistant
+        self.batch_root = Path(batch_root).expanduser().resolve() if batch_root else None
         self.store = store
         self.model_id = model_id
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
@@ -223,9 +229,45 @@ class Workbench:
                 yield reply
         self.store.set_chat(inspection.record_id, inspection.session.history)
 
-    def batch(self, items: Sequence[tuple[str, bytes]], reference_set: str | None = None,
+    def folder_items(self, folder: str | Path) -> list[tuple[str, bytes | UploadError]]:
+        """The images of a server folder under the batch root, as batch items (name, bytes or the refusal).
+
+        A relative folder is taken relative to the batch root. Raises UploadError (403) when folder batches
+        are off (no batch root) or the folder resolves, after symlinks, outside the root; 400 when it is not
+        a folder or holds no images. An image that links outside the root is an error item.
+        """
+        if self.batch_root is None:
+            raise UploadError("folder batches are off on this server: start it with --batch-root DIR to "
+                              "allow folders under DIR, or upload a zip of images instead", status=403)
+        text = str(folder or "").strip()
+        if not text:
+            raise UploadError(f"give a folder under the batch root {self.batch_root} or upload a zip")
+        path = (self.batch_root / Path(text).expanduser()).resolve()
+        if not path.is_relative_to(self.batch_root):
+            raise UploadError(f"{text}: outside the batch root {self.batch_root} (folder batches may read "
+                              "only folders under it)", status=403)
+        if not path.is_dir():
+            raise UploadError(f"{text}: no such folder under the batch root {self.batch_root}")
+        items: list[tuple[str, bytes | UploadError]] = []
+        for p in list_images(path):
+            if not p.resolve().is_relative_to(self.batch_root):
+                items.append((p.name, UploadError(f"{p.name}: links outside the batch root; not read", 403)))
+            elif (size := p.stat().st_size) > self.max_upload_bytes:  # refused without reading it
+                limit = self.max_upload_bytes / 2**20
+                items.append((p.name, UploadError(f"{p.name}: {size / 2**20:.1f} MB is over the upload limit "
+                                                  f"of {limit:.0f} MB", 413)))
+            else:
+                items.append((p.name, p.read_bytes()))
+        if not items:
+            raise UploadError(f"{text}: no images (.png, .jpg, .bmp, .tif, .webp) in this folder")
+        return items
+
+    def batch(self, items: Sequence[tuple[str, bytes | UploadError]], reference_set: str | None = None,
               progress: Callable[[int, int, str], None] | None = None) -> tuple[str, list[dict]]:
-        """Inspect many images; a bad item becomes an error row, never a failed batch. Returns (id, rows)."""
+        """Inspect many images; a bad item becomes an error row, never a failed batch. Returns (id, rows).
+
+        An item's data may be an UploadError already (a file refused while listing it): it becomes that row.
+        """
         batch_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         rows = []
         for i, (name, data) in enumerate(items):
@@ -234,6 +276,8 @@ class Workbench:
             row: dict[str, Any] = {"name": name, "record_id": None, "verdict": None, "score": None,
                                    "defect_type": None, "boxes": 0, "error": None}
             try:
+                if isinstance(data, UploadError):
+                    raise data
                 done = self.inspect(self.check_upload(name, data), reference_set, batch_id=batch_id)
                 f = done.finding
                 row.update(name=done.upload.name, record_id=done.record_id, verdict=f.verdict,
@@ -277,15 +321,34 @@ class Workbench:
         """A self-contained HTML report: overlay embedded, the finding, the chat, the operator's call."""
         return report_html(self.store.get(record_id), self.overlay_path(record_id))
 
-    def export_report(self, record_id: int) -> tuple[Path, Path]:
-        """Write the HTML and JSON reports next to the records; returns their paths."""
+    def report_markdown(self, record_id: int) -> str:
+        """The report as Markdown; the overlay is linked as `overlay.png` beside it (see `report_zip`)."""
+        record = self.store.get(record_id)
+        overlay = self.overlay_path(record_id)
+        return report_markdown(record, "overlay.png" if overlay is not None and overlay.exists() else None)
+
+    def report_zip(self, record_id: int) -> bytes:
+        """The Markdown report zipped: `inspection-N/report.md` with `inspection-N/overlay.png` beside it."""
+        stem = f"inspection-{record_id}"
+        overlay = self.overlay_path(record_id)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(f"{stem}/report.md", self.report_markdown(record_id))
+            if overlay is not None and overlay.exists():
+                archive.write(overlay, f"{stem}/overlay.png")
+        return buf.getvalue()
+
+    def export_report(self, record_id: int) -> tuple[Path, Path, Path]:
+        """Write the HTML, JSON and Markdown (zip: report.md + overlay.png) reports; returns their paths."""
         folder = self.store.root / "reports"
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"inspection-{record_id}"
         html_path, json_path = folder / f"{stem}.html", folder / f"{stem}.json"
+        md_zip = folder / f"{stem}-markdown.zip"
         html_path.write_text(self.report_html(record_id), encoding="utf-8")
         json_path.write_text(json.dumps(self.report_json(record_id), indent=2), encoding="utf-8")
-        return html_path, json_path
+        md_zip.write_bytes(self.report_zip(record_id))
+        return html_path, json_path, md_zip
 
     def export_csv(self, records: Sequence[Record]) -> Path:
         """Write records as CSV under the records folder; returns the path."""
@@ -315,6 +378,34 @@ def zip_images(data: bytes, max_members: int = 1000) -> list[tuple[str, bytes]]:
     return out
 
 
+def _report_rows(record: Record) -> list[tuple[str, str]]:
+    score = "n/a" if record.score is None else f"{record.score:.3f}"
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created_at))
+    return [("Image", record.image_name), ("Inspected", created), ("Model", record.model_id),
+            ("Reference set", record.reference_set or "none"), ("Verdict", record.verdict), ("Score", score),
+            ("Defect type", record.defect_type or "-"), ("Operator verdict", record.operator_verdict or "-"),
+            ("Operator note", record.operator_note or "-"), ("Input SHA-256", record.input_hash)]
+
+
+def _md(text: Any) -> str:
+    """Text safe inside a Markdown table cell or paragraph (no markup, no line breaks, no raw HTML)."""
+    out = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\`*_\[\]|#])", r"\\\1", out)
+
+
+def report_markdown(record: Record, overlay_name: str | None = "overlay.png") -> str:
+    """One inspection as Markdown, linking the overlay picture by a relative name (kept beside the file)."""
+    lines = [f"# Inspection {record.id}: {record.verdict}", ""]
+    if overlay_name:
+        lines += [f"![heatmap overlay with numbered boxes]({overlay_name})", ""]
+    lines += ["| | |", "|---|---|"] + [f"| **{k}** | {_md(v)} |" for k, v in _report_rows(record)]
+    lines += ["", "## Boxes (original pixels x1, y1, x2, y2)", ""]
+    lines += [f"{i + 1}. {', '.join(f'{v:.0f}' for v in b)}" for i, b in enumerate(record.boxes)] or ["none"]
+    lines += ["", "## Rationale", "", _md(record.rationale or "-"), "", "## Conversation", ""]
+    lines += [f"**{_md(t['role'])}:** {_md(t['content'])}\n" for t in record.chat] or ["-"]
+    return "\n".join(lines) + "\n"
+
+
 def report_html(record: Record, overlay_path: Path | None = None) -> str:
     """One inspection as a self-contained HTML page a person can file or mail."""
     e = html.escape
@@ -322,16 +413,11 @@ def report_html(record: Record, overlay_path: Path | None = None) -> str:
     if overlay_path is not None and overlay_path.exists():
         data = base64.b64encode(overlay_path.read_bytes()).decode()
         picture = f'<img alt="overlay" style="max-width:100%" src="data:image/png;base64,{data}">'
-    score = "n/a" if record.score is None else f"{record.score:.3f}"
     boxes = "".join(f"<li>#{i + 1}: {', '.join(f'{v:.0f}' for v in b)}</li>"
                     for i, b in enumerate(record.boxes))
     chat = "".join(f"<p><b>{e(t['role'])}:</b> {e(t['content'])}</p>" for t in record.chat)
-    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created_at))
-    rows = [("Image", record.image_name), ("Inspected", created), ("Model", record.model_id),
-            ("Reference set", record.reference_set or "none"), ("Verdict", record.verdict), ("Score", score),
-            ("Defect type", record.defect_type or "-"), ("Operator verdict", record.operator_verdict or "-"),
-            ("Operator note", record.operator_note or "-"), ("Input SHA-256", record.input_hash)]
-    table = "".join(f"<tr><th align=left>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in rows)
+    table = "".join(f"<tr><th align=left>{e(k)}</th><td>{e(str(v))}</td></tr>"
+                    for k, v in _report_rows(record))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Inspection {record.id}</title></head>"
             f"<body style='font-family:sans-serif;max-width:60em'><h1>Inspection {record.id}: "
             f"{e(record.verdict)}</h1>{picture}<table>{table}</table><h2>Boxes (original pixels x1, y1, x2, "

@@ -28,7 +28,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = root / "records.db"
         self.log = open(root / "server.log", "w")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+        # One torch thread: on this shared 2-core machine two intra-op threads per tiny matrix-vector product
+        # spin against the other processes (the demo's reference fit took ~56 s with two, ~2 s with one).
+        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "anomaly_assistant.serve.cli", "demo", "--port", str(self.port),
              "--db", str(self.db), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -31,6 +31,7 @@ def test_top_level_cli_lists_serve_and_demo(capsys):
     (["--max-upload-mb", "0"], "--max-upload-mb"),
     (["--port", "99999"], "--port"),
     (["--no-such-flag"], "no-such-flag"),
+    (["--batch-root", "/no/such/folder"], "--batch-root /no/such/folder: no such folder"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert main(argv, command="serve") == 2
@@ -81,6 +82,8 @@ def test_expert_only_needs_references_and_cannot_chat(expert_client):
     assert out.status_code == 400 and "needs reference images" in out.json()["error"]
     out = expert_client.post("/api/batch", files={"zip": ("b.zip", b"not a zip")}, auth=auth)
     assert out.status_code == 400 and "not a zip" in out.json()["error"]
+    out = expert_client.post("/api/batch", data={"folder": "/tmp"}, auth=auth)  # no --batch-root: off
+    assert out.status_code == 403 and "start it with --batch-root DIR" in out.json()["error"]
     out = expert_client.post("/api/reference-sets", data={"name": "../up"},
                              files=[("images", ("g.png", sample_images()[0].read_bytes()))], auth=auth)
     assert out.status_code == 400 and "reference set name" in out.json()["error"]
@@ -123,3 +126,50 @@ def test_a_caller_that_waits_too_long_for_the_model_gets_busy(tmp_path):
     worker.join()
     with wb.slot():  # free again
         pass
+
+
+def test_folder_batches_stay_inside_the_batch_root_after_symlinks(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "line3").mkdir(parents=True)
+    outside.mkdir()
+    good = sample_images()[0].read_bytes()
+    (root / "line3" / "a.png").write_bytes(good)
+    (outside / "secret.png").write_bytes(good)
+    (root / "line3" / "b.png").symlink_to(outside / "secret.png")  # a file that leads out of the root
+    (root / "escape").symlink_to(outside, target_is_directory=True)  # a folder that leads out
+    wb = Workbench(AnomalyAssistant.expert_only(), RecordStore(tmp_path / "r.db"), "expert-only",
+                   batch_root=root)
+    for name in ("line3", str(root / "line3"), "line3/../line3"):
+        items = wb.folder_items(name)
+        assert [n for n, _ in items] == ["a.png", "b.png"] and items[0][1] == good
+        assert isinstance(items[1][1], UploadError) and "links outside the batch root" in str(items[1][1])
+    for name in ("escape", "..", "line3/../..", str(outside), "/"):
+        with pytest.raises(UploadError, match="outside the batch root") as refused:
+            wb.folder_items(name)
+        assert refused.value.status == 403
+    with pytest.raises(UploadError, match="no such folder"):
+        wb.folder_items("line3/a.png")
+    # the refused file becomes that row of the batch, with no model work
+    _, rows = wb.batch([("b.png", wb.folder_items("line3")[1][1])])
+    assert rows[0]["record_id"] is None and "links outside the batch root" in rows[0]["error"]
+    with pytest.raises(UploadError, match="--batch-root DIR") as off:
+        Workbench(AnomalyAssistant.expert_only(), wb.store, "expert-only").folder_items("line3")
+    assert off.value.status == 403
+
+
+def test_batch_table_filters_by_verdict_and_sorts():
+    from anomaly_assistant.serve.app import _batch_table
+
+    rows = [{"name": n, "record_id": i or None, "verdict": v, "score": sc, "defect_type": None, "boxes": 0,
+             "error": None if v else "not an image", "thumb": f"![t{i}](data:x)"}
+            for i, (n, v, sc) in enumerate([("bad.png", None, None), ("B.png", "anomalous", 0.9),
+                                             ("a.png", "normal", 0.1), ("c.png", "anomalous", 0.7)])]
+    names = lambda table: [r[2] for r in table]  # noqa: E731
+    assert names(_batch_table(rows, "all", "batch order")) == ["bad.png", "B.png", "a.png", "c.png"]
+    assert names(_batch_table(rows, "all", "score, highest first")) == ["B.png", "c.png", "a.png", "bad.png"]
+    assert names(_batch_table(rows, "all", "score, lowest first")) == ["a.png", "c.png", "B.png", "bad.png"]
+    assert names(_batch_table(rows, "all", "image name")) == ["a.png", "B.png", "bad.png", "c.png"]
+    assert names(_batch_table(rows, "anomalous", "score, lowest first")) == ["c.png", "B.png"]
+    assert names(_batch_table(rows, "normal", "batch order")) == ["a.png"]
+    assert names(_batch_table(rows, "errors", "batch order")) == ["bad.png"]
+    assert _batch_table(rows, "normal", "batch order")[0][0] == "![t2](data:x)"  # the thumbnail is column 1

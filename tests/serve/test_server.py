@@ -118,6 +118,41 @@ def test_batch_records_operator_and_csv(server):
     assert [(r["name"], r["verdict"]) for r in out.json()["results"]] == [("z_scratch.png", "anomalous")]
 
 
+def test_markdown_report_zip_holds_report_md_and_the_overlay(server):
+    rid = _inspect(server, reference_set=DEMO_SET).json()["record_id"]
+    server.http.post(f"/api/records/{rid}/operator", json={"verdict": "confirmed", "note": "a | b *c*"})
+    md = server.http.get(f"/api/records/{rid}/report.md")
+    assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
+    text = md.text
+    assert text.startswith(f"# Inspection {rid}: anomalous\n") and "](overlay.png)" in text
+    assert "| **Operator note** | a \\| b \\*c\\* |" in text  # a note cannot break the table or add markup
+    assert "scratch.png" in text and "## Rationale" in text
+    out = server.http.get(f"/api/records/{rid}/report.zip")
+    assert out.status_code == 200 and out.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(out.content)) as z:
+        assert sorted(z.namelist()) == [f"inspection-{rid}/overlay.png", f"inspection-{rid}/report.md"]
+        assert z.read(f"inspection-{rid}/report.md").decode() == text
+        overlay = Image.open(io.BytesIO(z.read(f"inspection-{rid}/overlay.png")))
+    stored = server.http.get(f"/api/records/{rid}").json()["overlay_path"]
+    assert overlay.format == "PNG" and overlay.size == Image.open(stored).size
+
+
+def test_folder_batches_read_only_under_the_batch_root(server):
+    """`demo` sets --batch-root to the bundled samples: a folder under it batches, anything else is 403."""
+    out = server.http.post("/api/batch", data={"folder": "test", "reference_set": DEMO_SET})
+    assert out.status_code == 200, out.text
+    assert [(r["name"], r["verdict"]) for r in out.json()["results"]] == [
+        ("clean.png", "normal"), ("scratch.png", "anomalous"), ("stain.png", "anomalous")]
+    outside = [str(SCRATCH.parents[3]), "../..", "test/../../..", "/etc"]
+    for folder in outside:
+        out = server.http.post("/api/batch", data={"folder": folder, "reference_set": DEMO_SET})
+        assert out.status_code == 403, (folder, out.text)
+        assert "outside the batch root" in out.json()["error"]
+    out = server.http.post("/api/batch", data={"folder": "no-such-dir", "reference_set": DEMO_SET})
+    assert out.status_code == 400 and "no such folder" in out.json()["error"]
+    assert server.alive()
+
+
 BAD_INPUTS = {
     "zero_bytes": ("empty.png", b"", 400, "empty"),
     "truncated_jpeg": ("cut.jpg", _truncated_jpeg(), 400, "not a readable image"),
@@ -147,17 +182,18 @@ def test_unknown_reference_set_and_expert_needs(server):
     assert out.status_code == 400 and "no reference set named" in out.json()["error"]
 
 
-def _upload(page, path: Path) -> None:
-    """Choose a file in the upload box; again if the page was not listening yet (seen right after load)."""
+def _upload(page, *paths: Path) -> None:
+    """Choose files in the upload box; again if the page was not listening yet (seen right after load)."""
     for _ in range(3):
-        page.locator("#images input[type=file]").set_input_files(str(path))
+        page.locator("#images input[type=file]").set_input_files([str(p) for p in paths])
         try:
-            page.wait_for_selector(f"#images >> text={path.name}", timeout=15_000)
+            for path in paths:
+                page.wait_for_selector(f"#images >> text={path.stem}", timeout=15_000)
             return
         except Exception:
-            print(f"upload of {path.name} not picked up; trying again")
+            print(f"upload of {[p.name for p in paths]} not picked up; trying again")
             continue
-    raise AssertionError(f"{path.name} never showed in the upload box")
+    raise AssertionError(f"{[p.name for p in paths]} never showed in the upload box")
 
 
 def test_browser_inspect_chat_note_export_history(server, chromium):
@@ -207,7 +243,8 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         page.wait_for_selector("#op-msg >> text=Saved on record")
         page.click("#export-btn")
         page.wait_for_selector("#export-files >> text=.html")
-        assert ".json" in page.inner_text("#export-files")
+        exported = page.inner_text("#export-files")
+        assert ".json" in exported and "inspection-" in exported and "-markdown\n.zip" in exported
         page.screenshot(path=SCREENSHOTS / "4_note_export.png", full_page=True)
 
         page.get_by_role("tab", name="History").click()
@@ -219,11 +256,39 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
         page.screenshot(path=SCREENSHOTS / "5_history.png", full_page=True)
 
         page.get_by_role("tab", name="Batch").click()
+        page.fill("#batch-folder textarea", "/etc")  # outside the demo's --batch-root: refused, said why
+        page.click("#batch-btn")
+        page.wait_for_selector("text=outside the batch root")
+        page.screenshot(path=SCREENSHOTS / "6a_batch_outside_root.png", full_page=True)
+        page.locator(".toast-close").first.click()  # dismiss the message so it covers nothing later
         page.fill("#batch-folder textarea", str(SCRATCH.parent))
         page.click("#batch-btn")
-        page.wait_for_function("document.querySelector('#batch-table').innerText.includes('stain.png')")
+        table = "document.querySelector('#batch-table').innerText"
+        page.wait_for_function(f"{table}.includes('stain.png')")
         page.wait_for_selector("#batch-gallery img")
+        # one thumbnail per row (gradio also keeps a hidden copy of the widest cell to size the column)
+        thumbs = page.locator("#batch-table img[src^='data:image/jpeg;base64,'] >> visible=true")
+        thumbs.nth(2).wait_for()
+        assert thumbs.count() == 3
         page.screenshot(path=SCREENSHOTS / "6_batch.png", full_page=True)
+
+        def order() -> list[str]:
+            text = page.inner_text("#batch-table")
+            return sorted((n for n in ("clean.png", "scratch.png", "stain.png") if n in text), key=text.index)
+
+        page.click("#batch-sort >> text=score, lowest first")
+        page.wait_for_function(f"{table}.indexOf('clean.png') < {table}.indexOf('stain.png')")
+        assert order()[0] == "clean.png"
+        page.click("#batch-sort >> text=score, highest first")
+        page.wait_for_function(f"{table}.indexOf('clean.png') > {table}.indexOf('stain.png')")
+        assert order()[-1] == "clean.png"
+        page.click("#batch-show >> text=normal")
+        page.wait_for_function(f"!{table}.includes('stain.png')")
+        assert order() == ["clean.png"] and thumbs.count() == 1
+        page.screenshot(path=SCREENSHOTS / "6b_batch_normal_only.png", full_page=True)
+        page.click("#batch-show >> text=anomalous")
+        page.wait_for_function(f"!{table}.includes('clean.png')")
+        assert sorted(order()) == ["scratch.png", "stain.png"]
 
         page.get_by_role("tab", name="Inspect").click()  # pick a bundled sample instead of uploading
         page.click("#images button[aria-label='Clear']")
@@ -236,8 +301,7 @@ def test_browser_inspect_chat_note_export_history(server, chromium):
 
         # several images at once: a picker lists the results
         page.click("#pasted button[aria-label='Remove Image']")
-        page.locator("#images input[type=file]").set_input_files([str(STAIN), str(SCRATCH)])
-        page.wait_for_selector("#images >> text=stain.png")
+        _upload(page, STAIN, SCRATCH)
         page.click("#inspect-btn")
         page.wait_for_selector("#pick input", state="visible")
         page.wait_for_function("document.querySelector('#details').innerText.includes('stain.png')")
