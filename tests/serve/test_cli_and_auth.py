@@ -4,19 +4,25 @@ import io
 import zipfile
 
 import pytest
-from fastapi.testclient import TestClient
 
-from anomaly_assistant.assistant import AnomalyAssistant
-from anomaly_assistant.cli import available_commands
-from anomaly_assistant.cli import main as top_main
 from anomaly_assistant.resources import sample_images
-from anomaly_assistant.serve.app import create_app
-from anomaly_assistant.serve.cli import ServeConfig, main
 from anomaly_assistant.serve.records import RecordStore
-from anomaly_assistant.serve.service import UploadError, Workbench, safe_name, zip_images
+
+# torch, transformers and gradio are imported inside the tests: collecting this file must stay cheap, since
+# every xdist worker collects every file and the worker that runs test_server.py starts its server after that.
+
+
+def _workbench(*args, **kwargs):
+    from anomaly_assistant.assistant import AnomalyAssistant
+    from anomaly_assistant.serve.service import Workbench
+
+    return Workbench(AnomalyAssistant.expert_only(), *args, **kwargs)
 
 
 def test_top_level_cli_lists_serve_and_demo(capsys):
+    from anomaly_assistant.cli import available_commands
+    from anomaly_assistant.cli import main as top_main
+
     assert {"serve", "demo"} <= set(available_commands())
     with pytest.raises(SystemExit) as done:  # argparse's --help, as in every command
         top_main(["serve", "--help"])
@@ -34,16 +40,22 @@ def test_top_level_cli_lists_serve_and_demo(capsys):
     (["--batch-root", "/no/such/folder"], "--batch-root /no/such/folder: no such folder"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
+    from anomaly_assistant.serve.cli import main
+
     assert main(argv, command="serve") == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
 
 def test_defaults_bind_loopback():
+    from anomaly_assistant.serve.cli import ServeConfig
+
     assert ServeConfig().host == "127.0.0.1"
 
 
 def test_file_names_and_zip_members_are_never_paths():
+    from anomaly_assistant.serve.service import UploadError, safe_name, zip_images
+
     assert safe_name("part 1 (left).png") == "part 1 (left).png"
     for bad in ("../x.png", "a/b.png", "..\\x.png", "x\x00.png"):
         with pytest.raises(UploadError, match="not a plain file name"):
@@ -62,8 +74,12 @@ def test_file_names_and_zip_members_are_never_paths():
 @pytest.fixture(scope="module")
 def expert_client(tmp_path_factory):
     """Expert-only assistant (nothing loads until references are matched) behind auth."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_assistant.serve.app import create_app
+
     store = RecordStore(tmp_path_factory.mktemp("auth") / "records.db")
-    wb = Workbench(AnomalyAssistant.expert_only(), store, "expert-only", max_upload_mb=1)
+    wb = _workbench(store, "expert-only", max_upload_mb=1)
     with TestClient(create_app(wb, auth=("inspector", "s3cret"))) as client:
         yield client
 
@@ -97,6 +113,8 @@ def test_the_ui_asks_for_the_login_too(expert_client):
 
 
 def test_a_model_that_does_not_load_is_one_line_and_exit_1(tmp_path, capsys):
+    from anomaly_assistant.serve.cli import main
+
     assert main(["--model", str(tmp_path / "no-model"), "--db", str(tmp_path / "r.db")], command="serve") == 1
     err = capsys.readouterr().err
     assert err.startswith("anomaly-assistant serve: error:") and err.count("\n") == 1
@@ -107,8 +125,7 @@ def test_a_caller_that_waits_too_long_for_the_model_gets_busy(tmp_path):
 
     from anomaly_assistant.serve.service import Busy
 
-    wb = Workbench(AnomalyAssistant.expert_only(), RecordStore(tmp_path / "r.db"), "expert-only",
-                   concurrency=1, queue_timeout_s=0.2)
+    wb = _workbench(RecordStore(tmp_path / "r.db"), "expert-only", concurrency=1, queue_timeout_s=0.2)
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -129,6 +146,8 @@ def test_a_caller_that_waits_too_long_for_the_model_gets_busy(tmp_path):
 
 
 def test_folder_batches_stay_inside_the_batch_root_after_symlinks(tmp_path):
+    from anomaly_assistant.serve.service import UploadError
+
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "line3").mkdir(parents=True)
     outside.mkdir()
@@ -137,8 +156,7 @@ def test_folder_batches_stay_inside_the_batch_root_after_symlinks(tmp_path):
     (outside / "secret.png").write_bytes(good)
     (root / "line3" / "b.png").symlink_to(outside / "secret.png")  # a file that leads out of the root
     (root / "escape").symlink_to(outside, target_is_directory=True)  # a folder that leads out
-    wb = Workbench(AnomalyAssistant.expert_only(), RecordStore(tmp_path / "r.db"), "expert-only",
-                   batch_root=root)
+    wb = _workbench(RecordStore(tmp_path / "r.db"), "expert-only", batch_root=root)
     for name in ("line3", str(root / "line3"), "line3/../line3"):
         items = wb.folder_items(name)
         assert [n for n, _ in items] == ["a.png", "b.png"] and items[0][1] == good
@@ -153,7 +171,7 @@ def test_folder_batches_stay_inside_the_batch_root_after_symlinks(tmp_path):
     _, rows = wb.batch([("b.png", wb.folder_items("line3")[1][1])])
     assert rows[0]["record_id"] is None and "links outside the batch root" in rows[0]["error"]
     with pytest.raises(UploadError, match="--batch-root DIR") as off:
-        Workbench(AnomalyAssistant.expert_only(), wb.store, "expert-only").folder_items("line3")
+        _workbench(wb.store, "expert-only").folder_items("line3")
     assert off.value.status == 403
 
 
