@@ -13,11 +13,11 @@ from anomaly_assistant.expert.model import AnomalyExpert
 from anomaly_assistant.resources import sample_images, sample_references
 from anomaly_assistant.train.expert_fit import FitConfig, fit_expert
 
-# tiny budget: 12 training views, 6 held-out views, 12 steps at 128 px (a real fit uses the defaults)
+# tiny budget: 8 training views, 6 held-out views, 8 steps at 128 px (a real fit uses the defaults)
 TINY = {
-    "views": 12,
+    "views": 8,
     "calibration_views": 6,
-    "steps": 12,
+    "steps": 8,
     "batch_size": 6,
     "image_size": 128,
     "progress": False,

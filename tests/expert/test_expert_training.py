@@ -20,11 +20,11 @@ SIZE = 64  # SynthInspect side and feature-source input: 8x8 / 4x4 level grids k
 def export(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     recs = SynthInspect(size=SIZE, categories=("bottle", "woven"), seed=3).write_mvtec(
-        root / "img", 0, 0, total=24
+        root / "img", 0, 0, total=16
     )
     assert {r.gt_label for r in recs} == {0, 1} and any(r.gt_mask for r in recs)
     datasets.DatasetDict(
-        {"train": expert_dataset(recs[:16]), "validation": expert_dataset(recs[16:])}
+        {"train": expert_dataset(recs[:10]), "validation": expert_dataset(recs[10:])}
     ).save_to_disk(str(root / "expert"))
     return root
 
@@ -46,9 +46,9 @@ def test_training_lowers_the_stage1_loss(export):
         s.mask is not None and s.mask.any() for s in samples
     )
     before = _batch_loss(expert, samples)
-    res = train_expert(expert, samples, steps=30, batch_size=8, learning_rate=3e-3, seed=0)
+    res = train_expert(expert, samples, steps=20, batch_size=8, learning_rate=3e-3, seed=0)
     after = _batch_loss(expert, samples)
-    assert res["steps"] == 30 and after < 0.8 * before, (before, after)
+    assert res["steps"] == 20 and after < 0.8 * before, (before, after)
     # and it learnt something beyond the loss: defects score above normals on the images it saw
     assert validate(expert, samples)["image_auroc"] > 0.8
 
@@ -80,10 +80,7 @@ def test_run_saves_reloads_resumes_and_ablates_the_mask_loss(export, tmp_path):
     sa = trained.state_dict()
     sb = AnomalyExpert.from_pretrained(resumed).state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
-    # without the mask loss the focal / dice terms are never optimised (logged as 0)
-    run(ExpertStageConfig(**base, output_dir=str(tmp_path / "c"), epochs=1, mask_loss=False))
-    row = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["focal"] == 0.0 and row["dice"] == 0.0 and rows[0]["dice"] > 0.0
+    assert rows[0]["dice"] > 0.0
 
 
 def test_cli_train_expert(export, tmp_path):
@@ -91,9 +88,19 @@ def test_cli_train_expert(export, tmp_path):
 
     out = tmp_path / "cli"
     argv = ["train", "expert", "--data", str(export), "--output-dir", str(out), "--epochs", "1"]
-    assert (
-        main([*argv, "--image-size", str(SIZE), "--batch-size", "8", "--no-progress", "--embed-dim", "8"])
-        == 0
-    )
+    flags = [
+        "--image-size",
+        str(SIZE),
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--embed-dim",
+        "8",
+        "--no-mask-loss",
+    ]
+    assert main([*argv, *flags]) == 0
     assert AnomalyExpert.from_pretrained(out / "expert").is_trained
+    # without the mask loss the focal / dice terms are never optimised (logged as 0)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["focal"] == 0.0 and row["dice"] == 0.0
     assert main([*argv, "--epochs", "0"]) == 2  # a config that cannot work is a usage error
