@@ -20,6 +20,12 @@ What the conversion adds to SmolLM2: the `<image>` placeholder and the anomaly m
 (embedding rows set to the mean of the existing rows, so the conversion is deterministic; the LM head is tied
 to them), the projector (random, seeded; trained by the pipeline), and a ChatML chat template with image
 slots and `{% generation %}` markers for TRL's assistant-only loss. Everything else is SmolLM2's own.
+
+Measured on the shared 2-core CPU (load average 9-12 from other jobs, so upper bounds): first-ever
+conversion 69 s (530 MB cache); `build_base` from the cache 6.5-8.5 s (a bf16 copy, 267 MB, loads no faster);
+`AnomalyAssistant.from_pretrained(base_dir(), feature_source=FEATURE_SOURCE)` 29 s; one inspection with 4
+references at the default generation length 14 s (untrained projector: 45 tokens, then end of turn; torch
+with 1 thread; with 2 threads on the loaded machine it was several times slower).
 """
 
 from __future__ import annotations
