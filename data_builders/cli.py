@@ -8,14 +8,13 @@ expected (never an empty dataset and exit 0); usage errors exit 2 (`commands.run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from anomaly_assistant.commands.config import UsageError, parse_config
-from anomaly_assistant.commands.runtime import InputError, note, run_command
+from anomaly_assistant.commands.runtime import InputError, dispatch, note
 from anomaly_assistant.data_builders.build import BuildConfig
 from anomaly_assistant.data_builders.synth_inspect import CATEGORIES
 
@@ -210,30 +209,15 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None, command: str = "data") -> int:
     """`anomaly-assistant data SUBCOMMAND ...`; usage errors print one line and return 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog=PROG, description="Build and inspect training / evaluation data.")
-    sub = top.add_subparsers(dest="sub", metavar="SUBCOMMAND")
-    for name, (_, _, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help"):
-        top.print_help()
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"{PROG}: unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    cls, fn, _ = COMMANDS[name]
-    prog = f"{PROG} {name}"
 
-    def body() -> int:
+    def run_one(name: str, rest: list[str]) -> int:
+        cls, fn, _ = COMMANDS[name]
         try:
-            cfg = parse_config(cls, rest, prog, (cls.__doc__ or "").strip())
+            cfg = parse_config(cls, rest, f"{PROG} {name}", (cls.__doc__ or "").strip())
         except SystemExit as exc:  # --help
             return int(exc.code or 0)
         return int(fn(cfg) or 0)
 
-    return run_command(prog, rest, body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    helps = {name: help_text for name, (_, _, help_text) in COMMANDS.items()}
+    argv = sys.argv[1:] if argv is None else argv
+    return dispatch(argv, PROG, "Build and inspect training / evaluation data.", helps, run_one)

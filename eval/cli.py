@@ -12,7 +12,6 @@ or a report of 0 images.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
-from anomaly_assistant.commands.runtime import InputError, check_model_source, note, run_command
+from anomaly_assistant.commands.runtime import InputError, check_model_source, dispatch, note
 from anomaly_assistant.eval.judge import JudgeConfig
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 
@@ -310,29 +309,14 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None, command: str = "eval") -> int:
     """`anomaly-assistant eval SUBCOMMAND ...`; usage errors print one line and return 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"anomaly-assistant {command}"
-    if not argv or argv[0] in ("-h", "--help"):
-        parser = argparse.ArgumentParser(prog=prog, description="Evaluate the assistant or its expert.")
-        sub = parser.add_subparsers(dest="sub", metavar="SUBCOMMAND")
-        for name, (_, _, help_text) in SUBCOMMANDS.items():
-            sub.add_parser(name, help=help_text)
-        parser.print_help()
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"{prog}: unknown sub-command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
-        return 2
-    cls, run, help_text = SUBCOMMANDS[name]
-    sub_prog = f"{prog} {name}"
 
-    def body() -> int:
-        cfg = parse_config(cls, rest, sub_prog, help_text)
+    def run_one(name: str, rest: list[str]) -> int:
+        cls, run, help_text = SUBCOMMANDS[name]
+        cfg = parse_config(cls, rest, f"{prog} {name}", help_text)
         check_usage(cfg)  # command-line mistakes first, then the data, then the (slow) model
         return run(cfg)
 
-    return run_command(sub_prog, rest, body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    helps = {name: help_text for name, (_, _, help_text) in SUBCOMMANDS.items()}
+    argv = sys.argv[1:] if argv is None else argv
+    return dispatch(argv, prog, "Evaluate the assistant or its expert.", helps, run_one)

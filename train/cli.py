@@ -8,12 +8,11 @@ unusable input (a missing dataset folder, column or image file). Errors print on
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from anomaly_assistant.commands.config import parse_config
-from anomaly_assistant.commands.runtime import run_command
+from anomaly_assistant.commands.runtime import dispatch
 
 PROG = "anomaly-assistant train"
 
@@ -34,33 +33,18 @@ STAGES: dict[str, tuple[str, str, str]] = {
 
 def main(argv: list[str] | None = None, command: str = "train") -> int:
     """`anomaly-assistant train STAGE ...`; errors print one line and return 2 (usage) or 1 (input)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog=PROG, description="Train the chat model, one stage at a time.")
-    sub = top.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (_, _, help_text) in STAGES.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help"):
-        top.print_help()
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in STAGES:
-        print(f"{PROG}: unknown stage {name!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
-        return 2
-    module_name, class_name, _ = STAGES[name]
-    prog = f"{PROG} {name}"
 
-    def body() -> int:  # UsageError -> 2, train.common.InputError -> 1, one line each (commands.runtime)
+    def run_one(name: str, rest: list[str]) -> int:  # UsageError -> 2, InputError -> 1 (commands.runtime)
+        module_name, class_name, _ = STAGES[name]
         module = importlib.import_module(module_name)
         config_class = getattr(module, class_name)
         try:
-            config = parse_config(config_class, rest, prog, (config_class.__doc__ or "").strip())
+            config = parse_config(config_class, rest, f"{PROG} {name}", (config_class.__doc__ or "").strip())
         except SystemExit as exc:  # --help
             return int(exc.code or 0)
         print(f"saved {module.run(config)}")
         return 0
 
-    return run_command(prog, rest, body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    helps = {name: help_text for name, (_, _, help_text) in STAGES.items()}
+    argv = sys.argv[1:] if argv is None else argv
+    return dispatch(argv, PROG, "Train the chat model, one stage at a time.", helps, run_one, noun="stage")

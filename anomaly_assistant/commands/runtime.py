@@ -216,6 +216,29 @@ def run_command(prog: str, argv: Sequence[str], body: Callable[[], int | None]) 
             return EXIT_FAILED
 
 
+def dispatch(argv: Sequence[str], prog: str, description: str, choices: dict[str, str],
+             run_one: Callable[[str, list[str]], int | None], noun: str = "sub-command") -> int:
+    """`prog NAME ...` for a command with sub-commands (data, eval, train): the one place that lists them.
+
+    No name or `-h` prints the list; an unknown name is a one-line usage error (exit 2); otherwise
+    `run_one(name, rest)` runs under `run_command`, so every sub-command gets the same exit codes and
+    verbosity.
+    """
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        sub = parser.add_subparsers(metavar=noun.upper().replace("-", ""))
+        for name, help_text in choices.items():
+            sub.add_parser(name, help=help_text, add_help=False)
+        parser.print_help()
+        return EXIT_OK
+    name, rest = argv[0], argv[1:]
+    if name not in choices:
+        error(f"{prog}: unknown {noun} {name!r}; choose from {', '.join(choices)}")
+        return EXIT_USAGE
+    return run_command(f"{prog} {name}", rest, lambda: run_one(name, rest))
+
+
 def _traceback_if_verbose() -> None:
     if _verbosity == VERBOSE:
         traceback.print_exc(file=sys.stderr)
