@@ -93,7 +93,7 @@ def _header(finding: Finding, width: int) -> Image.Image:
     draw.text((13 - left, 17 - (bottom + top) / 2), verdict, fill=(255, 255, 255), font=font)
     parts = []
     if finding.score is not None:
-        parts.append(f"score {finding.score:.2f}")
+        parts.append(f"score {finding.score:.3f}")  # 0.495 must not read as the 0.50 cut
     if finding.defect_type:
         parts.append(finding.defect_type)
     text = "  ·  ".join(parts)
