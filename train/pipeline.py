@@ -248,6 +248,26 @@ def _log(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
 
 
+def _chat_stage(label: str, module: Any, settings: Any, model_dir: Path, data: Path, stage_out: Path,
+                timings: dict[str, float]) -> Path:
+    """Run one chat-model stage (SFT or GRPO) from `model_dir` into `stage_out`, unless it already finished.
+
+    Returns the stage's final folder; a rerun of the pipeline skips a finished stage and resumes an unfinished
+    one. Its time is recorded under the folder's name.
+    """
+    final = stage_out / "final"
+    if _done(final / "training_config.json"):
+        _log(f"{label} is complete, skipped")
+        return final
+    stage = copy.copy(settings)
+    stage.model, stage.data, stage.output_dir, stage.resume = str(model_dir), str(data), str(stage_out), True
+    started = time.perf_counter()
+    _log(label)
+    module.run(stage)
+    timings[stage_out.name] = time.perf_counter() - started
+    return final
+
+
 def run(config: PipelineConfig) -> Path:
     """Run the stages that are not finished yet, then write the final model and its card; returns DIR."""
     from anomaly_assistant.train import expert as expert_stage
@@ -304,39 +324,8 @@ def run(config: PipelineConfig) -> Path:
         del model
     transfer = json.loads((start_dir / "expert_transfer.json").read_text())
 
-    # stage 2
-    sft_final = out / "sft" / "final"
-    if not _done(sft_final / "training_config.json"):
-        stage = copy.copy(config.sft)
-        stage.model, stage.data, stage.output_dir, stage.resume = (
-            str(start_dir),
-            str(data),
-            str(out / "sft"),
-            True,
-        )
-        started = time.perf_counter()
-        _log("stage 2: SFT")
-        sft_stage.run(stage)
-        timings["sft"] = time.perf_counter() - started
-    else:
-        _log("stage 2: SFT is complete, skipped")
-
-    # stage 3
-    grpo_final = out / "grpo" / "final"
-    if not _done(grpo_final / "training_config.json"):
-        stage = copy.copy(config.grpo)
-        stage.model, stage.data, stage.output_dir, stage.resume = (
-            str(sft_final),
-            str(data),
-            str(out / "grpo"),
-            True,
-        )
-        started = time.perf_counter()
-        _log("stage 3: GRPO")
-        grpo_stage.run(stage)
-        timings["grpo"] = time.perf_counter() - started
-    else:
-        _log("stage 3: GRPO is complete, skipped")
+    sft_final = _chat_stage("stage 2: SFT", sft_stage, config.sft, start_dir, data, out / "sft", timings)
+    grpo_final = _chat_stage("stage 3: GRPO", grpo_stage, config.grpo, sft_final, data, out / "grpo", timings)
 
     # final model + card
     if not _done(out / CARD_NAME):
