@@ -1,6 +1,6 @@
 """AnomalyAssistant and ChatSession: the multi-turn API that the CLI, UI, HTTP API and evaluation call.
 
-    assistant = AnomalyAssistant.from_pretrained("path/or/hub-id")  # or "tiny" for an offline toy model
+    assistant = AnomalyAssistant.from_pretrained()  # the embedded default model; or a folder / hub id
     session = assistant.chat(references=["good1.png", "good2.png"])
     finding = session.inspect("part.png")      # Finding: verdict, score, boxes (original px), map, rationale
     session.ask("What could have caused it?")  # follow-ups see the whole history
@@ -85,17 +85,21 @@ class AnomalyAssistant:
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu",
+    def from_pretrained(cls, path_or_id: str | None = None, device: str | torch.device = "cpu",
                         feature_source: str = "backbone", threshold: float = DEFAULT_THRESHOLD,
                         **model_kwargs: Any) -> AnomalyAssistant:
         """Load an anomaly checkpoint, or wrap a plain Qwen2.5-VL / LLaVA-OneVision / LLaVA with a new expert.
 
-        `"tiny"` / `"tiny:<family>"` builds a tiny random model in code (offline demos and tests).
+        None loads the embedded default model (`default_model.model_dir()`: an ordinary checkpoint folder,
+        assembled offline from installed packages on first use). `"tiny"` / `"tiny:<family>"` builds a tiny
+        random model in code (offline demos and tests).
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        from . import modeling
+        from . import default_model, modeling
 
+        if path_or_id is None:
+            path_or_id = str(default_model.model_dir())
         if path_or_id == "tiny" or path_or_id.startswith("tiny:"):
             family = path_or_id.partition(":")[2] or "qwen2_5_vl"
             model, processor = modeling.tiny_anomaly_model(family, feature_source=feature_source)

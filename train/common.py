@@ -205,8 +205,10 @@ def load_model(config: StageConfig, device: str) -> LoadedModel:
 
     from anomaly_assistant import modeling  # noqa: F401  registers the anomaly classes with the Auto* classes
 
+    from anomaly_assistant import default_model
+
     dtype = torch.float32 if device == "cpu" else "auto"
-    source, is_anomaly_dir = config.model, False
+    source, is_anomaly_dir = default_model.resolve_source(config.model), False
     if not is_tiny(source):
         runtime.check_model_source(source)  # a hub id without network fails now, not after hub retries
         try:

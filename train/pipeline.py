@@ -108,7 +108,7 @@ class PipelineConfig:
     model: str = field(
         default="tiny:qwen2_5_vl",
         metadata={
-            "help": "starting model: tiny:<family>, a plain Qwen2.5-VL / LLaVA(-OneVision) checkpoint, or an "
+            "help": "starting model: tiny:<family>, default-base (the default model's base), a plain Qwen2.5-VL / LLaVA(-OneVision) checkpoint, or an "
             "anomaly checkpoint folder"
         },
     )
@@ -275,9 +275,13 @@ def run(config: PipelineConfig) -> Path:
     from anomaly_assistant.train import sft as sft_stage
     from anomaly_assistant.train.common import InputError, is_tiny
 
+    from anomaly_assistant import default_model
+
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
+    config = copy.copy(config)
+    config.model = default_model.resolve_source(config.model)
     (out / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=1) + "\n")
     timings: dict[str, float] = {}
     family = _family(config.model)
@@ -356,7 +360,7 @@ def run(config: PipelineConfig) -> Path:
 
 
 def _family(model: str) -> str:
-    from anomaly_assistant import backbones
+    from anomaly_assistant import backbones, modeling  # noqa: F401  modeling registers every family's classes
     from anomaly_assistant.train.common import is_tiny
 
     if is_tiny(model):

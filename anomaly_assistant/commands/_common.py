@@ -43,7 +43,8 @@ from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "InputError", "UsageError", "note"]
 
 MODEL_HELP = (
-    "model to load: a Hugging Face hub id, a local checkpoint directory, or `tiny` / `tiny:<family>` "
+    "model to load (default: the embedded default model, SmolLM2-135M + EfficientNet-Lite0, offline): a "
+    "Hugging Face hub id, a local checkpoint directory, or `tiny` / `tiny:<family>` "
     "(a small random model built offline, for trying the commands; families: qwen2_5_vl, llava_onevision, "
     "llava)"
 )
@@ -154,22 +155,29 @@ def load_assistant(
     device: str = "auto",
     max_new_tokens: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    expert_only: bool = False,
 ) -> Any:
-    """`AnomalyAssistant.from_pretrained(model)`, or an expert-only assistant when `model` is None.
+    """An expert-only assistant, or `AnomalyAssistant.from_pretrained(model)` (None: the default model).
 
     Raises InputError (exit 1) when the model cannot be loaded: a missing folder, a hub id without network (at
-    once in offline mode, else after one request), a checkpoint of an unsupported family.
+    once in offline mode, else after one request), a checkpoint of an unsupported family, the default model's
+    package not installed (the message has the install command).
     """
     from anomaly_assistant.assistant import AnomalyAssistant
+    from anomaly_assistant.default_model import DefaultModelUnavailable
 
-    if model is None:
+    if expert_only:
         return AnomalyAssistant.expert_only(threshold=threshold)
     device = resolve_device(device)
-    check_model_source(model)
-    note(f"loading model {model} on {device} ...")
+    if model is not None:
+        check_model_source(model)
+    name = model or "the embedded default model (SmolLM2-135M + EfficientNet-Lite0)"
+    note(f"loading {name} on {device} ...")
     try:
         with quiet_stdout():
             assistant = AnomalyAssistant.from_pretrained(model, device=device, threshold=threshold)
+    except DefaultModelUnavailable as exc:
+        raise InputError(f"{exc}; or screen without a model: --expert-only --references DIR") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"could not load model {model!r}: {exc}") from exc
     if max_new_tokens is not None:

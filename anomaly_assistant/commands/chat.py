@@ -45,7 +45,7 @@ def build_parser(prog: str = "anomaly-assistant chat") -> argparse.ArgumentParse
         epilog="in-chat commands:\n"
         + COMMANDS_HELP
         + "\n\nexample:\n  printf 'What is the defect?\\n/quit\\n' | "
-        "anomaly-assistant chat part.png --model tiny",
+        "anomaly-assistant chat part.png --references good/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", metavar="IMAGE", help="the image to inspect and talk about")
@@ -55,13 +55,6 @@ def build_parser(prog: str = "anomaly-assistant chat") -> argparse.ArgumentParse
 
 def _start(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load inputs and the model, run the first inspection; returns (session, finding)."""
-    if not args.model:
-        raise UsageError(
-            "chat needs a language model: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or "
-            "`tiny`). "
-            "Expert-only screening has no language to chat with; for a verdict without a model use "
-            "`anomaly-assistant inspect IMAGE --expert-only --references DIR`"
-        )
     threshold = threshold_of(args)
     if Path(args.image).is_dir():
         raise UsageError(f"{args.image} is a directory: chat talks about one image file")

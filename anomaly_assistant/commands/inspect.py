@@ -39,8 +39,9 @@ from anomaly_assistant.finding import Finding
 from anomaly_assistant.overlay import render_overlay
 
 EXAMPLES = """examples:
-  anomaly-assistant inspect part.png --references good/            # expert-only screening, no model needed
-  anomaly-assistant inspect test/ --model tiny --json              # JSON lines, one object per image
+  anomaly-assistant inspect part.png --references good/            # the embedded default model
+  anomaly-assistant inspect part.png --expert-only --references good/   # expert only: fast, no rationale
+  anomaly-assistant inspect test/ --model DIR_OR_HUB_ID --json     # another model; JSON lines
   anomaly-assistant inspect --expert-only --save-maps maps/ --references good/ -- test/
   anomaly-assistant inspect -q --recursive --references bottle/train/good -- bottle/test   # MVTec layout
 
@@ -78,7 +79,8 @@ def build_parser(prog: str = "anomaly-assistant inspect") -> argparse.ArgumentPa
     parser.add_argument(
         "--expert-only",
         action="store_true",
-        help="no language model: match pretrained EfficientNet-Lite0 features against --references",
+        help="no language model (fast): match pretrained EfficientNet-Lite0 features against --references; "
+        "verdict, score, map and boxes, no rationale",
     )
     parser.add_argument(
         "--json",
@@ -114,19 +116,7 @@ def choose_mode(args: argparse.Namespace) -> str:
         raise UsageError("--expert-only screens without a model: drop --model, or drop --expert-only")
     if args.expert_only and not args.references:
         raise UsageError("--expert-only needs --references DIR_OR_FILES (known-good images of the same part)")
-    if args.model:
-        return "model"
-    if args.references:
-        if not args.expert_only:
-            note(
-                "note: no --model given, screening with the expert only against the references "
-                "(verdict, score, map, boxes; no rationale)"
-            )
-        return "expert"
-    raise UsageError(
-        "nothing to inspect with: pass --model PATH_OR_ID (a checkpoint directory, a hub id, or `tiny`), "
-        "or --references DIR (known-good images of the part) to screen without a model"
-    )
+    return "expert" if args.expert_only else "model"
 
 
 def _chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
@@ -200,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [it for it in items if it.error is None]
     if todo:  # nothing readable: no reason to load a model
         assistant = load_assistant(
-            args.model if mode == "model" else None, args.device, args.max_new_tokens, threshold
+            args.model, args.device, args.max_new_tokens, threshold, expert_only=mode == "expert"
         )
         inspector = Inspector(assistant, ref_images, args.batch_size)
         note(f"inspecting {len(todo)} image{'s' * (len(todo) != 1)} ...")

@@ -70,10 +70,14 @@ def test_every_question_sees_the_history_and_reset_clears_it(tiny_session):
     assert [t.text for t in session.turns[::2]] == ["after reset"]
 
 
-def test_expert_only_chat_is_refused_with_a_pointer(sample_paths, capsys):
-    assert chat_cmd.main([str(sample_paths["scratch"]), "--references", str(sample_paths["good"])]) == 2
+def test_without_model_chat_uses_the_default_and_says_when_it_is_missing(sample_paths, capsys, monkeypatch,
+                                                                          tmp_path):
+    from anomaly_assistant import default_model
+
+    monkeypatch.setattr(default_model, "SHIPPED_DIR", tmp_path)  # an installation without the trained parts
+    assert chat_cmd.main([str(sample_paths["scratch"]), "--references", str(sample_paths["good"])]) == 1
     err = capsys.readouterr().err
-    assert "chat needs a language model" in err and "inspect IMAGE --expert-only" in err
+    assert "no trained default model" in err and "--expert-only" in err and "Traceback" not in err
 
 
 def test_chat_on_an_unreadable_image_exits_1(bad_inputs, capsys):

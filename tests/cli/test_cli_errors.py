@@ -341,11 +341,12 @@ def test_a_missing_checkpoint_folder_is_an_input_error(command, sample_paths, mv
 
 def test_inspect_recursive_descends_into_folders(sample_paths, capsys):
     root = sample_paths["good"].parent  # samples/{good,test}/*.png
-    rc, _, err = run(capsys, "inspect", "-q", root, "--references", sample_paths["good"])
+    rc, _, err = run(capsys, "inspect", "-q", root, "--expert-only", "--references", sample_paths["good"])
     assert rc == 1  # -q keeps errors
     assert_one_line(err, f"{root}: directory has no images (its subfolders do: add --recursive)")
     rc, out, err = run(
-        capsys, "inspect", "-q", "--recursive", "--references", sample_paths["good"], "--", root
+        capsys, "inspect", "-q", "--recursive", "--expert-only", "--references", sample_paths["good"], "--",
+        root
     )
     assert rc == 0, err
     names = sorted(Path(line.split()[0]).name for line in out.splitlines())
@@ -353,7 +354,8 @@ def test_inspect_recursive_descends_into_folders(sample_paths, capsys):
 
 
 def test_inspect_quiet_prints_only_the_result_lines(sample_paths, capsys):
-    rc, out, err = run(capsys, "inspect", "-q", sample_paths["scratch"], "--references", sample_paths["good"])
+    rc, out, err = run(capsys, "inspect", "-q", sample_paths["scratch"], "--expert-only", "--references",
+                       sample_paths["good"])
     assert rc == 0
     assert err == ""  # no note, no "Loaded pretrained weights", no summary
     (line,) = out.splitlines()
@@ -374,7 +376,8 @@ def test_chat_quiet_prints_the_finding_only(sample_paths, monkeypatch, capsys):
 
 
 def test_inspect_default_output_has_one_note_per_long_step_and_a_summary(sample_paths, capsys):
-    rc, out, err = run(capsys, "inspect", sample_paths["clean"], "--references", sample_paths["good"])
+    rc, out, err = run(capsys, "inspect", sample_paths["clean"], "--expert-only", "--references",
+                       sample_paths["good"])
     assert rc == 0
     assert "fitting the expert to 3 reference images" in err and "Loaded pretrained" not in out + err
     assert out.splitlines()[-1] == "1 image inspected: 0 anomalous, 1 normal"
@@ -384,7 +387,8 @@ def test_inspect_threads(sample_paths, capsys):
     before = torch.get_num_threads()
     try:
         rc, out, err = run(
-            capsys, "inspect", "--threads", "1", sample_paths["stain"], "--references", sample_paths["good"]
+            capsys, "inspect", "--threads", "1", sample_paths["stain"], "--expert-only", "--references",
+            sample_paths["good"]
         )
         assert rc == 0, err
         assert torch.get_num_threads() == 1
@@ -392,7 +396,8 @@ def test_inspect_threads(sample_paths, capsys):
     finally:
         torch.set_num_threads(before)
     rc, out, err = run(
-        capsys, "inspect", "--threads", "0", sample_paths["stain"], "--references", sample_paths["good"]
+        capsys, "inspect", "--threads", "0", sample_paths["stain"], "--expert-only", "--references",
+        sample_paths["good"]
     )
     assert rc == 2 and out == ""
     assert_one_line(err, "--threads must be at least 1")
@@ -462,7 +467,8 @@ def test_an_unknown_command_is_one_line(capsys):
 
 def test_quiet_before_the_command_applies_to_it(sample_paths, capsys):
     rc, out, err = run(
-        capsys, "-q", "inspect", "--references", sample_paths["good"], "--", sample_paths["clean"]
+        capsys, "-q", "inspect", "--expert-only", "--references", sample_paths["good"], "--",
+        sample_paths["clean"]
     )
     assert rc == 0 and err == ""
     assert len(out.splitlines()) == 1 and "NORMAL" in out

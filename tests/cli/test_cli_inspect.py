@@ -83,17 +83,18 @@ def test_saved_overlays_show_map_and_boxes(expert_run, sample_paths):
     assert heat_inside > heat_corner + 10
 
 
-def test_references_alone_fall_back_to_expert_and_bad_inputs_are_skipped(sample_paths, bad_inputs):
+def test_expert_only_screening_skips_bad_inputs_and_reports_each(sample_paths, bad_inputs):
     rc, out, err = run_main(
         bad_inputs["empty"],
         sample_paths["scratch"],
         bad_inputs["text"],
         bad_inputs["missing"],
+        "--expert-only",
         "--references",
         sample_paths["good"],
     )
     assert rc == 1
-    assert "note: no --model given" in err and "Traceback" not in err
+    assert "Traceback" not in err
     assert f"{bad_inputs['empty']}: empty file" in err
     assert f"{bad_inputs['text']}: not a readable image" in err
     assert f"{bad_inputs['missing']}: no such file" in err
@@ -137,7 +138,7 @@ def test_tiny_model_json_schema_with_bad_inputs(sample_paths, bad_inputs):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["part.png"], "pass --model PATH_OR_ID"),
+    ([], "no IMAGE given"),
     (["--references", "good", "part.png"], "put IMAGE... first"),
     (["part.png", "--expert-only"], "--expert-only needs --references"),
     (["part.png", "--expert-only", "--model", "tiny", "--references", "good"], "drop --model"),
@@ -149,7 +150,8 @@ def test_usage_errors_exit_2_and_say_what_to_pass(args, message):
 
 
 def test_unreadable_references_are_a_usage_error(bad_inputs, sample_paths):
-    rc, _, err = run_main(sample_paths["clean"], "--references", bad_inputs["empty"], bad_inputs["text"])
+    rc, _, err = run_main(sample_paths["clean"], "--expert-only", "--references", bad_inputs["empty"],
+                          bad_inputs["text"])
     assert rc == 2
     assert "none of the --references could be read" in err and "empty file" in err
 
@@ -159,7 +161,7 @@ def test_ctrl_c_exits_130(sample_paths, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(inspect_cmd, "load_assistant", interrupted)
-    rc, _, err = run_main(sample_paths["clean"], "--references", sample_paths["good"])
+    rc, _, err = run_main(sample_paths["clean"], "--expert-only", "--references", sample_paths["good"])
     assert rc == 130 and "interrupted" in err
 
 
@@ -174,20 +176,20 @@ def test_threshold_flag_moves_verdicts_and_boxes_together(expert_run, sample_pat
     """Thresholds around the default run's scores flip the clean part to ANOMALOUS, the scratch to NORMAL."""
     scores = {row["image"].rsplit("/", 1)[-1]: row["score"] for row in expert_run[1]}
     rc, out, err = run_main("--json", "--threshold", scores["clean.png"] / 2, sample_paths["clean"],
-                            "--references", sample_paths["good"])
+                            "--expert-only", "--references", sample_paths["good"])
     assert rc == 0, err
     (row,) = json_lines(out)
     assert row["score"] == pytest.approx(scores["clean.png"], abs=1e-4)
     assert row["verdict"] == "anomalous" and row["boxes"]
     rc, out, err = run_main("--threshold", (1 + scores["scratch.png"]) / 2, sample_paths["scratch"],
-                            "--references", sample_paths["good"])
+                            "--expert-only", "--references", sample_paths["good"])
     assert rc == 0, err
     assert out.startswith(f"{sample_paths['scratch']}  NORMAL") and "region" not in out
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
 def test_a_threshold_outside_0_1_exits_2_with_one_line(value, sample_paths):
-    rc, out, err = run_main("--threshold", value, sample_paths["scratch"], "--references",
+    rc, out, err = run_main("--threshold", value, sample_paths["scratch"], "--expert-only", "--references",
                             sample_paths["good"])
     assert rc == 2 and out == ""
     expected = f"anomaly-assistant inspect: --threshold must be a calibrated score in [0, 1], got {value}"
