@@ -8,6 +8,10 @@
    question through the plain backbone processor (no anomaly block, so the expert never runs). A third path, a
    session without references, isolates the expert itself from the reference screener's CNN.
 3. Tokens/s of that generation and the process's peak resident memory (plus peak GPU memory on a GPU).
+4. With `--default-model`: the embedded default model as a user meets it: first-ever setup (conversion of
+   the base + assembly of the shipped parts into an empty cache; `--no-default-model-setup` skips it), loading
+   from the cache, and full inspections (verdict + boxes + rationale at the default generation length, 4
+   references) on the same images: median seconds, tokens, and how many answers parsed.
 
 By default the model is the tiny Qwen2.5-VL built in code. `--real-widths` builds a randomly initialised model
 at Qwen2.5-VL-3B widths (text 2048 × 36 layers, vision 1280 × 32 blocks, real vocabulary; no weights needed)
@@ -52,6 +56,10 @@ class BenchConfig:
     feature_source: str = field(default="backbone", metadata={
         "help": "feature source of the model's expert", "choices": ["backbone", "efficientnet_lite0"]})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    default_model: bool = field(default=False, metadata={
+        "help": "also time the embedded default model: setup, load, full inspections"})
+    default_model_setup: bool = field(default=True, metadata={
+        "help": "with --default-model: time the first-ever setup into an empty temporary cache"})
     category: str = field(default="woven", metadata={"help": "SynthInspect category of the images"})
     seed: int = field(default=0, metadata={"help": "image and weight seed"})
 
@@ -234,6 +242,37 @@ def bench_inspection(cfg: BenchConfig, tests: list[Any], refs: list[Any], device
     return out
 
 
+def bench_default_model(cfg: BenchConfig, tests: list[Any], refs: list[Any]) -> dict[str, Any]:
+    """The default model as a user meets it: setup once, load from the cache, full inspections."""
+    import tempfile
+
+    from anomaly_assistant import AnomalyAssistant, default_model
+
+    out: dict[str, Any] = {}
+    if cfg.default_model_setup:
+        with tempfile.TemporaryDirectory(prefix="aa-bench-cache.") as tmp:
+            t = time.perf_counter()
+            default_model.model_dir(tmp)
+            out["setup_s"] = time.perf_counter() - t
+    default_model.model_dir()  # the user's cache, made here if needed (not timed: the setup above is)
+    t = time.perf_counter()
+    assistant = AnomalyAssistant.from_pretrained()
+    out["load_s"] = time.perf_counter() - t
+    session = assistant.chat(references=refs)
+    session.inspect(tests[0])  # warm-up (lazy screener weights, allocator)
+    times, tokens, parsed = [], [], 0
+    for im in tests[:cfg.inspections]:
+        t = time.perf_counter()
+        finding = session.inspect(im)
+        times.append(time.perf_counter() - t)
+        tokens.append(len(assistant.processor.tokenizer(finding.raw_text)["input_ids"]))
+        parsed += finding.source == "model" and finding.parse_error is None
+    out.update(inspections=len(times), median_inspection_s=statistics.median(times),
+               mean_new_tokens=statistics.mean(tokens), parsed=parsed,
+               max_new_tokens=assistant.generation.max_new_tokens)
+    return out
+
+
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """The whole benchmark on one set of images, so screening and inspection figures are comparable."""
     import torch
@@ -246,6 +285,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     result.update(bench_screening(tests, refs, cfg.repeats))
     note(f"timing inspection on {device} with the expert, without references and without the expert ...")
     result.update(bench_inspection(cfg, tests, refs, device))
+    if cfg.default_model:
+        note("timing the embedded default model: setup, load, full inspections ...")
+        result["default_model"] = bench_default_model(cfg, tests, refs)
     result["peak_rss_mb"] = peak_rss_mb()
     result["seconds"] = time.perf_counter() - t0
     result["config"] = asdict(cfg)
@@ -280,6 +322,12 @@ def write_report(result: dict[str, Any], out_json: Path) -> tuple[Path, Path]:
                 "tokens/s": i["new_tokens"] / i["median_expert_no_references_s"]},
                {"path": "without expert", "median_s": i["median_without_s"],
                 "tokens/s": i["tokens_per_s_without_expert"]}])
+    if "default_model" in result:
+        d = result["default_model"]
+        rep.heading("Embedded default model")
+        rep.table([{"first setup s": d.get("setup_s"), "load s": d["load_s"],
+                    "median inspection s": d["median_inspection_s"], "mean tokens": d["mean_new_tokens"],
+                    "parsed": f"{d['parsed']}/{d['inspections']}"}])
     rep.heading("Figures")
     rep.figure(R.plot_bars({"screening": {"extract_s": s["extract_s"], "match_s": s["match_s"],
                                           "other_s": s["other_s"]},
@@ -305,7 +353,12 @@ def main(argv: list[str] | None = None, command: str = "bench") -> int:
         md, html = write_report(result, out)
         result["report"] = {"markdown": md.name, "html": html.name}
         cli.write_json(result, out)
-        print(json.dumps({k: result[k] for k in KEYS}))
+        summary = {k: result[k] for k in KEYS}
+        if "default_model" in result:
+            d = result["default_model"]
+            summary |= {"default_setup_s": d.get("setup_s"), "default_load_s": d["load_s"],
+                        "default_inspection_s": d["median_inspection_s"]}
+        print(json.dumps(summary))
         note(f"wrote {out}, {md}, {html}")
         return 0
 

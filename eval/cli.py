@@ -30,7 +30,8 @@ from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 class ModelArgs:
     """How to build the assistant (shared by every sub-command)."""
 
-    model: str | None = field(default=None, metadata={"help": "checkpoint directory or hub id"})
+    model: str | None = field(default=None, metadata={
+        "help": "checkpoint directory or hub id (default: the embedded default model)"})
     expert_only: bool = field(default=False, metadata={
         "help": "no LLM generation: the expert screens (no --model needed; with --model, that model's "
                 "expert)"})
@@ -111,6 +112,7 @@ class MMADConfig(ModelArgs):
 def build_assistant(cfg: ModelArgs) -> Any:
     """`AnomalyAssistant.expert_only(...)` or `.from_pretrained(...)`: eval never touches model internals."""
     from anomaly_assistant import AnomalyAssistant
+    from anomaly_assistant.default_model import DefaultModelUnavailable
 
     if cfg.expert_only and not cfg.model:
         return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0",
@@ -119,20 +121,20 @@ def build_assistant(cfg: ModelArgs) -> Any:
     check_usage(cfg)
     kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
     device = resolve_device(cfg.device)
-    check_model_source(cfg.model)
-    note(f"loading model {cfg.model} on {device} ...")
+    if cfg.model:
+        check_model_source(cfg.model)
+    note(f"loading model {cfg.model or 'the embedded default model'} on {device} ...")
     try:
         return AnomalyAssistant.from_pretrained(cfg.model, device=device, threshold=cfg.threshold, **kwargs)
+    except DefaultModelUnavailable as exc:
+        raise InputError(f"{exc}; or evaluate the expert alone: --expert-only") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"could not load model {cfg.model!r}: {exc}") from exc
 
 
 def check_usage(cfg: ModelArgs) -> None:
-    """UsageError for what the command line alone gets wrong: the device, a missing --model."""
+    """UsageError for what the command line alone gets wrong (the device)."""
     resolve_device(cfg.device)
-    if not cfg.model and not cfg.expert_only:
-        raise UsageError("--model is required unless --expert-only is given (`--model tiny` builds a toy "
-                         "model)")
 
 
 def check_data_exists(data: str) -> Path:
@@ -160,9 +162,9 @@ def check_ad_inputs(cfg: ADConfig) -> None:
         raise UsageError(f"unknown --category {cfg.category!r}: {root} has {', '.join(categories)}")
     good = root / cfg.category / "train" / "good"
     n_good = sum(1 for p in good.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if good.is_dir() else 0
-    if cfg.shots < 0 or (cfg.shots == 0 and not cfg.model):
+    if cfg.shots < 0 or (cfg.shots == 0 and cfg.expert_only and not cfg.model):
         raise UsageError(f"--shots must be at least 1 (reference normals from {good}); zero-shot (--shots 0) "
-                         "needs a --model whose expert is trained")
+                         "needs a model whose expert is trained (drop --expert-only)")
     if cfg.shots > 0 and n_good == 0:
         raise InputError(f"{good}: no normal images to take --shots {cfg.shots} references from")
     if cfg.shots > n_good:
@@ -188,7 +190,7 @@ def mode(cfg: ModelArgs) -> str:
         return f"expert of {cfg.model}"
     if cfg.expert_only:
         return f"expert-only ({cfg.feature_source or 'efficientnet_lite0'})"
-    return f"assistant ({cfg.model})"
+    return f"assistant ({cfg.model or 'default model'})"
 
 
 def write_json(result: dict[str, Any], out: str | Path) -> Path:
