@@ -156,6 +156,7 @@ def load_assistant(
     max_new_tokens: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     expert_only: bool = False,
+    expert: str | None = None,
 ) -> Any:
     """An expert-only assistant, or `AnomalyAssistant.from_pretrained(model)` (None: the default model).
 
@@ -166,8 +167,11 @@ def load_assistant(
     from anomaly_assistant.assistant import AnomalyAssistant
     from anomaly_assistant.default_model import DefaultModelUnavailable
 
-    if expert_only:
-        return AnomalyAssistant.expert_only(threshold=threshold)
+    if expert_only or expert:
+        try:
+            return AnomalyAssistant.expert_only(threshold=threshold, expert=expert)
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"could not load the fitted expert {expert!r}: {exc}") from exc
     device = resolve_device(device)
     if model is not None:
         check_model_source(model)
@@ -203,7 +207,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
 
-# What the library's "map source: X" tag means, for a person (the JSON output keeps the tag).
+# What `Finding.map_source` means, for a person (the JSON output keeps the tag itself).
 _MAP_SOURCES = {
     "reference": "compared with {refs}",
     "ltfm": "judged by the trained expert",
@@ -211,12 +215,11 @@ _MAP_SOURCES = {
 }
 
 
-def _note_in_words(text: str, references: int | None) -> str:
-    tag = text.removeprefix("map source: ")
-    if tag == text or tag not in _MAP_SOURCES:
-        return text
+def _map_source_in_words(map_source: str, references: int | None) -> str:
+    if map_source not in _MAP_SOURCES:  # e.g. a fitted expert's own description
+        return f"map source: {map_source}"
     refs = _plural(references, "reference image") if references else "the reference images"
-    return _MAP_SOURCES[tag].format(refs=refs)
+    return _MAP_SOURCES[map_source].format(refs=refs)
 
 
 def format_finding(finding: Finding, name: str | None = None, references: int | None = None) -> str:
@@ -241,8 +244,10 @@ def format_finding(finding: Finding, name: str | None = None, references: int | 
         parts.append(f"defect: {finding.defect_type}")
     if finding.rationale:
         parts.append(f"why: {' '.join(finding.rationale.split())}")
-    notes = [_note_in_words(n, references) for n in finding.notes]
-    if references and not any("reference" in n for n in notes):  # a model's answer carries no map note
+    notes = list(finding.notes)
+    if finding.map_source and finding.source == "expert":  # the verdict came from the map: say whose map
+        notes.insert(0, _map_source_in_words(finding.map_source, references))
+    if references and not any("reference" in n for n in notes):  # a model's verdict: no map words above
         notes.append(f"compared with {_plural(references, 'reference image')}")
     parts.extend(notes)
     if finding.parse_error:  # the details are in --json's parse_error

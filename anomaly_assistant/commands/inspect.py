@@ -19,6 +19,7 @@ from anomaly_assistant.commands._common import (
     EXIT_FAILED,
     EXIT_OK,
     CommandParser,
+    InputError,
     Loaded,
     UsageError,
     add_model_arguments,
@@ -41,6 +42,7 @@ from anomaly_assistant.overlay import render_overlay
 EXAMPLES = """examples:
   anomaly-assistant inspect part.png --references good/            # the embedded default model
   anomaly-assistant inspect part.png --expert-only --references good/   # expert only: fast, no rationale
+  anomaly-assistant inspect test/ --expert my-part-expert/         # an expert fitted by `expert fit`
   anomaly-assistant inspect test/ --model DIR_OR_HUB_ID --json     # another model; JSON lines
   anomaly-assistant inspect --expert-only --save-maps maps/ --references good/ -- test/
   anomaly-assistant inspect -q --recursive --references bottle/train/good -- bottle/test   # MVTec layout
@@ -83,6 +85,12 @@ def build_parser(prog: str = "anomaly-assistant inspect") -> argparse.ArgumentPa
         "verdict, score, map and boxes, no rationale",
     )
     parser.add_argument(
+        "--expert",
+        metavar="EXPERT_DIR",
+        help="screen with the expert alone, fitted to this part by `anomaly-assistant expert fit` (it "
+        "remembers its references and calibration: no --references needed)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per image on stdout (Finding keys; {image, error} on failure)",
@@ -112,8 +120,15 @@ def choose_mode(args: argparse.Namespace) -> str:
             else ""
         )
         raise UsageError(f"no IMAGE given: pass image files or directories to inspect{hint}")
-    if args.model and args.expert_only:
-        raise UsageError("--expert-only screens without a model: drop --model, or drop --expert-only")
+    if args.model and (args.expert_only or args.expert):
+        raise UsageError("--expert-only / --expert screen without a model: drop --model, or drop them")
+    if args.expert:
+        if not (Path(args.expert) / "fit.json").is_file():  # expert.fitted.FIT_NAME
+            raise InputError(
+                f"--expert {args.expert}: not a folder written by `anomaly-assistant expert fit` "
+                "(no fit.json)"
+            )
+        return "expert"
     if args.expert_only and not args.references:
         raise UsageError("--expert-only needs --references DIR_OR_FILES (known-good images of the same part)")
     return "expert" if args.expert_only else "model"
@@ -190,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
     todo = [it for it in items if it.error is None]
     if todo:  # nothing readable: no reason to load a model
         assistant = load_assistant(
-            args.model, args.device, args.max_new_tokens, threshold, expert_only=mode == "expert"
+            args.model, args.device, args.max_new_tokens, threshold, expert_only=mode == "expert",
+            expert=args.expert,
         )
         inspector = Inspector(assistant, ref_images, args.batch_size)
         note(f"inspecting {len(todo)} image{'s' * (len(todo) != 1)} ...")

@@ -19,7 +19,10 @@ from anomaly_assistant.commands import _common
 from anomaly_assistant.commands import inspect as inspect_cmd
 from anomaly_assistant.finding import VERDICTS, Box, Finding
 
-KEYS = {"image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source"}
+KEYS = {
+    "image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source",
+    "map_source",
+}
 # Where make_samples.py draws the defects on the 160² crops: the scratch's line and the stain's disc
 # (x1, y1, x2, y2).
 SCRATCH_BOX = Box(40, 48, 120, 104)
@@ -54,6 +57,7 @@ def test_expert_only_screens_bundled_samples(expert_run):
         assert KEYS <= set(row), set(row)
         assert "anomaly_map" not in row and "error" not in row
         assert row["source"] == "expert" and row["rationale"] == "" and row["parse_error"] is None
+        assert row["map_source"] == "reference" and not any("map source" in n for n in row["notes"])
     assert by_stem["clean"]["verdict"] == "normal" and by_stem["clean"]["boxes"] == []
     assert by_stem["scratch"]["verdict"] == "anomalous" and by_stem["stain"]["verdict"] == "anomalous"
     assert by_stem["clean"]["score"] < 0.5 < min(by_stem["scratch"]["score"], by_stem["stain"]["score"])
@@ -165,6 +169,21 @@ def test_ctrl_c_exits_130(sample_paths, monkeypatch):
     assert rc == 130 and "interrupted" in err
 
 
+def test_the_line_puts_the_map_source_in_words():
+    def line(**kw):
+        return _common.format_finding(Finding(verdict="anomalous", score=0.8, **kw), "x.png", references=3)
+
+    assert line(source="expert", map_source="reference").endswith("  compared with 3 reference images")
+    assert line(source="expert", map_source="ltfm+reference").endswith(
+        "  judged by the trained expert and compared with 3 reference images")
+    fitted = "fitted expert (trained LTFM fused with reference matching)"  # FittedExpert.map_source
+    assert line(source="expert", map_source=fitted).endswith(f"  map source: {fitted}")  # shown as it is
+    # the model decided: its map's source is not what judged the part
+    assert line(source="model", map_source="ltfm").endswith(
+        "  no region marked  compared with 3 reference images")
+    assert "map source" not in line(source="expert")
+
+
 def test_json_line_survives_unicode_line_separators():
     text = "crack\u2028left edge\x85and\nbelow, é"
     line = _common.json_line({"rationale": text})
@@ -194,3 +213,22 @@ def test_a_threshold_outside_0_1_exits_2_with_one_line(value, sample_paths):
     assert rc == 2 and out == ""
     expected = f"anomaly-assistant inspect: --threshold must be a calibrated score in [0, 1], got {value}"
     assert err.strip() == expected
+
+
+def test_inspect_with_a_fitted_expert_needs_no_references(sample_paths, tmp_path):
+    from PIL import Image
+
+    from anomaly_assistant.resources import sample_references
+    from anomaly_assistant.train.expert_fit import FitConfig, fit_expert
+
+    normals = [Image.open(p).convert("RGB") for p in sample_references()]
+    config = FitConfig(views=8, calibration_views=6, steps=8, batch_size=6, image_size=128, progress=False)
+    fit_expert(normals, config).save(tmp_path / "fit")
+    rc, out, err = run_main("--json", "--expert", tmp_path / "fit", sample_paths["scratch"],
+                            sample_paths["clean"])
+    assert rc == 0, err
+    rows = {row["image"].rsplit("/", 1)[-1]: row for row in json_lines(out)}
+    assert rows["scratch.png"]["verdict"] == "anomalous" and rows["scratch.png"]["source"] == "expert"
+    assert rows["clean.png"]["verdict"] == "normal"
+    rc, out, err = run_main("--expert", tmp_path, sample_paths["scratch"])  # not a fitted-expert folder
+    assert rc == 1 and out == "" and "no fit.json" in err and "Traceback" not in err
