@@ -267,8 +267,7 @@ class AnomalyAssistant:
             verdict="anomalous" if anomalous else "normal", score=float(score),
             boxes=boxes_from_map(amap, threshold) if anomalous else [],
             anomaly_map=amap.astype(np.float32), source="expert", image_size=image.size,
-            image_path=_path_of(source),
-            notes=[f"map source: {map_source}"],
+            image_path=_path_of(source), map_source=map_source,
         )
 
     def _finding_from_text(self, image: Image.Image, text: str, output: Any, match: Any, source: Any,
@@ -276,9 +275,10 @@ class AnomalyAssistant:
         """Parse the model's answer; fall back to the expert's verdict and map when it does not parse."""
         from .backbones import family_of, get
 
-        amap, score, notes = None, None, []
+        amap, score, map_source, notes = None, None, None, []
         if output is not None and output.meaningful:
             amap, score = _upsample(output.anomaly_map.detach(), image.size), float(output.score)
+            map_source = output.map_source  # "reference" also when the full-resolution match map is used
             if match is not None and output.map_source == "reference":
                 amap = match.anomaly_map.numpy()  # the full-resolution reference map, not its token-grid copy
         else:
@@ -291,7 +291,7 @@ class AnomalyAssistant:
                 verdict=parsed.verdict, score=score, boxes=parsed.boxes, defect_type=parsed.defect_type,
                 rationale=parsed.rationale, think=parsed.think, anomaly_map=amap, raw_text=text,
                 parse_error="; ".join(parsed.problems) or None, source="model", image_size=image.size,
-                image_path=path, notes=notes,
+                image_path=path, notes=notes, map_source=map_source,
             )
         problem = "; ".join(parsed.problems) or "answer did not parse"
         if score is None:
@@ -304,6 +304,7 @@ class AnomalyAssistant:
             verdict="anomalous" if anomalous else "normal", score=score,
             boxes=boxes_from_map(amap, threshold) if anomalous else [], anomaly_map=amap, raw_text=text,
             parse_error=problem, source="expert", image_size=image.size, image_path=path, notes=notes,
+            map_source=map_source,
         )
 
 

@@ -150,6 +150,22 @@ def _decode_map(data: dict[str, Any]) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
+_LEGACY_MAP_NOTE = "map source: "
+
+
+def split_legacy_map_source(data: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """(map_source, notes) of a Finding's JSON, also for JSON written before `map_source` was a field.
+
+    Such JSON (older `--json` output, older server records) has no "map_source" key and carries the tag
+    as a note "map source: X" instead; that note becomes the field and leaves the notes.
+    """
+    notes = [str(n) for n in data.get("notes") or []]
+    if "map_source" in data:
+        return data["map_source"], notes
+    tags = [n.removeprefix(_LEGACY_MAP_NOTE) for n in notes if n.startswith(_LEGACY_MAP_NOTE)]
+    return (tags[0] if tags else None), [n for n in notes if not n.startswith(_LEGACY_MAP_NOTE)]
+
+
 @dataclass
 class Finding:
     """One structured answer about one image.
@@ -158,6 +174,9 @@ class Finding:
     original pixels; `anomaly_map` is an (H, W) float32 array in [0, 1] at the original resolution
     when the expert produced one. `parse_error` records why the model's text did not parse (then the
     verdict and map come from the expert); `source` says who decided ("model" or "expert").
+    `map_source` says where the anomaly map came from: the expert's tag ("reference" = matched against the
+    reference images, "ltfm" = the trained expert, "ltfm+reference" = both, or a fitted expert's own
+    description); None when there is no map.
     """
 
     verdict: Verdict = "normal"
@@ -173,6 +192,7 @@ class Finding:
     image_size: tuple[int, int] | None = None  # (width, height)
     image_path: str | None = None
     notes: list[str] = field(default_factory=list)  # plain-language caveats (e.g. "no anomaly map: ...")
+    map_source: str | None = None  # where `anomaly_map` came from ("reference", "ltfm", ...); None: no map
 
     @property
     def is_anomalous(self) -> bool:
@@ -201,6 +221,7 @@ class Finding:
             "source": self.source,
             "image_size": list(self.image_size) if self.image_size else None,
             "notes": list(self.notes),
+            "map_source": self.map_source,
         }
         if include_map and self.anomaly_map is not None:
             out["anomaly_map"] = _encode_map(self.anomaly_map)
@@ -220,6 +241,7 @@ class Finding:
             boxes.append(box)
         amap = data.get("anomaly_map")
         size = data.get("image_size")
+        map_source, notes = split_legacy_map_source(data)
         return cls(
             verdict=data.get("verdict", "normal"),
             score=data.get("score"),
@@ -233,7 +255,8 @@ class Finding:
             source=data.get("source", "model"),
             image_size=tuple(size) if size else None,  # type: ignore[arg-type]
             image_path=data.get("image"),
-            notes=list(data.get("notes") or []),
+            notes=notes,
+            map_source=map_source,
         )
 
     @classmethod

@@ -78,7 +78,7 @@ def _details(inspection: Inspection | None, errors: list[str] = ()) -> str:
         if f.parse_error:
             lines.append("*The model's written answer did not follow the answer format, so the verdict comes "
                          "from the anomaly expert.*")
-        lines += [f"*Note: {html.escape(n)}*" for n in f.notes if not n.startswith("map source")]
+        lines += [f"*Note: {html.escape(n)}*" for n in f.notes]
     return "\n\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anomaly_assistant.finding import Finding
+from anomaly_assistant.finding import Finding, split_legacy_map_source
 
 SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 OPERATOR_VERDICTS = ("confirmed", "overruled: normal", "overruled: anomalous")
@@ -304,6 +304,9 @@ def _write_file(path: Path, data: bytes) -> None:
 def _record(row: sqlite3.Row) -> Record:
     d = dict(row)
     d["boxes"] = json.loads(d["boxes"])
-    d["finding"] = json.loads(d["finding"])
+    finding = json.loads(d["finding"])
+    # Records written before Finding.map_source carry it as a "map source: X" note: same shape as new ones.
+    finding["map_source"], finding["notes"] = split_legacy_map_source(finding)
+    d["finding"] = finding
     d["chat"] = json.loads(d["chat"])
     return Record(**d)

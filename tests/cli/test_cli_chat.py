@@ -13,6 +13,7 @@ from anomaly_assistant.commands import chat as chat_cmd
 
 FINDING_KEYS = {
     "image", "verdict", "score", "boxes", "defect_type", "rationale", "parse_error", "notes", "source",
+    "map_source",
 }
 
 

@@ -33,6 +33,20 @@ def test_finding_json_round_trip_with_map():
     assert "anomaly_map" not in finding.to_json(include_map=False)
 
 
+def test_map_source_round_trips_and_json_without_it_still_loads():
+    finding = Finding(verdict="anomalous", score=0.7, source="expert", map_source="reference")
+    data = finding.to_json()
+    assert data["map_source"] == "reference" and data["notes"] == []
+    assert Finding.from_json(data).map_source == "reference"
+    del data["map_source"]  # JSON written before the field existed
+    assert Finding.from_json(data).map_source is None
+    # ... which carried the tag as a note: it becomes the field, the other notes stay
+    old = data | {"notes": ["map source: ltfm+reference", "something else"]}
+    back = Finding.from_json(old)
+    assert back.map_source == "ltfm+reference" and back.notes == ["something else"]
+    assert Finding.from_json({"verdict": "normal"}).map_source is None
+
+
 def test_non_finite_score_serialises_as_null():
     assert Finding(score=float("nan")).to_json()["score"] is None
 

@@ -97,7 +97,7 @@ def test_assistant_screens_with_a_fitted_expert_and_no_references(fitted, tmp_pa
     a, b = assistant.screen([clean, scratch])
     assert a.verdict == "normal" and b.verdict == "anomalous" and b.boxes
     assert a.score == pytest.approx(fitted.predict([Image.open(clean).convert("RGB")])[0].score, abs=1e-6)
-    assert any("fitted expert" in n for n in b.notes)
+    assert "fitted expert" in b.map_source and not any("map source" in n for n in b.notes)
     session = assistant.chat()
     assert session.inspect(scratch).verdict == "anomalous"
 

@@ -71,13 +71,15 @@ def test_malformed_answer_falls_back_to_the_expert(assistant, references):
     assert finding.anomaly_map is not None and finding.anomaly_map.shape == (120, 160)
     assert finding.verdict == ("anomalous" if finding.score >= 0.5 else "normal")
     assert finding.raw_text.startswith("I think it is fine")
+    assert finding.map_source == "reference"  # untrained expert + references: the reference match's map
     back = Finding.loads(finding.dumps())
     assert back.parse_error == finding.parse_error and back.verdict == finding.verdict
+    assert back.map_source == "reference"
 
 
 def test_no_references_and_untrained_expert_says_so(assistant):
     finding = assistant.chat().inspect(_texture(11), max_new_tokens=8)
-    assert finding.anomaly_map is None and finding.score is None
+    assert finding.anomaly_map is None and finding.score is None and finding.map_source is None
     assert any("no anomaly map" in n for n in finding.notes)
     assert finding.parse_error  # a random tiny model does not write the grammar
     with pytest.raises(ValueError, match="no reference images"):
@@ -115,6 +117,8 @@ def test_expert_only_screening_needs_no_model(references):
     assert not screener.has_llm
     good, bad = screener.screen([_texture(20), _texture(21, defect=True)], references=references)
     assert good.anomaly_map.shape == (120, 160) and bad.source == "expert"
+    assert good.map_source == bad.map_source == "reference"
+    assert not any("map source" in n for n in good.notes + bad.notes)  # a field, not a note
     assert bad.score > good.score
     y, x = np.unravel_index(np.argmax(bad.anomaly_map), bad.anomaly_map.shape)
     assert 60 <= x <= 105 and 30 <= y <= 72  # the peak sits on the planted spot

@@ -45,6 +45,34 @@ def test_round_trip_search_operator_and_csv(tmp_path):
     assert rows[2]["chat_turns"] == "2"
 
 
+def test_records_keep_map_source_and_old_records_without_it_still_load(tmp_path):
+    import sqlite3
+
+    store = RecordStore(tmp_path / "records.db")
+    new = store.add(Finding(verdict="anomalous", score=0.9, source="expert", map_source="reference"),
+                    image_name="new.png", input_hash=sha256(b"new"), model_id="expert-only")
+    old = store.add(_finding(1), image_name="old.png", input_hash=sha256(b"old"), model_id="expert-only")
+    assert store.get(new).to_json()["finding"]["map_source"] == "reference"
+    # a row written before Finding.map_source: no key, the tag in a note
+    legacy = _finding(1).to_json(include_map=False)
+    del legacy["map_source"]
+    legacy["notes"] = ["map source: reference", "kept"]
+    store.close()
+    with sqlite3.connect(tmp_path / "records.db") as db:
+        db.execute("UPDATE inspections SET finding = ? WHERE id = ?", (json.dumps(legacy), old))
+    store = RecordStore(tmp_path / "records.db")
+    finding = store.get(old).to_json()["finding"]
+    assert finding["map_source"] == "reference" and finding["notes"] == ["kept"]
+    assert Finding.from_json(finding).map_source == "reference"
+    del legacy["notes"]  # nor any notes at all
+    store.close()
+    with sqlite3.connect(tmp_path / "records.db") as db:
+        db.execute("UPDATE inspections SET finding = ? WHERE id = ?", (json.dumps(legacy), old))
+    store = RecordStore(tmp_path / "records.db")
+    assert store.get(old).finding["map_source"] is None and store.get(old).finding["notes"] == []
+    assert [r.image_name for r in store.search()] == ["old.png", "new.png"]
+
+
 def test_reference_sets_persist_and_names_are_safe(tmp_path):
     store = RecordStore(tmp_path / "records.db")
     paths = store.save_reference_set("line 3", [("a.png", b"first"), ("b.png", b"second")])
