@@ -203,9 +203,10 @@ def load_model(config: StageConfig, device: str) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from anomaly_assistant import modeling  # noqa: F401  registers the anomaly classes with the Auto* classes
-
-    from anomaly_assistant import default_model
+    from anomaly_assistant import (
+        default_model,
+        modeling,  # noqa: F401  registers the anomaly classes with the Auto* classes
+    )
 
     dtype = torch.float32 if device == "cpu" else "auto"
     source, is_anomaly_dir = default_model.resolve_source(config.model), False

@@ -108,8 +108,8 @@ class PipelineConfig:
     model: str = field(
         default="tiny:qwen2_5_vl",
         metadata={
-            "help": "starting model: tiny:<family>, default-base (the default model's base), a plain Qwen2.5-VL / LLaVA(-OneVision) checkpoint, or an "
-            "anomaly checkpoint folder"
+            "help": "starting model: tiny:<family>, default-base (the embedded default model's base), a "
+            "plain Qwen2.5-VL / LLaVA(-OneVision) checkpoint, or an anomaly checkpoint folder"
         },
     )
     skip_expert: bool = field(
@@ -270,12 +270,11 @@ def _chat_stage(label: str, module: Any, settings: Any, model_dir: Path, data: P
 
 def run(config: PipelineConfig) -> Path:
     """Run the stages that are not finished yet, then write the final model and its card; returns DIR."""
+    from anomaly_assistant import default_model
     from anomaly_assistant.train import expert as expert_stage
     from anomaly_assistant.train import grpo as grpo_stage
     from anomaly_assistant.train import sft as sft_stage
     from anomaly_assistant.train.common import InputError, is_tiny
-
-    from anomaly_assistant import default_model
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
