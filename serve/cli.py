@@ -1,7 +1,7 @@
 """`anomaly-assistant serve` (UI + HTTP API on a model) and `anomaly-assistant demo` (on bundled samples).
 
-`serve` loads `--model` (a checkpoint folder, a hub id, or `tiny` for a random toy), or screens with the
-expert only (`--expert-only`, also the choice when no model is given). `demo` starts the UI on the tiny
+`serve` loads `--model` (a checkpoint folder, a hub id, or `tiny` for a random toy; without it the embedded
+default model), or screens with the expert only (`--expert-only`). `demo` starts the UI on the default
 model with the bundled sample images and a ready reference set ("demo samples"), warms it up, and prints
 the URL. Folder batches read the server's disk, so they are off unless `--batch-root DIR` names the one folder
 tree they may read (`demo` sets it to the bundled samples folder); zip uploads work either way.
@@ -19,6 +19,7 @@ from anomaly_assistant.commands.config import DEVICE_HELP, parse_config, resolve
 from anomaly_assistant.commands.runtime import InputError, run_command
 
 DEMO_SET = "demo samples"
+DEFAULT_MODEL_ID = "default (SmolLM2-135M + EfficientNet-Lite0)"
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ServeConfig:
     """Start the inspector's workbench: the browser UI at / and the HTTP API at /api (docs at /api/docs)."""
 
     model: str | None = field(default=None, metadata={
-        "help": "checkpoint folder or hub id; `tiny` is a random toy; none: expert-only screening"})
+        "help": "checkpoint folder or hub id; `tiny` is a random toy; none: the embedded default model"})
     expert_only: bool = field(default=False, metadata={"help": "no language model: reference matching only"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the "
                                                               "network: use --auth)"})
@@ -56,16 +57,20 @@ class ServeConfig:
 def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a FastAPI app
     """The app for a config (loads the model, opens the records); `demo` adds the sample reference set."""
     from anomaly_assistant.assistant import AnomalyAssistant
+    from anomaly_assistant.default_model import DefaultModelUnavailable
     from anomaly_assistant.serve.app import create_app
     from anomaly_assistant.serve.records import RecordStore
     from anomaly_assistant.serve.service import Workbench
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if config.expert_only or config.model is None:
+    if config.expert_only:
         assistant, model_id = AnomalyAssistant.expert_only(), "expert-only (EfficientNet-Lite0 matching)"
     else:
-        assistant = AnomalyAssistant.from_pretrained(config.model, device=resolve_device(config.device))
-        model_id = config.model
+        try:
+            assistant = AnomalyAssistant.from_pretrained(config.model, device=resolve_device(config.device))
+        except DefaultModelUnavailable as exc:
+            raise InputError(f"{exc}; or serve the expert alone: --expert-only") from exc
+        model_id = config.model or DEFAULT_MODEL_ID
     store = RecordStore(config.db)
     wb = Workbench(assistant, store, model_id, max_upload_mb=config.max_upload_mb,
                    max_pixels=config.max_pixels, concurrency=config.concurrency, batch_root=config.batch_root)
@@ -92,7 +97,6 @@ def main(argv: list[str] | None = None, command: str = "serve") -> int:
 def _run(argv: list[str], command: str, prog: str) -> int:
     config = parse_config(ServeConfig, argv, prog, (ServeConfig.__doc__ or "").strip())
     if command == "demo":
-        config.model = config.model or "tiny"
         if config.db == "runs/serve/records.db":
             config.db = "runs/demo/records.db"
         if config.batch_root is None:

@@ -102,6 +102,10 @@ def untrained_banner(model_id: str, has_llm: bool) -> str | None:
         return ("Untrained demo model (tiny, random weights): the written answers and chat are noise. "
                 "Verdict, score, heatmap and boxes come from matching against the reference set, so pick "
                 "one.")
+    if model_id.startswith("default"):
+        return ("Embedded default model (135 M parameters, trained on synthetic parts only): pick a "
+                "reference set of good parts; its explanations are short and generic. Load a larger trained "
+                "model for production.")
     return None
 
 

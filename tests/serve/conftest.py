@@ -1,4 +1,5 @@
-"""A real server in a subprocess (`demo` on the tiny model), and Debian's Chromium for Playwright."""
+"""A real server in a subprocess (`demo` on the tiny model: the workbench's mechanics, fast), and Debian's
+Chromium for Playwright. The default model's own demo is tested in tests/model/test_default_model.py."""
 
 import os
 import shutil
@@ -32,6 +33,7 @@ class Server:
         # spin against the other processes (the demo's reference fit took ~56 s with two, ~2 s with one).
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                    MKL_NUM_THREADS="1")
+        args = args if "--model" in args else ("--model", "tiny", *args)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "anomaly_assistant.serve.cli", "demo", "--port", str(self.port),
              "--db", str(self.db), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
