@@ -80,8 +80,12 @@ class AnomalyAssistant:
         self._screeners_lock = threading.Lock()  # guards the cache and the source, never a fit
         # a FittedExpert (`expert fit`): screens images that come without references
         self.fitted_expert = None
+        self._suppress_tokens: list[int] = []  # placeholders a generated answer must never hold
         if processor is not None:
+            from .processing import placeholder_token_ids
+
             processor.tokenizer.padding_side = "left"  # batched generation appends to the right
+            self._suppress_tokens = placeholder_token_ids(processor.tokenizer, self.model)
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -254,7 +258,7 @@ class AnomalyAssistant:
         reference = matches if screener is not None else None
         with self.model.anomaly_context(reference=reference) as ctx:
             sequences = self.model.generate(**inputs, **self.generation.kwargs(**generate_kwargs),
-                                            streamer=streamer)
+                                            suppress_tokens=self._suppress_tokens or None, streamer=streamer)
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         outputs = ctx.outputs or [None] * len(images)

@@ -62,6 +62,18 @@ def cnn_pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
     return (torch.stack(batch) - _CNN_MEAN) / _CNN_STD
 
 
+def placeholder_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Special tokens a generated answer must never hold: all but end-of-sequence and padding.
+
+    A generated image or anomaly placeholder (`<|image_pad|>`, `<|anomaly_pad|>`, ...) makes the next forward
+    count more placeholders than it has images, which raises; an untrained or early-GRPO model emits anything.
+    Generation (the assistant, GRPO sampling) passes these as `suppress_tokens`.
+    """
+    eos = model.generation_config.eos_token_id
+    allowed = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
+    return sorted(set(tokenizer.all_special_ids) - allowed)
+
+
 class AnomalyBlockMixin:
     """What every family's anomaly processor adds to its processor: blocks in the text, the CNN's pixels.
 

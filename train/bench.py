@@ -189,7 +189,8 @@ def _grpo_steps(
     import datasets
     from trl import GRPOConfig
 
-    from anomaly_assistant.train.grpo import GroupFilteringGRPOTrainer, placeholder_token_ids
+    from anomaly_assistant.processing import placeholder_token_ids
+    from anomaly_assistant.train.grpo import GroupFilteringGRPOTrainer
 
     timer = StepTimer(sync)
     n = cfg.completion_tokens

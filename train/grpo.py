@@ -31,6 +31,7 @@ from trl import GRPOConfig, GRPOTrainer
 from anomaly_assistant import backbones
 from anomaly_assistant.commands.config import resolve_device
 from anomaly_assistant.finding import Frame
+from anomaly_assistant.processing import placeholder_token_ids
 from anomaly_assistant.train.common import (
     InputError,
     JsonlMetricsCallback,
@@ -86,17 +87,6 @@ def reward_columns(funcs: list[Reward]) -> tuple[str, ...]:
             if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "completions":
                 names[p.name] = None
     return tuple(names)
-
-
-def placeholder_token_ids(tokenizer: Any, model: Any) -> list[int]:
-    """Special tokens a sampled completion must never hold: all but end-of-sequence and padding.
-
-    A sampled image or anomaly placeholder (`<|image_pad|>`, `<|anomaly_pad|>`, ...) makes the next forward
-    count more placeholders than it has images, which raises; early in GRPO a policy samples anything.
-    """
-    eos = model.generation_config.eos_token_id
-    allowed = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
-    return sorted(set(tokenizer.all_special_ids) - allowed)
 
 
 def check_box_frame(dataset: Any, model: Any, processor: Any) -> None:

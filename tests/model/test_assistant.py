@@ -159,3 +159,31 @@ def test_save_and_reload_the_assistant(assistant, references, tmp_path):
     a = assistant.chat(references=references).inspect(image, max_new_tokens=6)
     b = again.chat(references=references).inspect(image, max_new_tokens=6)
     assert a.raw_text == b.raw_text and a.score == pytest.approx(b.score, abs=1e-6)
+
+
+def test_generation_never_emits_image_or_anomaly_placeholders(assistant, references, monkeypatch):
+    """Placeholders in an answer would be counted as images by any later forward over it (GRPO re-scores
+    completions with their images) and vanish silently from the decoded text."""
+    from anomaly_assistant.backbones import ANOMALY_PAD
+
+    tok = assistant.processor.tokenizer
+    placeholders = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", ANOMALY_PAD)]
+    start, generated = {}, []
+
+    def placeholders_first(batch_id, input_ids):  # the first new token may only be a placeholder
+        first = start.setdefault(batch_id, len(input_ids)) == len(input_ids)
+        return placeholders if first else [tok.eos_token_id]
+
+    generate = assistant.model.generate
+
+    def recording_generate(**kwargs):
+        out = generate(**kwargs)
+        generated.append(out[:, kwargs["input_ids"].shape[1]:])
+        return out
+
+    monkeypatch.setattr(assistant.model, "generate", recording_generate)
+    finding = assistant.chat(references=references).inspect(
+        _texture(9, defect=True), prefix_allowed_tokens_fn=placeholders_first, max_new_tokens=4)
+    assert finding.verdict in ("normal", "anomalous")
+    (new_tokens,) = generated
+    assert not set(new_tokens.flatten().tolist()) & set(placeholders), new_tokens

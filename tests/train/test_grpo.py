@@ -11,12 +11,12 @@ from anomaly_assistant.assistant import AnomalyAssistant
 from anomaly_assistant.commands.config import UsageError, parse_config
 from anomaly_assistant.finding import Finding
 from anomaly_assistant.modeling import tiny_anomaly_model
+from anomaly_assistant.processing import placeholder_token_ids
 from anomaly_assistant.train.common import InputError
 from anomaly_assistant.train.distributed import read_digests, trainable_digest
 from anomaly_assistant.train.grpo import (
     GrpoStageConfig,
     held_out_reward,
-    placeholder_token_ids,
     reward_columns,
     run,
 )
