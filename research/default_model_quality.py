@@ -10,11 +10,12 @@ Every inspection goes through the product: `assistant.chat(references=refs).insp
    MODEL_DIR/pipeline_config.json, else 128), each inspected with 4 further normal images of its category
    (same seed, not in the test set) as references. Two views: the *answer* (the model's own verdict, boxes
    and type; an answer that does not parse, i.e. not source "model" with no parse_error, counts as wrong
-   and boxless) and what the user is *shown* (`finding.verdict` / `finding.boxes`, the expert's when the
-   answer did not parse). Detection accuracy / precision / recall / F1 (`scoring.binary_metrics`); on
-   anomalous images the median best IoU of any answered box with any ground-truth box (0 without a box),
-   the share of ground-truth boxes matched one-to-one at IoU >= 0.1 / 0.5 (`scoring.box_scores`), defect-type
-   accuracy (equal `canonical_defect`) and mean `type_similarity`.
+   and boxless; `model_rate` also counts answers the parser had to repair) and what the user is *shown*
+   (`finding.verdict` / `finding.boxes`, the expert's when the answer did not parse). Detection accuracy /
+   precision / recall / F1 (`scoring.binary_metrics`); on anomalous images the median best IoU of any
+   answered box with any ground-truth box (0 without a box), the share of ground-truth boxes matched
+   one-to-one at IoU >= 0.1 / 0.5 (`scoring.box_scores`), defect-type accuracy (equal `canonical_defect`)
+   and mean `type_similarity`.
 2. Follow-ups: on `--followups` anomalous held-out images (round-robin over categories), after the inspection
    turn, the training dialogues' cause / effect / prevention questions (`data_builders.conversations`: the
    phrasing and templated reference answer for the image's defect type), each asked right after the
@@ -24,6 +25,10 @@ Every inspection goes through the product: `assistant.chat(references=refs).insp
 3. `--real-dev DIR` (measure only, no tuning): magnetic tiles (the first 4 of train/good as references,
    `--real-limit` balanced test tiles) and DeepPCB (`--real-limit`/2 pairs: each defective board against its
    own template as the only reference, and the template itself, against itself, as the defect-free case).
+
+MODEL_DIR may also be an adapter-only training checkpoint (`runs/default-model/sft/checkpoint-N`: merged onto
+its base; the pipeline config is looked up in its parents). Torch runs with `--threads 1` by default: on the
+2-core CPU shared with training, 2 threads made each inspection about 30x slower.
 
 Prints one Markdown table per part and writes everything (figures, counts, settings, per-image answers,
 seconds per inspection) to `--out`.
@@ -41,6 +46,20 @@ import numpy as np
 
 N_REFS = 4
 COMPLEX = ("cause", "effect", "prevention")  # the complex follow-ups of an anomalous dialogue, in order
+
+
+def load_assistant(model_dir: Path):
+    """A model folder, or an adapter-only training checkpoint (`sft/checkpoint-N`) merged onto its base."""
+    from anomaly_assistant import AnomalyAssistant
+
+    adapter = model_dir / "adapter_config.json"
+    if (model_dir / "config.json").is_file() or not adapter.is_file():
+        return AnomalyAssistant.from_pretrained(str(model_dir))
+    from peft import PeftModel
+
+    base = AnomalyAssistant.from_pretrained(json.loads(adapter.read_text())["base_model_name_or_path"])
+    return AnomalyAssistant(PeftModel.from_pretrained(base.model, str(model_dir)).merge_and_unload(),
+                            base.processor)
 
 
 def inspect(assistant, image, refs, max_new_tokens: int):
@@ -81,6 +100,7 @@ def summarise(items: list[dict], view: str) -> dict:
     mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
     return out | {
         "parse_rate": mean([parsed(it["finding"]) for it in items]),
+        "model_rate": mean([it["finding"].source == "model" for it in items]),  # also repaired answers
         "n_anomalous": len(best),
         "median_best_iou": float(np.median(best)) if best else None,
         "box_recall@0.1": hits[0.1] / n_gt if n_gt else None,
@@ -102,8 +122,8 @@ def table(title: str, rows: dict[str, dict], keys: list[str]) -> None:
         print(f"| {name} | " + " | ".join(fmt(row.get(k)) for k in keys) + " |")
 
 
-METRICS = ["n", "parse_rate", "accuracy", "precision", "recall", "f1", "median_best_iou", "box_recall@0.1",
-           "box_recall@0.5", "type_accuracy", "type_similarity"]
+METRICS = ["n", "parse_rate", "model_rate", "accuracy", "precision", "recall", "f1", "median_best_iou",
+           "box_recall@0.1", "box_recall@0.5", "type_accuracy", "type_similarity"]
 
 
 def record(it: dict, seconds: float) -> dict:
@@ -232,18 +252,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from anomaly_assistant import AnomalyAssistant
     from anomaly_assistant.eval.text_metrics import rouge_l, sbert_cosine
 
     model_dir = Path(args.model_dir)
-    config_file = model_dir / "pipeline_config.json"
-    data_cfg = json.loads(config_file.read_text()).get("data", {}) if config_file.is_file() else {}
+    # a pipeline folder, or a checkpoint inside it (sft/checkpoint-N)
+    configs = [p / "pipeline_config.json" for p in (model_dir, *model_dir.resolve().parents[:2])]
+    config_file = next((c for c in configs if c.is_file()), None)
+    data_cfg = json.loads(config_file.read_text()).get("data", {}) if config_file else {}
     if args.seed in (0, data_cfg.get("seed", 0)):
         parser.error(f"--seed {args.seed} is the training data's seed: pick a held-out one")
     size = int(data_cfg.get("synth_size", 128))
     t_load = time.perf_counter()
-    assistant = AnomalyAssistant.from_pretrained(str(model_dir))
-    settings = vars(args) | {"real_dev": str(args.real_dev), "image_size": size, "references": N_REFS}
+    assistant = load_assistant(model_dir)
+    settings = vars(args) | {"real_dev": str(args.real_dev), "image_size": size, "references": N_REFS,
+                             "pipeline_config": str(config_file)}
     result: dict = {"model": str(model_dir), "settings": settings,
                     "load_s": round(time.perf_counter() - t_load, 1)}
 
@@ -326,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 real[name]["templates_answered_normal"] = summarise(tmpl, "answer")["accuracy"]
         result["real"] = real
         table(f"Real parts ({args.real_dev}; measured only, never tuned on)", rows,
-              METRICS[:6] + METRICS[7:9] + ["s/inspection"])
+              METRICS[:7] + METRICS[8:10] + ["s/inspection"])
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
