@@ -15,7 +15,9 @@ so in `notes` instead of inventing one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -27,13 +29,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .finding import Finding
+from .finding import Finding, boxes_in_frame
 from .grammar import parse_answer
 from .images import ImageLike, load_image
 from .localize import DEFAULT_THRESHOLD, boxes_from_map, check_threshold, is_anomalous
 from .prompts import INSPECTION_PROMPT
 
 NO_MAP_NOTE = "no anomaly map: the expert is untrained and no reference images were given"
+# Answer fields a checkpoint may have the expert write (`config.expert_answer_fields`), and where the
+# generated answer is cut to write them: the grammar's JSON has verdict, defect_type, boxes, rationale.
+EXPERT_FIELDS = ("verdict", "boxes")
+BOXES_KEY = '"boxes":'
+
+
+class _StopAfter:
+    """A stopping criterion per row: `marker` has appeared in the text generated after the prompt."""
+
+    def __init__(self, tokenizer: Any, marker: str, prompt_length: int):
+        self.tokenizer, self.marker, self.prompt_length = tokenizer, marker, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([self.marker in t for t in texts], device=input_ids.device)
 
 
 @dataclass
@@ -54,6 +71,15 @@ class GenerationSettings:
 
 def _path_of(source: Any) -> str | None:
     return str(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+def _expert_view(image: Image.Image, output: Any, match: Any) -> tuple[np.ndarray | None, float | None]:
+    """The expert's (map at original size, score) for one inspected image, or (None, None) without one."""
+    if output is None or not output.meaningful:
+        return None, None
+    if match is not None and output.map_source == "reference":
+        return match.anomaly_map.numpy(), float(output.score)  # the full-resolution reference map
+    return _upsample(output.anomaly_map.detach(), image.size), float(output.score)
 
 
 def _upsample(amap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -223,7 +249,8 @@ class AnomalyAssistant:
         conversations = [[{"role": "user",
                            "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
                          for _ in pils]
-        texts, outputs, matches = self._generate(pils, conversations, screener, **generate_kwargs)
+        texts, outputs, matches = self._generate(pils, conversations, screener, threshold=threshold,
+                                                 **generate_kwargs)
         return [self._finding_from_text(im, t, o, m, src, threshold)
                 for im, t, o, m, src in zip(pils, texts, outputs, matches, images)]
 
@@ -246,23 +273,103 @@ class AnomalyAssistant:
 
         return [ReferenceMatch(torch.from_numpy(r.anomaly_map), r.score) for r in screener.predict(images)]
 
+    @property
+    def expert_fields(self) -> tuple[str, ...]:
+        """Answer fields this checkpoint has the expert write (`config.expert_answer_fields`)."""
+        fields = getattr(self.model.config, "expert_answer_fields", None) or () if self.has_llm else ()
+        return tuple(f for f in EXPERT_FIELDS if f in fields)
+
     @torch.no_grad()
     def _generate(self, images: list[Image.Image], conversations: list[list[dict]], screener: Any = None,
-                  streamer: Any = None, **generate_kwargs: Any):
+                  streamer: Any = None, threshold: float | None = None, **generate_kwargs: Any):
         """Greedy generation for a batch of conversations.
 
-        Returns (texts, expert outputs, reference matches), one of each per conversation.
+        With a `threshold` (inspection turns) and a checkpoint that names `expert_fields`, those fields of
+        the answer are the expert's decision at that threshold (`_expert_written`). Returns (texts, expert
+        outputs, reference matches), one of each per conversation.
         """
         matches = self._reference_matches(images, screener)
-        inputs = self._encode(images, conversations)
         reference = matches if screener is not None else None
+        grounded = threshold is not None and bool(self.expert_fields) and streamer is None
+        inputs = self._encode(images, conversations)
+        kwargs = self.generation.kwargs(**generate_kwargs)
+        if grounded:  # stop each answer where the expert's fields begin
+            kwargs["stopping_criteria"] = [_StopAfter(self.processor.tokenizer, BOXES_KEY,
+                                                      inputs["input_ids"].shape[1])]
         with self.model.anomaly_context(reference=reference) as ctx:
-            sequences = self.model.generate(**inputs, **self.generation.kwargs(**generate_kwargs),
-                                            suppress_tokens=self._suppress_tokens or None, streamer=streamer)
+            sequences = self.model.generate(**inputs, **kwargs, suppress_tokens=self._suppress_tokens or None,
+                                            streamer=streamer)
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
         outputs = ctx.outputs or [None] * len(images)
-        return [t.strip() for t in texts], outputs, matches
+        if grounded:
+            texts = self._expert_written(images, conversations, texts, outputs, matches, reference, threshold,
+                                         new_tokens.shape[1], generate_kwargs)
+        return texts, outputs, matches
+
+    def _expert_written(self, images: list[Image.Image], conversations: list[list[dict]], texts: list[str],
+                        outputs: list[Any], matches: list[Any], reference: Any, threshold: float,
+                        used_tokens: int, generate_kwargs: dict) -> list[str]:
+        """Answers whose `expert_fields` are the expert's decision; the LLM writes the rest around them.
+
+        The first pass stopped each answer at `"boxes":`. Here the verdict in that prefix is replaced by the
+        expert's (score against `threshold`: the same rule as the Finding's score), the expert's boxes are
+        written in the model-input frame, and the LLM continues with the rationale, conditioned on both. An
+        answer without the boxes key, or an image without a meaningful expert decision, is left as generated.
+        """
+        from .backbones import family_of, get
+
+        prefixes: dict[int, str] = {}
+        for i, (im, text, out, match) in enumerate(zip(images, texts, outputs, matches)):
+            cut = text.find(BOXES_KEY)
+            amap, score = _expert_view(im, out, match)  # exactly what the Finding will show
+            if cut < 0 or score is None:
+                continue
+            anomalous = is_anomalous(score, threshold)
+            prefix = text[:cut + len(BOXES_KEY)]
+            verdict = "anomalous" if anomalous else "normal"
+            said = re.search(r'"verdict":\s*"([^"]*)"', prefix)
+            if "verdict" in self.expert_fields and said and said.group(1) != verdict:
+                # The model's reasoning led elsewhere: the think states what decided instead.
+                relation = "at or above" if anomalous else "below"
+                think = (f"The expert's anomaly score {score:.2f} is {relation} the decision threshold "
+                         f"{threshold:.2f}, so the part is {verdict}.")
+                prefix = re.sub(r"<think>.*?</think>", lambda _m, new=f"<think>{think}</think>": new, prefix,
+                                count=1, flags=re.DOTALL)
+                prefix = re.sub(r'"verdict":\s*"[^"]*"', f'"verdict": "{verdict}"', prefix, count=1)
+                if not anomalous:
+                    prefix = re.sub(r'"defect_type":\s*("[^"]*"|null)', '"defect_type": null', prefix,
+                                    count=1)
+            if "boxes" in self.expert_fields:
+                boxes = []
+                if anomalous:  # the regions above the threshold, else the map's strongest region
+                    boxes = boxes_from_map(amap, threshold) or boxes_from_map(amap, 0.75 * float(amap.max()))
+                frame = get(family_of(self.model.config)).input_frame(self.processor, im.size)
+                written = boxes_in_frame([b.as_list() for b in boxes], frame)
+                prefix += f" {json.dumps(written)}, " + '"rationale": "'
+            prefixes[i] = prefix
+        if not prefixes:
+            return texts
+        rows = sorted(prefixes)
+        continued = [conversations[i] + [{"role": "assistant", "content": [{"type": "text",
+                                                                            "text": prefixes[i]}]}]
+                     for i in rows]
+        prompts = [self.processor.apply_chat_template(c, continue_final_message=True, tokenize=False)
+                   for c in continued]
+        batch = self.processor(images=[images[i] for i in rows], text=prompts, return_tensors="pt",
+                               padding=True)
+        batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        kwargs = self.generation.kwargs(**generate_kwargs)
+        kwargs["max_new_tokens"] = max(1, kwargs["max_new_tokens"] - used_tokens)
+        rest_reference = [reference[i] for i in rows] if reference is not None else None
+        with self.model.anomaly_context(reference=rest_reference):
+            sequences = self.model.generate(**batch, **kwargs, suppress_tokens=self._suppress_tokens or None)
+        rests = self.processor.batch_decode(sequences[:, batch["input_ids"].shape[1]:],
+                                            skip_special_tokens=True)
+        out = list(texts)
+        for i, rest in zip(rows, rests):
+            out[i] = prefixes[i] + rest.rstrip()
+        return out
 
     def _finding_from_map(self, image: Image.Image, amap: np.ndarray, score: float, source: Any,
                           map_source: str, threshold: float) -> Finding:
@@ -279,14 +386,9 @@ class AnomalyAssistant:
         """Parse the model's answer; fall back to the expert's verdict and map when it does not parse."""
         from .backbones import family_of, get
 
-        amap, score, map_source, notes = None, None, None, []
-        if output is not None and output.meaningful:
-            amap, score = _upsample(output.anomaly_map.detach(), image.size), float(output.score)
-            map_source = output.map_source  # "reference" also when the full-resolution match map is used
-            if match is not None and output.map_source == "reference":
-                amap = match.anomaly_map.numpy()  # the full-resolution reference map, not its token-grid copy
-        else:
-            notes.append(NO_MAP_NOTE)
+        amap, score = _expert_view(image, output, match)
+        map_source = output.map_source if score is not None else None  # "reference" also for the match map
+        notes = [] if score is not None else [NO_MAP_NOTE]
         frame = get(family_of(self.model.config)).input_frame(self.processor, image.size)
         parsed = parse_answer(text, frame=frame)
         path = _path_of(source)
@@ -374,10 +476,11 @@ class ChatSession:
             if finding is None:
                 raise ValueError(f"cannot inspect without a language model: {NO_MAP_NOTE}")
         else:
+            threshold = a._decision_threshold(self.threshold)
             texts, outputs, matches = a._generate([self.image], [self._messages(INSPECTION_PROMPT)],
-                                                  self._screener, **generate_kwargs)
+                                                  self._screener, threshold=threshold, **generate_kwargs)
             finding = a._finding_from_text(self.image, texts[0], outputs[0], matches[0], self.image_source,
-                                           a._decision_threshold(self.threshold))
+                                           threshold)
             self.turns += [_Turn("user", INSPECTION_PROMPT), _Turn("assistant", texts[0])]
         finding.image_path = finding.image_path or _path_of(self.image_source)
         self.last_finding = finding

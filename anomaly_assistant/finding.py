@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
@@ -262,3 +263,20 @@ class Finding:
     @classmethod
     def loads(cls, text: str) -> Finding:
         return cls.from_json(json.loads(text))
+
+
+def boxes_in_frame(boxes: Sequence[Sequence[float]], frame: Frame) -> list[list[int]]:
+    """Original-pixel boxes -> integer boxes in the model-input frame (outward rounding; empty ones dropped).
+
+    What training targets and expert-written answer fields use.
+    """
+    out = []
+    for b in boxes:
+        m = frame.to_input(Box(*map(float, b[:4])))
+        x1, y1 = math.floor(m.x1), math.floor(m.y1)
+        x2, y2 = max(math.ceil(m.x2), x1 + 1), max(math.ceil(m.y2), y1 + 1)
+        iw, ih = frame.input_size
+        x1, y1, x2, y2 = max(0, x1), max(0, y1), min(iw, x2), min(ih, y2)
+        if x2 > x1 and y2 > y1:
+            out.append([x1, y1, x2, y2])
+    return out

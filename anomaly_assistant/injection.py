@@ -58,6 +58,9 @@ class AnomalyConfigFields:
     anomaly_pad_token_id: int | None = None
     anomaly_level_token_id: int | None = None
     level_word_token_ids: list | None = None
+    # Answer fields the assistant writes from the expert's calibrated decision instead of letting the LLM
+    # generate them ("verdict", "boxes"); the LLM writes the rest conditioned on them (AnomalyAssistant).
+    expert_answer_fields: list | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------

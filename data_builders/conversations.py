@@ -14,7 +14,6 @@ untouched.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +22,7 @@ import numpy as np
 
 from anomaly_assistant.data_builders import knowledge
 from anomaly_assistant.data_builders.records import Record
-from anomaly_assistant.finding import Box, Frame
+from anomaly_assistant.finding import Frame, boxes_in_frame
 from anomaly_assistant.grammar import render_answer
 from anomaly_assistant.prompts import DETECTION_PROMPT, INSPECTION_PROMPT  # what the product asks: one home
 from anomaly_assistant.scoring import canonical_defect
@@ -71,20 +70,6 @@ class Sample:
 
 
 # --------------------------------------------------------------------------------------------- facts
-
-
-def boxes_in_frame(boxes: Sequence[Sequence[float]], frame: Frame) -> list[list[int]]:
-    """Original-pixel boxes -> integer boxes in the input frame (outward rounding; never empty)."""
-    out = []
-    for b in boxes:
-        m = frame.to_input(Box(*map(float, b[:4])))
-        x1, y1 = math.floor(m.x1), math.floor(m.y1)
-        x2, y2 = max(math.ceil(m.x2), x1 + 1), max(math.ceil(m.y2), y1 + 1)
-        iw, ih = frame.input_size
-        x1, y1, x2, y2 = max(0, x1), max(0, y1), min(iw, x2), min(ih, y2)
-        if x2 > x1 and y2 > y1:
-            out.append([x1, y1, x2, y2])
-    return out
 
 
 def location_words(box: Sequence[float], size: tuple[int, int]) -> str:

@@ -187,3 +187,43 @@ def test_generation_never_emits_image_or_anomaly_placeholders(assistant, referen
     assert finding.verdict in ("normal", "anomalous")
     (new_tokens,) = generated
     assert not set(new_tokens.flatten().tolist()) & set(placeholders), new_tokens
+
+
+def _forced_calls(tok, pieces):
+    """prefix_allowed_tokens_fn that makes the k-th generate call write exactly pieces[k] (then stop)."""
+    state = {"call": -1, "start": 0, "last": None}
+
+    def allowed(batch_id, input_ids):
+        n = len(input_ids)
+        if state["last"] is None or n != state["last"] + 1:  # the first step of a new generate call
+            state["call"], state["start"] = state["call"] + 1, n
+        state["last"] = n
+        target = tok(pieces[state["call"]], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        i = n - state["start"]
+        return [target[i]] if i < len(target) else [tok.eos_token_id]
+
+    return allowed
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.99])
+def test_expert_answer_fields_write_the_calibrated_verdict_and_boxes(references, threshold):
+    """A checkpoint with `expert_answer_fields` answers with the expert's verdict at the session's threshold
+    and the expert's boxes; the LLM's own words (here a forced 'normal') come before and after them."""
+    assistant = AnomalyAssistant.from_pretrained("tiny")
+    assistant.model.config.expert_answer_fields = ["verdict", "boxes"]
+    image = _texture(9, defect=True)
+    (screened,) = assistant.screen([image], references=references, threshold=threshold)
+    said = ('<think>It looks regular.</think>\n<answer>{"verdict": "normal", "defect_type": null, '
+            '"boxes": [], "rationale": "fine"}</answer>')
+    forcer = _forced_calls(assistant.processor.tokenizer, [said, 'A dark spot on the surface."}</answer>'])
+    finding = assistant.chat(references=references, threshold=threshold).inspect(
+        image, prefix_allowed_tokens_fn=forcer, max_new_tokens=120)
+    assert finding.source == "model" and finding.parse_error is None, finding.raw_text
+    assert finding.verdict == screened.verdict == ("anomalous" if finding.score >= threshold else "normal")
+    if finding.verdict == "anomalous":
+        assert "expert's anomaly score" in finding.think  # the model's contrary reasoning is not kept
+        assert finding.rationale == "A dark spot on the surface."
+        assert len(finding.boxes) == len(screened.boxes) >= 1
+        assert all(a.iou(b) > 0.8 for a, b in zip(finding.boxes, screened.boxes))
+    else:
+        assert finding.think == "It looks regular." and finding.boxes == []
