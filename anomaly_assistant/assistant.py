@@ -42,15 +42,35 @@ EXPERT_FIELDS = ("verdict", "boxes")
 BOXES_KEY = '"boxes":'
 
 
-class _StopAfter:
-    """A stopping criterion per row: `marker` has appeared in the text generated after the prompt."""
+TYPE_KEY = '"defect_type":'
+_TYPE_SPAN = 60  # characters after the type key with no boxes key: take the type from them, stop waiting
 
-    def __init__(self, tokenizer: Any, marker: str, prompt_length: int):
-        self.tokenizer, self.marker, self.prompt_length = tokenizer, marker, prompt_length
+
+class _StopAtBoxes:
+    """A stopping criterion per row: the answer has reached its boxes key (or rambles past the type key)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def _done(self, text: str) -> bool:
+        at = text.find(TYPE_KEY)
+        return BOXES_KEY in text or (at >= 0 and len(text) - at > _TYPE_SPAN)
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([self.marker in t for t in texts], device=input_ids.device)
+        return torch.tensor([self._done(t) for t in texts], device=input_ids.device)
+
+
+def _type_word(text: str) -> str | None:
+    """The defect name a (possibly malformed) JSON value starts with; None for null or nothing readable.
+
+    `'holes in the bottle', verdict...` -> `holes in the bottle`.
+    """
+    value = text.lstrip(" :\"'")
+    if value.startswith("null"):
+        return None
+    word = re.match(r"[A-Za-z][A-Za-z _-]{0,39}", value)
+    return word.group(0).strip() if word else None
 
 
 @dataclass
@@ -294,8 +314,8 @@ class AnomalyAssistant:
         inputs = self._encode(images, conversations)
         kwargs = self.generation.kwargs(**generate_kwargs)
         if grounded:  # stop each answer where the expert's fields begin
-            kwargs["stopping_criteria"] = [_StopAfter(self.processor.tokenizer, BOXES_KEY,
-                                                      inputs["input_ids"].shape[1])]
+            prompt_length = inputs["input_ids"].shape[1]
+            kwargs["stopping_criteria"] = [_StopAtBoxes(self.processor.tokenizer, prompt_length)]
         with self.model.anomaly_context(reference=reference) as ctx:
             sequences = self.model.generate(**inputs, **kwargs, suppress_tokens=self._suppress_tokens or None,
                                             streamer=streamer)
@@ -321,25 +341,25 @@ class AnomalyAssistant:
 
         prefixes: dict[int, str] = {}
         for i, (im, text, out, match) in enumerate(zip(images, texts, outputs, matches)):
-            cut = text.find(BOXES_KEY)
             amap, score = _expert_view(im, out, match)  # exactly what the Finding will show
-            if cut < 0 or score is None:
+            head, type_at = text.find("<answer>"), text.find(TYPE_KEY)
+            said = re.search(r"verdict\W{0,4}(normal|anomalous)", text[head:]) if head >= 0 else None
+            if score is None or said is None or type_at < head:
                 continue
             anomalous = is_anomalous(score, threshold)
-            prefix = text[:cut + len(BOXES_KEY)]
             verdict = "anomalous" if anomalous else "normal"
-            said = re.search(r'"verdict":\s*"([^"]*)"', prefix)
-            if "verdict" in self.expert_fields and said and said.group(1) != verdict:
-                # The model's reasoning led elsewhere: the think states what decided instead.
+            think = re.search(r"<think>(.*?)</think>", text[:head], flags=re.DOTALL)
+            think = think.group(1).strip() if think else ""
+            if "verdict" not in self.expert_fields:
+                verdict, anomalous = said.group(1), said.group(1) == "anomalous"
+            elif said.group(1) != verdict:  # the model's reasoning led elsewhere: say what decided instead
                 relation = "at or above" if anomalous else "below"
                 think = (f"The expert's anomaly score {score:.2f} is {relation} the decision threshold "
                          f"{threshold:.2f}, so the part is {verdict}.")
-                prefix = re.sub(r"<think>.*?</think>", lambda _m, new=f"<think>{think}</think>": new, prefix,
-                                count=1, flags=re.DOTALL)
-                prefix = re.sub(r'"verdict":\s*"[^"]*"', f'"verdict": "{verdict}"', prefix, count=1)
-                if not anomalous:
-                    prefix = re.sub(r'"defect_type":\s*("[^"]*"|null)', '"defect_type": null', prefix,
-                                    count=1)
+            defect_type = _type_word(text[type_at + len(TYPE_KEY):]) if anomalous else None
+            # The JSON head is rewritten from what was read, so a malformed one never reaches the parser.
+            fields = json.dumps({"verdict": verdict, "defect_type": defect_type})[:-1]  # without the "}"
+            prefix = f"<think>{think}</think>\n<answer>{fields}, {BOXES_KEY}"
             if "boxes" in self.expert_fields:
                 boxes = []
                 if anomalous:  # the regions above the threshold, else the map's strongest region

@@ -1,4 +1,4 @@
-"""`anomaly-assistant train {expert,sft,grpo,pipeline} --config FILE [overrides]`: wrappers of each `run`.
+"""`anomaly-assistant train {expert,sft,grpo,pipeline,export-default,bench} ...`: wrappers of each `run`.
 
 Each stage has one dataclass config read by the project's one config parser (`commands.config`): `--config`
 YAML supplies any option, flags win. Exit codes: 0 done (the final model's folder is printed); 2 a usage
@@ -26,6 +26,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
              "stage 3: GRPO on the GRPO export with the verifiable rewards of train.rewards"),
     "pipeline": ("anomaly_assistant.train.pipeline", "PipelineConfig",
                  "data build -> stage 1 -> SFT -> GRPO into one folder with a model card (resumable)"),
+    "export-default": ("anomaly_assistant.train.export_default", "ExportConfig",
+                       "the shipped parts of a trained default model (<= 30 MB) into the package"),
     "bench": ("anomaly_assistant.train.bench", "TrainBenchConfig",
               "SFT and GRPO step time with the expert / without it on one tiny backbone, peak memory"),
 }

@@ -227,3 +227,17 @@ def test_expert_answer_fields_write_the_calibrated_verdict_and_boxes(references,
         assert all(a.iou(b) > 0.8 for a, b in zip(finding.boxes, screened.boxes))
     else:
         assert finding.think == "It looks regular." and finding.boxes == []
+
+
+def test_expert_answer_fields_repair_a_malformed_answer_head(references):
+    """Badly quoted or unfinished text before the boxes never reaches the parser: the head is rewritten."""
+    assistant = AnomalyAssistant.from_pretrained("tiny")
+    assistant.model.config.expert_answer_fields = ["verdict", "boxes"]
+    rambling = ('<think>A hole.</think>\n<answer>{"verdict": "anomalous", "defect_type": "holes in the '
+                "bottle', " + "',holes" * 30)
+    forcer = _forced_calls(assistant.processor.tokenizer, [rambling, 'Round hole."}</answer>'])
+    finding = assistant.chat(references=references, threshold=0.5).inspect(
+        _texture(9, defect=True), prefix_allowed_tokens_fn=forcer, max_new_tokens=200)
+    assert finding.source == "model" and finding.parse_error is None, finding.raw_text
+    assert finding.verdict == "anomalous" and finding.defect_type == "holes in the bottle"
+    assert finding.rationale == "Round hole." and finding.boxes

@@ -1,0 +1,47 @@
+"""`anomaly-assistant train export-default --run DIR`: the parts of a trained default model the package ships.
+
+    anomaly-assistant train pipeline --config configs/default_model.yaml --out runs/default-model
+    anomaly-assistant train export-default --run runs/default-model
+
+Writes `anomaly_assistant/resources/default_model/` (`default_model.export_parts`: the expert, the projector,
+low-rank factors of the merged LoRA updates, configs; at most 30 MB) with `expert_answer_fields` set in its
+config, so the assembled model answers with the expert's calibrated verdict and boxes and writes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anomaly_assistant import default_model
+from anomaly_assistant.commands.runtime import InputError, note
+
+
+@dataclass
+class ExportConfig:
+    """Export a trained default model's parts into the package's resources (or `--out`)."""
+
+    run: str = field(metadata={"help": "the trained default model's folder (a `train pipeline` output)"})
+    out: str = field(default=str(default_model.SHIPPED_DIR), metadata={"help": "where the parts go"})
+    expert_answer_fields: list[str] = field(default_factory=lambda: ["verdict", "boxes"], metadata={
+        "help": "answer fields the expert writes (empty: the LLM writes every field)"})
+
+
+def run(config: ExportConfig) -> Path:
+    """Export, set the answer fields, print what was written; returns the folder."""
+    run_dir, out = Path(config.run), Path(config.out)
+    if not (run_dir / "config.json").is_file():
+        raise InputError(f"--run {run_dir}: no trained model there (no config.json)")
+    unknown = set(config.expert_answer_fields) - {"verdict", "boxes"}
+    if unknown:
+        raise InputError(f"--expert-answer-fields: unknown field(s) {sorted(unknown)}; choose verdict, boxes")
+    report = default_model.export_parts(run_dir, out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["expert_answer_fields"] = list(config.expert_answer_fields) or None
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    note(f"{len(report['lowrank'])} low-rank updates, {len(report['full'])} full tensors, "
+         f"{len(report['rows'])} row updates; {report['mb']:.1f} MB; largest relative error of a low-rank "
+         f"update {report['max_rel_error']:.1e}")
+    return out
