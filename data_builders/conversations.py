@@ -102,7 +102,8 @@ def _prompt(rng: np.random.Generator, options: Sequence[str], what: str) -> str:
     return _pick(rng, options[1:]).format(what=what)
 
 
-def _facts(rec: Record, frame: Frame) -> dict[str, Any]:
+def record_facts(rec: Record, frame: Frame) -> dict[str, Any]:
+    """What the conversations say about one record: verdict, type, family, place and size words, boxes."""
     size = rec.image_size or frame.original_size
     fam = knowledge.family_of(rec.defect_type)
     primary = rec.gt_boxes[0] if rec.gt_boxes else None
@@ -187,7 +188,7 @@ def _describe(f: dict[str, Any], rng: np.random.Generator) -> str:
     ).replace("  ", " ")
 
 
-def _followups(
+def followup_turns(
     f: dict[str, Any], boxes_input: list[list[int]], rng: np.random.Generator
 ) -> list[tuple[str, str, str]]:
     """(kind, question, answer) follow-up turns for a dialogue."""
@@ -295,7 +296,7 @@ def inspection_answer(
 ) -> tuple[str, list[list[int]]]:
     """The grammar target of the inspection turn and the boxes it contains (input frame)."""
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    f = _facts(rec, frame)
+    f = record_facts(rec, frame)
     boxes_input = boxes_in_frame(rec.gt_boxes, frame) if rec.gt_label else []
     think, rationale = _think(f, rng), _rationale(f, rng)
     if rewrite is not None:
@@ -317,7 +318,7 @@ def build_samples(
 ) -> list[Sample]:
     """All requested conversation kinds for one record (see the module docstring)."""
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    f = _facts(rec, frame)
+    f = record_facts(rec, frame)
     answer, boxes_input = inspection_answer(rec, frame, rng, rewrite)
     defect = f["defect"] if rec.gt_label else None
     facts = {k: v for k, v in f.items() if k != "family"} | {"family": f["family"].name}
@@ -357,7 +358,7 @@ def build_samples(
                 {"role": "user", "content": _prompt(rng, INSPECTION_PROMPTS, f["category"])},
                 {"role": "assistant", "content": answer},
             ]
-            turns = _followups(f, boxes_input, rng)
+            turns = followup_turns(f, boxes_input, rng)
             n = int(rng.integers(1, min(max_followups, len(turns)) + 1))
             keep = sorted(rng.choice(len(turns), size=n, replace=False).tolist())
             for i in keep:

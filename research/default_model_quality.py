@@ -175,7 +175,7 @@ def followup_turns(assistant, it: dict, rng: np.random.Generator) -> list[tuple[
     rec = Record("", 1, gt_boxes=it["gt_boxes"], defect_type=it["gt_type"], category=it["category"],
                  image_size=it["image"].size)
     frame = get(family_of(assistant.model.config)).input_frame(assistant.processor, it["image"].size)
-    turns = conv._followups(conv._facts(rec, frame), conv.boxes_in_frame(rec.gt_boxes, frame), rng)
+    turns = conv.followup_turns(conv.record_facts(rec, frame), conv.boxes_in_frame(rec.gt_boxes, frame), rng)
     return [(name, q, a) for name, (_, q, a) in zip(COMPLEX, [t for t in turns if t[0] == "complex"])]
 
 

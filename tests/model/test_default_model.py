@@ -286,7 +286,7 @@ def test_exported_parts_reassemble_the_trained_weights(cache, assistant, tmp_pat
         report = default_model.export_parts(tmp_path / "trained", tmp_path / "parts",
                                             base=default_model.base_dir(cache))
         assert set(report["lowrank"]) == set(changed) and set(report["lowrank"].values()) == {4}
-        assert report["mb"] < 10 and report["max_rel_error"] < 1e-2
+        assert report["mb"] < 15 and report["max_rel_error"] < 1e-2
         default_model.assemble(tmp_path / "parts", default_model.base_dir(cache), tmp_path / "assembled")
         got = load_file(str(tmp_path / "assembled" / "model.safetensors"))
         want = model.state_dict()
