@@ -1,6 +1,6 @@
 """`anomaly-assistant train export-default --run DIR`: the parts of a trained default model the package ships.
 
-    anomaly-assistant train pipeline --config configs/default_model.yaml --out runs/default-model
+    anomaly-assistant train pipeline --config configs/pipeline_default_model.yaml --out runs/default-model
     anomaly-assistant train export-default --run runs/default-model
 
 Writes `anomaly_assistant/resources/default_model/` (`default_model.export_parts`: the expert, the projector,

@@ -210,7 +210,7 @@ def test_shipped_parts_are_small_safetensors_with_a_model_card():
     assert sum(p.stat().st_size for p in files.values()) <= default_model.MAX_SHIPPED_MB * 2**20
     assert json.loads(files["config.json"].read_text())["model_type"] == "anomaly_llava"
     card = files["README.md"].read_text()
-    assert "anomaly-assistant train pipeline --config configs/default_model.yaml" in card
+    assert "anomaly-assistant train pipeline --config configs/pipeline_default_model.yaml" in card
 
 
 def test_default_model_is_an_ordinary_checkpoint_assembled_once(cache, trained):
