@@ -55,7 +55,7 @@ def _badge(inspection: Inspection | None) -> str:
                 "then Inspect.</div>")
     f = inspection.finding
     score = "no score" if f.score is None else f"score {f.score:.3f}"
-    who = {"model": "decided by the model", "expert": "decided by the anomaly expert",
+    who = {"model": "answered by the model", "expert": "decided by the anomaly expert",
            "none": "no decision: flagged for review"}.get(f.source, f.source)
     return (f"<span class='badge {f.verdict}' id='verdict-badge'>{f.verdict.upper()}</span>"
             f"<span class='badge-sub'>{score} · {who} · record #{inspection.record_id}</span>")
