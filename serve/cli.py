@@ -19,7 +19,6 @@ from anomaly_assistant.commands.config import DEVICE_HELP, parse_config, resolve
 from anomaly_assistant.commands.runtime import InputError, run_command
 
 DEMO_SET = "demo samples"
-DEFAULT_MODEL_ID = "default (SmolLM2-135M + EfficientNet-Lite0)"
 
 
 @dataclass
@@ -60,7 +59,7 @@ def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a Fast
     from anomaly_assistant.default_model import DefaultModelUnavailable
     from anomaly_assistant.serve.app import create_app
     from anomaly_assistant.serve.records import RecordStore
-    from anomaly_assistant.serve.service import Workbench
+    from anomaly_assistant.serve.service import DEFAULT_MODEL_ID, Workbench
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if config.expert_only:

@@ -92,6 +92,9 @@ def safe_name(name: str | None) -> str:
     return _NAME_OK.sub("_", raw)[-100:]
 
 
+DEFAULT_MODEL_ID = "default (SmolLM2-135M + EfficientNet-Lite0)"  # how the workbench names the default model
+
+
 def untrained_banner(model_id: str, has_llm: bool) -> str | None:
     """The warning shown on every page when answers cannot be trusted (a tiny random or expert-only model)."""
     if not has_llm:
@@ -102,7 +105,7 @@ def untrained_banner(model_id: str, has_llm: bool) -> str | None:
         return ("Untrained demo model (tiny, random weights): the written answers and chat are noise. "
                 "Verdict, score, heatmap and boxes come from matching against the reference set, so pick "
                 "one.")
-    if model_id.startswith("default"):
+    if model_id == DEFAULT_MODEL_ID:
         return ("Embedded default model (135 M parameters, trained on synthetic parts only): pick a "
                 "reference set of good parts; its explanations are short and generic. Load a larger trained "
                 "model for production.")

@@ -65,6 +65,17 @@ FAMILIES: dict[str, str] = {
 # advance.
 ANOMALY_START, ANOMALY_PAD, ANOMALY_END = "<|anomaly_start|>", "<|anomaly_pad|>", "<|anomaly_end|>"
 ANOMALY_LEVEL = "<|anomaly_level|>"
+# Chat-template fragment every family's template starts each message with: `texts` (the message's text parts)
+# and `n_images` (its image slots), from string or list contents alike.
+TEMPLATE_MESSAGE_PARTS = (
+    "{%- if message['content'] is string -%}"
+    "{%- set texts = [message['content']] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | list -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+)
 ANOMALY_TOKENS: tuple[str, str, str, str] = (ANOMALY_START, ANOMALY_PAD, ANOMALY_END, ANOMALY_LEVEL)
 from ..expert.config import LEVEL_WORDS as LEVEL_WORDS  # noqa: E402  (re-exported: the expert decides the word)
 

@@ -25,6 +25,7 @@ from ..finding import Frame
 from ..injection import AnomalyConfigFields, AnomalyInnerMixin, AnomalyOuterMixin, anomaly_forward
 from ..processing import AnomalyBlockMixin
 from . import (
+    TEMPLATE_MESSAGE_PARTS,
     VisionFeatures,
     check_placeholders,
     load_pretrained,
@@ -51,13 +52,7 @@ CLIP_L_LEVELS = (6, 12, 18, 24)
 # ends in "ASSISTANT:" and the answer carries its leading space, as in LLaVA-1.5's own conversations.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set texts = [message['content']] -%}{%- set n_images = 0 -%}"
-    "{%- else -%}"
-    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | list -%}"
-    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- endif -%}"
+    + TEMPLATE_MESSAGE_PARTS +
     "{%- if message['role'] == 'system' -%}{{- texts | join(' ') + '\\n' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{- 'ASSISTANT:' -}}"

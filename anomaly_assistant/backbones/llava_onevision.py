@@ -32,6 +32,7 @@ from ..finding import Frame
 from ..injection import AnomalyConfigFields, AnomalyInnerMixin, AnomalyOuterMixin, anomaly_forward
 from ..processing import AnomalyBlockMixin
 from . import (
+    TEMPLATE_MESSAGE_PARTS,
     VisionFeatures,
     check_placeholders,
     load_pretrained,
@@ -59,13 +60,7 @@ ANOMALY_OV_LEVELS = (7, 13, 19, 25)
 # text and its <|im_end|>.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set texts = [message['content']] -%}{%- set n_images = 0 -%}"
-    "{%- else -%}"
-    "{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | list -%}"
-    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- endif -%}"
+    + TEMPLATE_MESSAGE_PARTS +
     "{%- if message['role'] == 'assistant' -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
     "{%- generation -%}{{- texts | join('\\n') + '<|im_end|>' -}}{%- endgeneration -%}"
