@@ -61,6 +61,31 @@ class _StopAtBoxes:
         return torch.tensor([self._done(t) for t in texts], device=input_ids.device)
 
 
+@dataclass
+class _CachedPrompt:
+    """The first pass of an expert-written answer: its prompt ids and the key/value cache generate left."""
+
+    input_ids: torch.Tensor  # [B, T]
+    cache: Any
+
+    def reusable_for(self, ids: torch.Tensor) -> Any:
+        """The cache cut to the first prompt when the continuation `ids` (one row) starts with it, else None.
+
+        The continuation repeats the first prompt (image tokens, expert tokens, question) and adds the
+        rewritten answer head, so only that head is encoded again, not the image.
+        """
+        if self.cache is None or self.input_ids.shape[0] != 1 or not hasattr(self.cache, "crop"):
+            return None
+        first = self.input_ids[0].to(ids.device)
+        if ids.shape[0] <= first.shape[0] or not torch.equal(ids[: first.shape[0]], first):
+            return None
+        extra = int(self.cache.get_seq_length()) - first.shape[0]  # the first pass's own answer tokens
+        if extra < 0:
+            return None
+        self.cache.crop(-extra)  # this transformers' crop takes how many tokens to drop, as a negative count
+        return self.cache
+
+
 def _type_word(text: str) -> str | None:
     """The defect name a (possibly malformed) JSON value starts with; None for null or nothing readable.
 
@@ -317,19 +342,22 @@ class AnomalyAssistant:
             prompt_length = inputs["input_ids"].shape[1]
             kwargs["stopping_criteria"] = [_StopAtBoxes(self.processor.tokenizer, prompt_length)]
         with self.model.anomaly_context(reference=reference) as ctx:
-            sequences = self.model.generate(**inputs, **kwargs, suppress_tokens=self._suppress_tokens or None,
-                                            streamer=streamer)
+            generated = self.model.generate(**inputs, **kwargs, suppress_tokens=self._suppress_tokens or None,
+                                            streamer=streamer, return_dict_in_generate=grounded)
+        sequences = generated.sequences if grounded else generated
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
         texts = [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
         outputs = ctx.outputs or [None] * len(images)
         if grounded:
+            prompt = _CachedPrompt(inputs["input_ids"], getattr(generated, "past_key_values", None))
             texts = self._expert_written(images, conversations, texts, outputs, matches, reference, threshold,
-                                         new_tokens.shape[1], generate_kwargs)
+                                         new_tokens.shape[1], generate_kwargs, prompt)
         return texts, outputs, matches
 
     def _expert_written(self, images: list[Image.Image], conversations: list[list[dict]], texts: list[str],
                         outputs: list[Any], matches: list[Any], reference: Any, threshold: float,
-                        used_tokens: int, generate_kwargs: dict) -> list[str]:
+                        used_tokens: int, generate_kwargs: dict,
+                        prompt: _CachedPrompt | None = None) -> list[str]:
         """Answers whose `expert_fields` are the expert's decision; the LLM writes the rest around them.
 
         The first pass stopped each answer at `"boxes":`. Here the verdict in that prefix is replaced by the
@@ -381,6 +409,10 @@ class AnomalyAssistant:
         batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
         kwargs = self.generation.kwargs(**generate_kwargs)
         kwargs["max_new_tokens"] = max(1, kwargs["max_new_tokens"] - used_tokens)
+        if prompt is not None and len(images) == 1:  # reuse the first pass's image and prompt encoding
+            kwargs["past_key_values"] = prompt.reusable_for(batch["input_ids"][0])
+            if kwargs["past_key_values"] is not None:  # the image is in the cache: not encoded again
+                batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "expert_pixel_values")}
         rest_reference = [reference[i] for i in rows] if reference is not None else None
         with self.model.anomaly_context(reference=rest_reference):
             sequences = self.model.generate(**batch, **kwargs, suppress_tokens=self._suppress_tokens or None)

@@ -145,13 +145,21 @@ class AnomalyInnerMixin:
         device = features.v0[0].device
         return [[lv[i].permute(1, 2, 0).to(device) for lv in levels] for i in range(len(features))]
 
-    def run_expert(self, inputs: dict,
-                   reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
-        """Vision features and expert outputs for a processor batch (no LLM): one vision-tower pass."""
+    def expert_inputs(self, inputs: dict) -> tuple[backbones.VisionFeatures, list]:
+        """(vision features, the expert's level grids per image) for a processor batch: one tower pass.
+
+        What the expert reads inside this model (its v° is `features.v0`), so training it here (e.g. the
+        pipeline's in-model adaptation) sees exactly the inputs of inference.
+        """
         module = backbones.get(self.family)
         view = _FamilyView(self, self.config)
         features = module.vision_features(view, inputs, levels=self.config.expert_levels)
-        levels = self.expert_levels_from(features, inputs.get("expert_pixel_values"))
+        return features, self.expert_levels_from(features, inputs.get("expert_pixel_values"))
+
+    def run_expert(self, inputs: dict,
+                   reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
+        """Vision features and expert outputs for a processor batch (no LLM): one vision-tower pass."""
+        features, levels = self.expert_inputs(inputs)
         return features, self.expert.forward_batch(levels, features.v0, reference=reference)
 
     def _level_embedding(self, output: ExpertOutput, table: nn.Embedding) -> torch.Tensor | None:
@@ -238,6 +246,10 @@ class AnomalyOuterMixin:
     def run_expert(self, inputs: dict, reference: Any = None):
         """Vision features and expert outputs for a processor batch, without the LLM (screening)."""
         return self.model.run_expert(inputs, reference=reference)
+
+    def expert_inputs(self, inputs: dict):
+        """(vision features, level grids per image): what the expert reads for a processor batch."""
+        return self.model.expert_inputs(inputs)
 
     def _supports_mm_encoder_outputs(self) -> bool:
         """Keep `generate` from pre-encoding images.

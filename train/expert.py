@@ -122,6 +122,89 @@ def make_samples(
     return out
 
 
+@torch.no_grad()
+def samples_in_model(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    labels: Sequence[int],
+    masks: Sequence[Any],
+    batch: int = 8,
+    progress: bool = False,
+) -> list[Sample]:
+    """Samples as the expert inside a chat model reads them: its levels and the model's own v° (its tower).
+
+    A stage-1 expert trained on its feature source's tokens meets another v° in the chat model (the
+    backbone's tower): the tensors that read v° start untrained there (`pipeline.install_expert`'s `kept`).
+    These samples let `adapt_in_model` train them on what inference feeds them.
+    """
+    from tqdm.auto import tqdm
+
+    from anomaly_assistant.prompts import INSPECTION_PROMPT
+
+    content = [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]
+    conversation = [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    device = next(model.parameters()).device
+    out: list[Sample] = []
+    for s in tqdm(range(0, len(images), batch), desc="features", disable=not progress, unit="batch"):
+        chunk = [im.convert("RGB") for im in images[s : s + batch]]
+        inputs = processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt", padding=True)
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        features, levels = model.expert_inputs(inputs)
+        for j, (lv, v0) in enumerate(zip(levels, features.v0)):
+            v0 = v0.detach().float().cpu()
+            grid = tuple(v0.shape[:2])
+            m, label = masks[s + j], int(labels[s + j])
+            if m is not None:
+                mask = resize_mask(torch.as_tensor(np.asarray(m) > 0, dtype=torch.float32), grid)
+            else:
+                mask = torch.zeros(grid) if label == 0 else None
+            out.append(Sample([x.detach().float().cpu() for x in lv], v0, label, mask))
+    return out
+
+
+def adapt_in_model(
+    model: Any,
+    processor: Any,
+    data: str,
+    epochs: int,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 1e-4,
+    mask_loss: bool = True,
+    seed: int = 0,
+    max_samples: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train the expert inside `model` in place on the `expert` export of `data`, with the model's own v°.
+
+    The stage-1 loss and schedule; only the expert's tensors change (its token projector gets no gradient
+    from this loss). Returns validation image / pixel AUROC before and after, and the steps run.
+    """
+    expert = model.model.expert
+    train = samples_in_model(model, processor, *_rows(data, "train", max_samples), progress=progress)
+    try:
+        val = samples_in_model(model, processor, *_rows(data, "validation", max_samples), progress=progress)
+    except InputError:
+        val = []
+    first = next(expert.parameters())
+    device, dtype = first.device, first.dtype
+    expert.to("cpu", torch.float32)  # the samples are CPU tensors; the expert is small
+    before = validate(expert, val) if val else {}
+    for p in expert.parameters():
+        p.requires_grad_(True)
+    steps = max(1, math.ceil(len(train) / batch_size)) * epochs
+    res = train_expert(expert, train, steps, batch_size, learning_rate, weight_decay, mask_loss, seed=seed,
+                       progress=progress)
+    expert.mark_trained()
+    after = validate(expert, val) if val else {}
+    expert.to(device, dtype)
+    return {"steps": res["steps"], "train_rows": len(train), "loss": res.get("loss"),
+            **{f"val_{k}_before": v for k, v in before.items()},
+            **{f"val_{k}_after": v for k, v in after.items()}}
+
+
 # ------------------------------------------------------------------------------------------ training loop
 
 

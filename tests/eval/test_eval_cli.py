@@ -12,8 +12,8 @@ from anomaly_assistant.cli import main as cli_main
 
 AD_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pro", "n_images", "n_masks", "seconds")
 DETECT_KEYS = ("accuracy", "precision", "recall", "f1", "n_images", "seconds", "per_class")
-BENCH_KEYS = ("screening_img_per_s", "matching_over_extraction", "expert_latency_ratio",
-              "expert_latency_ratio_no_references", "tokens_per_s", "peak_rss_mb")
+BENCH_KEYS = ("screening_img_per_s", "screening_busy_over_idle", "matching_over_extraction",
+              "expert_latency_ratio", "expert_latency_ratio_no_references", "tokens_per_s", "peak_rss_mb")
 
 
 def _json(path):
@@ -172,11 +172,14 @@ def test_eval_reasoning_and_mmad_with_tiny_model(mvtec_root, tmp_path):
 def test_bench_keys_tiny(tmp_path):
     out = tmp_path / "bench.json"
     assert cli_main(["bench", "--out", str(out), "--images", "2", "--repeats", "3", "--inspections", "1",
-                     "--new-tokens", "4"]) == 0
+                     "--new-tokens", "4", "--no-expert-fit"]) == 0
     res = _json(out)
-    assert all(k in res and res[k] > 0 for k in BENCH_KEYS)
+    assert all(k in res and res[k] > 0 for k in BENCH_KEYS) and "expert_fit" not in res
     passes = res["screening"]["passes"]  # the reported pass is the median of the three
     assert len(passes) == 3 and res["screening"]["seconds"] == sorted(p["seconds"] for p in passes)[1]
+    busy = res["screening"]["busy_passes_s"]  # the same passes beside a CPU-bound competitor
+    assert len(busy) == 3 and res["screening_busy_over_idle"] == pytest.approx(
+        res["screening"]["seconds"] / sorted(busy)[1])
     assert res["screening_img_per_s"] == pytest.approx(2 / res["screening"]["seconds"])
     assert res["inspection"]["new_tokens"] == 4 and res["inspection"]["model"]["real_widths"] is False
     assert (tmp_path / "bench_figures" / "times.png").is_file()

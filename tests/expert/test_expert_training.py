@@ -104,3 +104,33 @@ def test_cli_train_expert(export, tmp_path):
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["focal"] == 0.0 and row["dice"] == 0.0
     assert main([*argv, "--epochs", "0"]) == 2  # a config that cannot work is a usage error
+
+
+def test_the_expert_inside_a_chat_model_trains_on_what_inference_feeds_it(export):
+    """`samples_in_model` gives the expert the chat model's own inputs; `adapt_in_model` lowers its loss
+    there."""
+    from anomaly_assistant.modeling import tiny_anomaly_model
+    from anomaly_assistant.prompts import INSPECTION_PROMPT
+    from anomaly_assistant.train.expert import adapt_in_model, samples_in_model
+
+    model, processor = tiny_anomaly_model("llava", feature_source="efficientnet_lite0")
+    ds = datasets.load_from_disk(str(export / "expert"))["validation"]
+    images = list(ds["image"])
+    samples = samples_in_model(model, processor, images, ds["gt_label"], list(ds["mask"]), batch=4)
+    assert len(samples) == len(images) and any(s.mask is not None and s.mask.any() for s in samples)
+    # the same expert outputs as a real forward of the model on one image
+    conversation = [{"role": "user",
+                     "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[images[0]], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        _, (out,) = model.run_expert(inputs)
+        (again,) = model.model.expert.forward_batch([samples[0].levels], [samples[0].v0])
+    assert torch.allclose(out.score_logit, again.score_logit, atol=1e-5)
+    before = _batch_loss(model.model.expert.float(), samples)
+    report = adapt_in_model(model, processor, str(export), epochs=4, batch_size=4, learning_rate=3e-3)
+    assert report["steps"] == 4 * 3 and report["train_rows"] == 10  # ceil(10 / 4) steps per epoch
+    assert {"val_image_auroc_before", "val_image_auroc_after"} <= set(report)
+    assert model.model.expert.is_trained
+    after = _batch_loss(model.model.expert, samples)
+    assert after < before, (before, after)

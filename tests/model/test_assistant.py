@@ -241,3 +241,50 @@ def test_expert_answer_fields_repair_a_malformed_answer_head(references):
     assert finding.source == "model" and finding.parse_error is None, finding.raw_text
     assert finding.verdict == "anomalous" and finding.defect_type == "holes in the bottle"
     assert finding.rationale == "Round hole." and finding.boxes
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava"])
+def test_the_expert_written_continuation_reuses_the_first_pass_cache_with_the_same_answer(
+        family, references, monkeypatch):
+    """The rationale pass continues from the first pass's key/value cache (the image is not encoded again)
+    and writes exactly what a pass that encodes everything again writes."""
+    from anomaly_assistant import assistant as module
+
+    assistant = AnomalyAssistant.from_pretrained(f"tiny:{family}")
+    assistant.model.config.expert_answer_fields = ["verdict", "boxes"]
+    tok = assistant.processor.tokenizer
+    head = tok('<think>A spot.</think>\n<answer>{"verdict": "anomalous", "defect_type": "hole", "boxes": [],',
+               add_special_tokens=False)["input_ids"]
+    everything = list(range(len(tok)))
+    calls, starts = [], {}
+
+    def first_call_forced(batch_id, input_ids):  # the first pass writes `head`, the second is free (greedy)
+        n = len(input_ids)
+        if not calls or n != calls[-1] + 1:
+            starts[len(starts)] = n
+        calls.append(n)
+        i = n - starts[0]
+        return [head[i]] if len(starts) == 1 and i < len(head) else everything
+
+    image = _texture(9, defect=True)
+
+    def inspect():
+        calls.clear(), starts.clear()
+        return assistant.chat(references=references, threshold=0.0).inspect(
+            image, prefix_allowed_tokens_fn=first_call_forced, max_new_tokens=len(head) + 12)
+
+    pixels_seen = []
+    generate = assistant.model.generate
+
+    def recording_generate(**kwargs):
+        pixels_seen.append("pixel_values" in kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(assistant.model, "generate", recording_generate)
+    reused = inspect()
+    assert pixels_seen == [True, False], pixels_seen  # the continuation got the cache, not the image
+    monkeypatch.setattr(module._CachedPrompt, "reusable_for", lambda self, ids: None)
+    pixels_seen.clear()
+    encoded_again = inspect()
+    assert pixels_seen == [True, True]
+    assert reused.raw_text == encoded_again.raw_text and '"rationale": "' in reused.raw_text
