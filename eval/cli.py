@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly_assistant.commands.config import DEVICE_HELP, UsageError, parse_config, resolve_device
-from anomaly_assistant.commands.runtime import InputError, check_model_source, dispatch, note
+from anomaly_assistant.commands.runtime import InputError, dispatch, load_model, note
 from anomaly_assistant.eval.judge import JudgeConfig
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, check_threshold
 
@@ -112,7 +112,6 @@ class MMADConfig(ModelArgs):
 def build_assistant(cfg: ModelArgs) -> Any:
     """`AnomalyAssistant.expert_only(...)` or `.from_pretrained(...)`: eval never touches model internals."""
     from anomaly_assistant import AnomalyAssistant
-    from anomaly_assistant.default_model import DefaultModelUnavailable
 
     if cfg.expert_only and not cfg.model:
         return AnomalyAssistant.expert_only(feature_source=cfg.feature_source or "efficientnet_lite0",
@@ -120,16 +119,8 @@ def build_assistant(cfg: ModelArgs) -> Any:
     # --expert-only with --model: the model's own expert screens (`screen`), the LLM never generates.
     check_usage(cfg)
     kwargs = {"feature_source": cfg.feature_source} if cfg.feature_source else {}
-    device = resolve_device(cfg.device)
-    if cfg.model:
-        check_model_source(cfg.model)
-    note(f"loading model {cfg.model or 'the embedded default model'} on {device} ...")
-    try:
-        return AnomalyAssistant.from_pretrained(cfg.model, device=device, threshold=cfg.threshold, **kwargs)
-    except DefaultModelUnavailable as exc:
-        raise InputError(f"{exc}; or evaluate the expert alone: --expert-only") from exc
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"could not load model {cfg.model!r}: {exc}") from exc
+    return load_model(cfg.model, resolve_device(cfg.device), "evaluate the expert alone: --expert-only",
+                      threshold=cfg.threshold, **kwargs)
 
 
 def check_usage(cfg: ModelArgs) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anomaly_assistant.commands.config import DEVICE_HELP, parse_config, resolve_device
-from anomaly_assistant.commands.runtime import InputError, run_command
+from anomaly_assistant.commands.runtime import InputError, load_model, run_command
 
 DEMO_SET = "demo samples"
 
@@ -56,7 +56,6 @@ class ServeConfig:
 def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a FastAPI app
     """The app for a config (loads the model, opens the records); `demo` adds the sample reference set."""
     from anomaly_assistant.assistant import AnomalyAssistant
-    from anomaly_assistant.default_model import DefaultModelUnavailable
     from anomaly_assistant.serve.app import create_app
     from anomaly_assistant.serve.records import RecordStore
     from anomaly_assistant.serve.service import DEFAULT_MODEL_ID, Workbench
@@ -65,10 +64,8 @@ def build(config: ServeConfig, command: str = "serve"):  # noqa: ANN201 - a Fast
     if config.expert_only:
         assistant, model_id = AnomalyAssistant.expert_only(), "expert-only (EfficientNet-Lite0 matching)"
     else:
-        try:
-            assistant = AnomalyAssistant.from_pretrained(config.model, device=resolve_device(config.device))
-        except DefaultModelUnavailable as exc:
-            raise InputError(f"{exc}; or serve the expert alone: --expert-only") from exc
+        assistant = load_model(config.model, resolve_device(config.device),
+                               "serve the expert alone: --expert-only")
         model_id = config.model or DEFAULT_MODEL_ID
     store = RecordStore(config.db)
     wb = Workbench(assistant, store, model_id, max_upload_mb=config.max_upload_mb,

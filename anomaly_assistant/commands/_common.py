@@ -33,7 +33,7 @@ from anomaly_assistant.commands.runtime import (
     InputError,
     UsageError,
     add_verbosity_arguments,
-    check_model_source,
+    load_model,
     note,
 )
 from anomaly_assistant.finding import Finding
@@ -165,25 +165,14 @@ def load_assistant(
     package not installed (the message has the install command).
     """
     from anomaly_assistant.assistant import AnomalyAssistant
-    from anomaly_assistant.default_model import DefaultModelUnavailable
 
     if expert_only or expert:
         try:
             return AnomalyAssistant.expert_only(threshold=threshold, expert=expert)
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"could not load the fitted expert {expert!r}: {exc}") from exc
-    device = resolve_device(device)
-    if model is not None:
-        check_model_source(model)
-    name = model or "the embedded default model (SmolLM2-135M + EfficientNet-Lite0)"
-    note(f"loading {name} on {device} ...")
-    try:
-        with quiet_stdout():
-            assistant = AnomalyAssistant.from_pretrained(model, device=device, threshold=threshold)
-    except DefaultModelUnavailable as exc:
-        raise InputError(f"{exc}; or screen without a model: --expert-only --references DIR") from exc
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"could not load model {model!r}: {exc}") from exc
+    assistant = load_model(model, resolve_device(device),
+                           "screen without a model: --expert-only --references DIR", threshold=threshold)
     if max_new_tokens is not None:
         assistant.generation.max_new_tokens = max_new_tokens
     return assistant

@@ -290,3 +290,29 @@ def check_model_source(path_or_id: str) -> None:
         raise InputError(
             f"--model {path_or_id}: could not reach the Hugging Face hub ({one_line(exc)}); {hint}"
         ) from None
+
+
+DEFAULT_MODEL_NAME = "the embedded default model (SmolLM2-135M + EfficientNet-Lite0)"
+
+
+def load_model(model: str | None, device: str, without_model: str, **kwargs: Any) -> Any:
+    """A command's `AnomalyAssistant.from_pretrained(model, device=device, **kwargs)` (None: the default).
+
+    One clear InputError (exit 1) per cause: a missing folder or unreachable hub id (`check_model_source`, at
+    once), a checkpoint that does not load, or the default model's package missing; `without_model` says what
+    the command can do instead (e.g. "serve the expert alone: --expert-only"). Library chatter while loading
+    goes to stderr, so stdout stays machine-readable.
+    """
+    from anomaly_assistant.assistant import AnomalyAssistant
+    from anomaly_assistant.default_model import DefaultModelUnavailable
+
+    if model is not None:
+        check_model_source(model)
+    note(f"loading {model or DEFAULT_MODEL_NAME} on {device} ...")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return AnomalyAssistant.from_pretrained(model, device=device, **kwargs)
+    except DefaultModelUnavailable as exc:
+        raise InputError(f"{exc}; or {without_model}") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"could not load model {model!r}: {one_line(exc)}") from exc
