@@ -327,6 +327,7 @@ def test_online_hub_id_that_cannot_load_fails_after_one_try(sample_paths):
         ["inspect", "{image}"],
         ["chat", "{image}"],
         ["eval", "ad", "--data", "{mvtec}", "--category", "part", "--shots", "2", "--out", "{tmp}/r.json"],
+        ["serve", "--db", "{tmp}/records.sqlite"],
     ],
 )
 def test_a_missing_checkpoint_folder_is_an_input_error(command, sample_paths, mvtec, tmp_path, capsys):
