@@ -70,6 +70,9 @@ class ExpertStageConfig:
     max_samples: int = field(default=0, metadata={"help": "cap on training rows (0 = all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "cap on validation rows (0 = all)"})
     seed: int = field(default=0, metadata={"help": "seed of the expert's init and the data order"})
+    save_total_limit: int = field(
+        default=2, metadata={"help": "epoch checkpoints kept (the newest; 0 keeps every one)"}
+    )
     resume: bool = field(
         default=False, metadata={"help": "continue from the last checkpoint in --output-dir"}
     )
@@ -339,10 +342,24 @@ def _load_checkpoint(folder: Path, expert: AnomalyExpert, opt: torch.optim.Optim
     return state
 
 
+def _checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-epoch-N` folders in output_dir, oldest first."""
+    return sorted(Path(output_dir).glob("checkpoint-epoch-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """The highest `checkpoint-epoch-N` folder in output_dir, if any."""
-    found = sorted(Path(output_dir).glob("checkpoint-epoch-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    found = _checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` epoch checkpoints (0 keeps every one), as the HF Trainer does."""
+    import shutil
+
+    if keep > 0:
+        for old in _checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
 
 
 def run(config: ExpertStageConfig) -> Path:
@@ -414,5 +431,6 @@ def run(config: ExpertStageConfig) -> Path:
         _save_checkpoint(
             out / f"checkpoint-epoch-{epoch + 1}", expert, opt, {"epoch": epoch + 1, "config": asdict(config)}
         )
+        _prune_checkpoints(out, config.save_total_limit)
     expert.mark_trained()
     return expert.save_pretrained(out / "expert")

@@ -55,9 +55,10 @@ def test_training_lowers_the_stage1_loss(export):
 
 def test_run_saves_reloads_resumes_and_ablates_the_mask_loss(export, tmp_path):
     base = {"data": str(export), "image_size": SIZE, "batch_size": 8, "progress": False, "embed_dim": 16}
-    final = run(ExpertStageConfig(**base, output_dir=str(tmp_path / "a"), epochs=2))
+    final = run(ExpertStageConfig(**base, output_dir=str(tmp_path / "a"), epochs=2, save_total_limit=1))
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-epoch-2"]
     assert all(r["val_image_auroc"] is not None and r["val_pixel_auroc"] is not None for r in rows), rows
     trained = AnomalyExpert.from_pretrained(final)
     assert trained.is_trained
