@@ -118,12 +118,24 @@ def _path_of(source: Any) -> str | None:
     return str(source) if isinstance(source, (str, os.PathLike)) else None
 
 
-def _expert_view(image: Image.Image, output: Any, match: Any) -> tuple[np.ndarray | None, float | None]:
-    """The expert's (map at original size, score) for one inspected image, or (None, None) without one."""
+def _expert_view(image: Image.Image, output: Any, match: Any,
+                 map_fusion: float) -> tuple[np.ndarray | None, float | None]:
+    """The expert's (map at original size, score) for one inspected image, or (None, None) without one.
+
+    With a reference match the map keeps the match's full resolution: the reference map itself, or, fused with
+    the LTFM map, the same blend as the expert's own (`map_fusion`) with only the LTFM part upsampled from the
+    token grid, so boxes and overlays follow the defect rather than the grid's cells.
+    """
     if output is None or not output.meaningful:
         return None, None
-    if match is not None and output.map_source == "reference":
-        return match.anomaly_map.numpy(), float(output.score)  # the full-resolution reference map
+    full = match.anomaly_map.numpy() if match is not None else None
+    if full is not None and full.shape == (image.size[1], image.size[0]):
+        if output.map_source == "reference":
+            return full, float(output.score)
+        if output.map_source == "ltfm+reference":
+            ltfm = _upsample(output.ltfm_map.detach(), image.size)
+            fused = (1.0 - map_fusion) * ltfm + map_fusion * np.clip(full, 0.0, 1.0)
+            return fused.astype(np.float32), float(output.score)
     return _upsample(output.anomaly_map.detach(), image.size), float(output.score)
 
 
@@ -319,6 +331,11 @@ class AnomalyAssistant:
         return [ReferenceMatch(torch.from_numpy(r.anomaly_map), r.score) for r in screener.predict(images)]
 
     @property
+    def _map_fusion(self) -> float:
+        """The weight of the reference map where the model's expert fuses it with its LTFM map."""
+        return float(self.model.expert.config.map_fusion) if self.has_llm else 1.0
+
+    @property
     def expert_fields(self) -> tuple[str, ...]:
         """Answer fields this checkpoint has the expert write (`config.expert_answer_fields`)."""
         fields = getattr(self.model.config, "expert_answer_fields", None) or () if self.has_llm else ()
@@ -369,7 +386,7 @@ class AnomalyAssistant:
 
         prefixes: dict[int, str] = {}
         for i, (im, text, out, match) in enumerate(zip(images, texts, outputs, matches)):
-            amap, score = _expert_view(im, out, match)  # exactly what the Finding will show
+            amap, score = _expert_view(im, out, match, self._map_fusion)  # exactly what the Finding shows
             head, type_at = text.find("<answer>"), text.find(TYPE_KEY)
             said = re.search(r"verdict\W{0,4}(normal|anomalous)", text[head:]) if head >= 0 else None
             if score is None or said is None or type_at < head:
@@ -438,7 +455,7 @@ class AnomalyAssistant:
         """Parse the model's answer; fall back to the expert's verdict and map when it does not parse."""
         from .backbones import family_of, get
 
-        amap, score = _expert_view(image, output, match)
+        amap, score = _expert_view(image, output, match, self._map_fusion)
         map_source = output.map_source if score is not None else None  # "reference" also for the match map
         notes = [] if score is not None else [NO_MAP_NOTE]
         frame = get(family_of(self.model.config)).input_frame(self.processor, image.size)
