@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .expert.reference import reference_warning
 from .finding import Finding, boxes_in_frame
 from .grammar import parse_answer
 from .images import ImageLike, load_image
@@ -281,7 +282,8 @@ class AnomalyAssistant:
         screener = screener or (self.reference_screener(references) if references else self.fitted_expert)
         if screener is not None:
             kind = getattr(screener, "map_source", "reference")
-            return [self._finding_from_map(im, r.anomaly_map, r.score, src, kind, threshold)
+            return [self._finding_from_map(im, r.anomaly_map, r.score, src, kind, threshold,
+                                           getattr(r, "unlikeness", None))
                     for im, r, src in zip(pils, screener.predict(pils, threshold), images)]
         if not self.has_llm or not self.model.expert.is_trained:
             raise ValueError(f"cannot screen: {NO_MAP_NOTE}; pass references=[...] or load a trained expert")
@@ -328,7 +330,8 @@ class AnomalyAssistant:
             return [None] * len(images)
         from .expert import ReferenceMatch
 
-        return [ReferenceMatch(torch.from_numpy(r.anomaly_map), r.score) for r in screener.predict(images)]
+        return [ReferenceMatch(torch.from_numpy(r.anomaly_map), r.score, getattr(r, "unlikeness", None))
+                for r in screener.predict(images)]
 
     @property
     def _map_fusion(self) -> float:
@@ -441,13 +444,14 @@ class AnomalyAssistant:
         return out
 
     def _finding_from_map(self, image: Image.Image, amap: np.ndarray, score: float, source: Any,
-                          map_source: str, threshold: float) -> Finding:
+                          map_source: str, threshold: float, unlikeness: float | None = None) -> Finding:
         anomalous = is_anomalous(score, threshold)
+        warning = reference_warning(unlikeness)
         return Finding(
             verdict="anomalous" if anomalous else "normal", score=float(score),
             boxes=boxes_from_map(amap, threshold) if anomalous else [],
             anomaly_map=amap.astype(np.float32), source="expert", image_size=image.size,
-            image_path=_path_of(source), map_source=map_source,
+            image_path=_path_of(source), map_source=map_source, notes=[warning] if warning else [],
         )
 
     def _finding_from_text(self, image: Image.Image, text: str, output: Any, match: Any, source: Any,
@@ -458,6 +462,9 @@ class AnomalyAssistant:
         amap, score = _expert_view(image, output, match, self._map_fusion)
         map_source = output.map_source if score is not None else None  # "reference" also for the match map
         notes = [] if score is not None else [NO_MAP_NOTE]
+        warning = reference_warning(getattr(match, "unlikeness", None))
+        if warning:
+            notes.append(warning)
         frame = get(family_of(self.model.config)).input_frame(self.processor, image.size)
         parsed = parse_answer(text, frame=frame)
         path = _path_of(source)

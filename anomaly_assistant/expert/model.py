@@ -64,6 +64,7 @@ class ReferenceMatch:
 
     anomaly_map: torch.Tensor
     score: float
+    unlikeness: float | None = None  # how unlike its references the image is as a whole (reference_warning)
 
 
 class DistanceBank(Protocol):

@@ -163,6 +163,21 @@ def gaussian_blur_map(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y[0, 0]
 
 
+# Unlikeness (`MemoryBank.distance_map_and_unlikeness`) from which a screened image is said not to look like
+# its references. Measured with 4 references on SynthInspect (9 categories, 128 px): images of the references'
+# own category 0.59-1.19 (normal and defective alike), another category's 1.19-2.0 (8 of 9 pairs >= 1.23); a
+# magnetic tile against a DeepPCB template 1.31-1.40.
+UNLIKE_REFERENCES = 1.25
+
+
+def reference_warning(unlikeness: float | None) -> str | None:
+    """The note for a Finding whose references do not look like the image, or None."""
+    if unlikeness is None or unlikeness < UNLIKE_REFERENCES:
+        return None
+    return (f"the references do not look like this image (its typical patch is {unlikeness:.1f}x as far from "
+            "them as they are from each other): the verdict is unreliable; use good images of this same part")
+
+
 def calibrate(z: torch.Tensor | float) -> torch.Tensor:
     """Distance relative to the references' own leave-one-out scale -> [0, 1]; z = 1 maps to 0.5."""
     z = torch.as_tensor(z, dtype=torch.float32).clamp_min(0)
@@ -277,18 +292,34 @@ class MemoryBank:
 
     def _finish(self, d: torch.Tensor) -> torch.Tensor:
         """Position profile and median normalisation of a smoothed (H, W) distance map."""
-        if getattr(self, "profile", None) is not None:
-            prof = F.interpolate(self.profile[None, None], size=d.shape, mode="bilinear", align_corners=False)
-            d = d / prof[0, 0]
+        d = self._profiled(d)
         if self.config.relative and getattr(self, "ref_median", None) is not None:
             d = d / max(float(d.median()), self.ref_median, 1e-6)  # discount only globally unusual queries
         return d
 
+    def _profiled(self, d: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "profile", None) is not None:
+            prof = F.interpolate(self.profile[None, None], size=d.shape, mode="bilinear", align_corners=False)
+            d = d / prof[0, 0]
+        return d
+
     def distance_map(self, levels: LevelGrids) -> torch.Tensor:
         """Level grids of one image -> (H, W) smoothed nearest-neighbour distance map on the finest grid."""
+        return self.distance_map_and_unlikeness(levels)[0]
+
+    def distance_map_and_unlikeness(self, levels: LevelGrids) -> tuple[torch.Tensor, float | None]:
+        """`distance_map` and how unlike the references the image is as a whole.
+
+        Unlikeness: the median cell's distance ÷ the references' own median leave-one-out distance (None
+        without one). A defect moves a few cells, not the median, so about 1 means "looks like the
+        references" and `UNLIKE_REFERENCES` or more means they show something else (`reference_warning`).
+        """
         if self.features is None:
             raise RuntimeError("MemoryBank.fit must be called first")
-        return self._map(self.embed(levels), self.features)
+        raw = self._map(self.embed(levels), self.features, final=False)
+        ref_median = getattr(self, "ref_median", None)
+        unlike = float(self._profiled(raw).median()) / max(ref_median, 1e-12) if ref_median else None
+        return self._finish(raw), unlike
 
     def score(self, dist_map: torch.Tensor) -> float:
         return float(reduce_score(dist_map, self.config.score, self.config.topk))
@@ -414,6 +445,7 @@ class ScreenResult:
     anomaly_map: np.ndarray
     label: bool
     raw_score: float = 0.0
+    unlikeness: float | None = None  # see MemoryBank.distance_map_and_unlikeness
 
 
 class ReferenceScreener:
@@ -480,20 +512,24 @@ class ReferenceScreener:
         prepped = self._prep(images)
         levels = self._extract(prepped, self.scale)
         with _timed("match"):
-            # z-maps on each image grid
-            maps = [self.bank.distance_map(lv) / self.bank.tau for lv in levels]
+            # z-maps on each image grid, and how unlike the references each image is as a whole
+            maps, unlike = [], []
+            for lv in levels:
+                d, u = self.bank.distance_map_and_unlikeness(lv)
+                maps.append(d / self.bank.tau)
+                unlike.append(u)
         # each map at its image's original size [H0, W0]
         full = [upsample_map(m, (im.size[1], im.size[0])) for m, im in zip(maps, images)]
         if self.zoom_bank is not None:
             full = self._second_look(prepped, full)
         out = []
-        for z in full:
+        for z, u in zip(full, unlike):
             s = float(z.max()) if self.config.bank.score == "max" else float(
                 reduce_score(z, self.config.bank.score, self.config.bank.topk)
             )
             score = float(calibrate(s))
             out.append(ScreenResult(score, calibrate(z).numpy().astype(np.float32),
-                                    is_anomalous(score, threshold), s))
+                                    is_anomalous(score, threshold), s, u))
         return out
 
     def _second_look(self, images: Sequence[Image.Image], full: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -288,3 +288,19 @@ def test_the_expert_written_continuation_reuses_the_first_pass_cache_with_the_sa
     encoded_again = inspect()
     assert pixels_seen == [True, True]
     assert reused.raw_text == encoded_again.raw_text and '"rationale": "' in reused.raw_text
+
+
+def test_references_that_do_not_show_the_part_are_named_in_the_finding():
+    """Screening a part against good images of another part warns in the Finding's notes; against its own
+    references it does not, defective or not."""
+    from anomaly_assistant.data_builders.synth_inspect import render
+    from anomaly_assistant.resources import sample_images, sample_references
+
+    expert = AnomalyAssistant.expert_only()
+    own = expert.screen(sample_images(), references=sample_references())
+    assert not any("do not look like" in n for f in own for n in f.notes), [f.notes for f in own]
+    grid = [Image.fromarray(render("grid", 100 + k, 7, 128, anomalous=False).image) for k in range(4)]
+    bottle = Image.fromarray(render("bottle", 0, 7, 128, anomalous=False).image)
+    (other,) = expert.screen([bottle], references=grid)
+    (note,) = [n for n in other.notes if "do not look like" in n]
+    assert "use good images of this same part" in note
