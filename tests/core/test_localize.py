@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_assistant.localize import DEFAULT_THRESHOLD, boxes_from_map, check_threshold, is_anomalous
+from anomaly_assistant.localize import (
+    BOX_CORE,
+    DEFAULT_THRESHOLD,
+    boxes_from_map,
+    check_threshold,
+    is_anomalous,
+)
 
 
 def _coords(boxes) -> list[list[float]]:
@@ -102,17 +108,44 @@ def test_order_is_peak_then_area_and_capped():
     assert [b.label for b in boxes_from_map(amap, 0.5, label_text="scratch")] == ["scratch"] * 4
 
 
-def test_a_soft_map_and_its_binarised_mask_give_the_same_boxes():
+BLOBS = ((20, 30, 6.0, 0.95), (60, 90, 10.0, 0.7), (75, 20, 3.0, 0.6), (40, 64, 4.0, 0.8))
+
+
+def _blobs() -> np.ndarray:
     yy, xx = np.mgrid[0:96, 0:128]
     amap = np.zeros((96, 128), np.float32)
-    blobs = ((20, 30, 6.0, 0.95), (60, 90, 10.0, 0.7), (75, 20, 3.0, 0.6), (40, 64, 4.0, 0.8))
-    for cy, cx, sigma, peak in blobs:
+    for cy, cx, sigma, peak in BLOBS:
         amap = np.maximum(amap, peak * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)))
+    return amap
+
+
+def test_without_the_core_step_a_soft_map_and_its_binarised_mask_give_the_same_boxes():
+    amap = _blobs()
     for threshold in (0.3, 0.5, DEFAULT_THRESHOLD):
-        soft = boxes_from_map(amap, threshold)
+        soft = boxes_from_map(amap, threshold, core=0)
         hard = boxes_from_map(amap >= threshold)
         assert len(soft) >= 2 and sorted(_coords(soft)) == sorted(_coords(hard))
         assert all(b.score >= threshold for b in soft) and all(b.score == 1.0 for b in hard)
+
+
+def test_a_soft_map_box_frames_the_core_of_each_region():
+    """Each box shrinks to its region's pixels near the region's own peak: centred on a Gaussian blob, inside
+    the threshold box, side about 2 sigma sqrt(2 ln(1 / core)); every region keeps its box."""
+    amap = _blobs()
+    for threshold in (0.3, 0.5):
+        soft, hard = boxes_from_map(amap, threshold), boxes_from_map(amap >= threshold)
+        assert len(soft) == len(hard)
+        for s, h in zip(sorted(_coords(soft)), sorted(_coords(hard))):
+            assert h[0] <= s[0] and h[1] <= s[1] and s[2] <= h[2] and s[3] <= h[3]
+        for cy, cx, sigma, peak in BLOBS:
+            if peak < threshold:
+                continue
+            (box,) = [b for b in soft if b.x1 <= cx < b.x2 and b.y1 <= cy < b.y2]
+            cut = max(threshold, BOX_CORE * peak)
+            side = 2 * sigma * np.sqrt(2 * np.log(peak / cut))
+            assert abs((box.x2 - box.x1) - side) <= 2 and abs((box.y2 - box.y1) - side) <= 2
+            centre = ((box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2)
+            assert abs(centre[0] - (cx + 0.5)) <= 1 and abs(centre[1] - (cy + 0.5)) <= 1
 
 
 def test_threshold_is_checked_and_inclusive():
