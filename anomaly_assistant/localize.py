@@ -27,6 +27,8 @@ The region->box rule (`boxes_from_map`), the same for an anomaly map (prediction
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
@@ -91,3 +93,21 @@ def boxes_from_map(
         boxes.append(Box(float(xs.start), float(ys.start), float(xs.stop), float(ys.stop), label_text,
                          round(float(peaks[i]), 4)))
     return boxes
+
+
+def threshold_from_labels(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """The threshold that best separates a few labelled images (1 = defective) by their calibrated scores.
+
+    The cut that maximises recall minus false-alarm rate (Youden's J; ties: the lower cut, fewer misses),
+    placed halfway between the two scores on either side of it. None unless both classes are present. Pass it
+    as `threshold=` / `--threshold`; `eval detect` prints it for a labelled folder.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if s.shape != y.shape or s.size == 0 or y.all() or not y.any():
+        return None
+    values = np.unique(s)  # candidate cuts: flag every image scoring >= value
+    j = [(s[y] >= v).mean() - (s[~y] >= v).mean() for v in values]
+    best = int(np.argmax(j))
+    below = values[best - 1] if best > 0 else max(0.0, values[best] - 1e-3)
+    return float(np.clip((below + values[best]) / 2, 0.0, 1.0))

@@ -18,6 +18,7 @@ from typing import Any
 from anomaly_assistant import scoring
 from anomaly_assistant.eval import distributed, metrics
 from anomaly_assistant.eval import report as R
+from anomaly_assistant.localize import threshold_from_labels
 from anomaly_assistant.prompts import DETECTION_PROMPT  # the protocol's question; one home for prompts
 
 
@@ -92,7 +93,14 @@ def compute(preds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["per_class"] = per_class
     out["micro"] = {k: micro[k] for k in scoring.BINARY_KEYS}
     if preds and all(p.get("score") is not None for p in preds):
-        out["image_auroc"] = metrics.image_auroc(y, [p["score"] for p in preds])
+        scores = [p["score"] for p in preds]
+        out["image_auroc"] = metrics.image_auroc(y, scores)
+        # the threshold these labels suggest (pass it as --threshold), pooled and per class
+        out["suggested_threshold"] = threshold_from_labels(scores, y)
+        for c in per_class:
+            mine = [i for i, k in enumerate(cats) if k == c]
+            per_class[c]["suggested_threshold"] = threshold_from_labels([scores[i] for i in mine],
+                                                                        [y[i] for i in mine])
     return out
 
 

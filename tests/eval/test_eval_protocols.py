@@ -24,6 +24,21 @@ def test_detection_macro_average():
     assert res["recall"] == pytest.approx((1 + 0.5) / 2) and "image_auroc" not in res
 
 
+def test_detection_suggests_the_threshold_its_labels_support():
+    """With expert scores, compute() names the cut that separates the labelled images, pooled and per class:
+    a part whose good images score high gets its own, higher threshold."""
+    scores = {"a": ([0.30, 0.40], [0.60, 0.80]), "b": ([0.62, 0.66], [0.90, 0.95])}  # (good, defective)
+    preds = [{"category": c, "gt_label": y, "pred_label": int(s >= 0.5), "score": s}
+             for c, (good, bad) in scores.items() for y, group in ((0, good), (1, bad)) for s in group]
+    res = detection.compute(preds)
+    assert res["per_class"]["a"]["suggested_threshold"] == pytest.approx(0.5)
+    assert res["per_class"]["b"]["suggested_threshold"] == pytest.approx(0.78)
+    # pooled, b's good images (0.62, 0.66) and a's defect at 0.60 overlap: recall minus false alarms is
+    # highest flagging from 0.80 up (recall 0.75, no false alarm), and the cut sits halfway from 0.66
+    assert res["suggested_threshold"] == pytest.approx(0.73)
+    assert detection.compute(preds[:2])["suggested_threshold"] is None  # one class only: nothing to suggest
+
+
 def test_detection_loads_mvtec_with_references(mvtec_root):
     recs, refs = detection.load(mvtec_root, "brick", references=2)
     assert len(recs) == 8 and [p.rsplit("/", 1)[1] for p in refs["brick"]] == ["000.png", "001.png"]
