@@ -81,7 +81,8 @@ def test_saved_overlays_show_map_and_boxes(expert_run, sample_paths):
     part = overlay[header:, :384]
     shown = np.asarray(plain.resize((384, 384), Image.NEAREST)).astype(int)
     x1, y1, x2, y2 = (round(v * scale) for v in row["boxes"][0])
-    assert (part[y1 + 1, x1 + 8:x2 - 8] == 255).all()  # the box's top edge is drawn in white
+    edge = part[y1 - 1:y1 + 3, x1 + 8:x2 - 8]  # the box's top edge is drawn in white (within a pixel of y1)
+    assert any((row == 255).all() for row in edge)
     heat_inside = np.abs(part[y1 + 8:y2 - 8, x1 + 8:x2 - 8] - shown[y1 + 8:y2 - 8, x1 + 8:x2 - 8]).mean()
     heat_corner = np.abs(part[:40, :40] - shown[:40, :40]).mean()
     assert heat_inside > heat_corner + 10
