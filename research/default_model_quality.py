@@ -36,6 +36,10 @@ seconds per inspection) to `--out`.
 
 from __future__ import annotations
 
+import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP wait policy before torch loads
+
+# isort: split
+
 import argparse
 import json
 import sys

@@ -21,6 +21,10 @@ reader). Its results are logged in docs/experiments.md.
 
 from __future__ import annotations
 
+import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP wait policy before torch loads
+
+# isort: split
+
 import argparse
 import time
 from dataclasses import replace
