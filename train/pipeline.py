@@ -25,7 +25,9 @@ head) start from their initialisation, so stage 1b (`expert.adapt_epochs`, `trai
 trains the expert again inside the model, on the same data and loss, with the backbone's own v°: without it
 the score head of the default model ranked held-out images worse than chance (validation image AUROC 0.41;
 0.94 after). The card lists the tensors and the validation AUROC before and after. The expert stays frozen
-in SFT and GRPO.
+in SFT and GRPO, but v° is the projector's output (tokens in the LLM's space), so when SFT or GRPO train the
+projector (or the vision tower) stage 1b runs again on the final model before it is measured: the default
+model's expert, adapted before SFT, scored every held-out image anomalous after it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ STAGE_NAMES = ("data", "expert", "start", "sft", "grpo", "final")
 CARD_NAME = "README.md"
 CONFIG_NAME = "pipeline_config.json"
 QUALITY_NAME = "quality.json"
+ADAPTATION_NAME = "expert_adaptation.json"  # stage 1b on the final model (when SFT / GRPO moved v°)
 
 
 @dataclass
@@ -354,6 +357,19 @@ def run(config: PipelineConfig) -> Path:
         for item in grpo_final.iterdir():
             if item.is_file():
                 shutil.copy2(item, out / item.name)
+        if transfer.get("adapted") and _moves_v0(config):
+            started = time.perf_counter()
+            _log("stage 1b again: the expert on the final model's v° (the projector trained since)")
+            model, processor = _load_start(str(out), device)
+            e = config.expert
+            transfer["adapted_final"] = adapt_in_model(
+                model, processor, str(data), e.epochs if e.adapt_epochs < 0 else e.adapt_epochs,
+                e.batch_size, e.learning_rate, e.weight_decay, e.mask_loss, e.seed, e.max_samples, e.progress,
+            )
+            model.save_pretrained(out)
+            (out / ADAPTATION_NAME).write_text(json.dumps(transfer["adapted_final"], indent=1) + "\n")
+            timings["expert_final"] = time.perf_counter() - started
+            del model
         started = time.perf_counter()
         quality = {}
         for name, folder in (("untrained", start_dir), ("sft", sft_final), ("final", out)):
@@ -386,6 +402,11 @@ def _family(model: str) -> str:
     from transformers import AutoConfig
 
     return backbones.family_of(AutoConfig.from_pretrained(model))
+
+
+def _moves_v0(config: PipelineConfig) -> bool:
+    """Whether SFT or GRPO trains what makes v° (the projector or the vision tower): the expert reads it."""
+    return any(part in ("projector", "vision") for part in [*config.sft.trainable, *config.grpo.trainable])
 
 
 def _load_start(source: str, device: str) -> tuple[Any, Any]:
@@ -497,6 +518,13 @@ def model_card(
                 f"{_fmt(adapted.get('val_image_auroc_after'))}, pixel AUROC "
                 f"{_fmt(adapted.get('val_pixel_auroc_before'))} -> "
                 f"{_fmt(adapted.get('val_pixel_auroc_after'))}"
+            )
+        if again := transfer.get("adapted_final"):
+            lines.append(
+                f"- stage 1b again after SFT / GRPO (they trained the projector, so v° moved): validation "
+                f"image AUROC {_fmt(again.get('val_image_auroc_before'))} -> "
+                f"{_fmt(again.get('val_image_auroc_after'))}, pixel AUROC "
+                f"{_fmt(again.get('val_pixel_auroc_before'))} -> {_fmt(again.get('val_pixel_auroc_after'))}"
             )
     for name, stage in (("sft", config.sft), ("grpo", config.grpo)):
         settings = {

@@ -44,16 +44,20 @@ def check_folder(out: Path, family: str) -> None:
     assert sft_cfg["model"] == str(out / "start") and grpo_cfg["model"] == str(out / "sft" / "final")
     assistant = AnomalyAssistant.from_pretrained(str(out))
     assert assistant.model.config.model_type == f"anomaly_{family}"
-    # the stage-1 expert went into the model, was trained again there on the backbone's v° (stage 1b), and
-    # stayed frozen through SFT and GRPO
+    # the stage-1 expert went into the model and was trained again there on the backbone's v° (stage 1b); it
+    # stayed frozen through SFT and GRPO, and SFT trained the projector (which makes v°), so stage 1b ran again
+    # on the final model
     stage1 = AnomalyExpert.from_pretrained(out / "expert" / "expert").state_dict()
     start = AnomalyAssistant.from_pretrained(str(out / "start")).model.model.expert.state_dict()
+    sft = AnomalyAssistant.from_pretrained(str(out / "sft" / "final")).model.model.expert.state_dict()
     ours = assistant.model.model.expert.state_dict()
     report = json.loads((out / "start" / "expert_transfer.json").read_text())
     assert any(name.startswith("ltfm.adapters") for name in report["copied"])
     assert report["kept"] and report["adapted"]["steps"] > 0
     assert any(not torch.equal(start[name], stage1[name]) for name in report["copied"])
-    assert all(torch.equal(ours[name], start[name]) for name in ours)
+    assert all(torch.equal(sft[name], start[name]) for name in sft)
+    assert json.loads((out / "expert_adaptation.json").read_text())["steps"] > 0
+    assert any(not torch.equal(ours[name], start[name]) for name in ours)
     assert assistant.model.model.expert.is_trained
     card = (out / "README.md").read_text()
     quality = json.loads((out / "quality.json").read_text())
@@ -62,7 +66,7 @@ def check_folder(out: Path, family: str) -> None:
     for name, q in quality.items():
         assert f"| {name} | {q['n']} | {q['parse_rate']:.3f} |" in card
     assert "## Data" in card and "SynthInspect" in card and "sft:" in card and "grpo:" in card
-    assert "stage 1b" in card
+    assert "stage 1b" in card and "stage 1b again" in card
 
 
 def test_qwen_pipeline_runs_in_budget_resumes_and_answers(capsys, tmp_path):
