@@ -36,7 +36,7 @@ seconds per inspection) to `--out`.
 
 from __future__ import annotations
 
-import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP wait policy before torch loads
+import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP spin count before torch loads
 
 # isort: split
 

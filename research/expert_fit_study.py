@@ -13,7 +13,7 @@ A research script, not part of the installed package; results are logged in docs
 
 from __future__ import annotations
 
-import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP wait policy before torch loads
+import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP spin count before torch loads
 
 # isort: split
 

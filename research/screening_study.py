@@ -21,7 +21,7 @@ reader). Its results are logged in docs/experiments.md.
 
 from __future__ import annotations
 
-import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP wait policy before torch loads
+import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP spin count before torch loads
 
 # isort: split
 

@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import anomaly_assistant` does, before torch loads
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as `import anomaly_assistant` does, before torch loads
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
