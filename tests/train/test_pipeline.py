@@ -44,9 +44,9 @@ def check_folder(out: Path, family: str) -> None:
     assert sft_cfg["model"] == str(out / "start") and grpo_cfg["model"] == str(out / "sft" / "final")
     assistant = AnomalyAssistant.from_pretrained(str(out))
     assert assistant.model.config.model_type == f"anomaly_{family}"
-    # the stage-1 expert went into the model and was trained again there on the backbone's v° (stage 1b); it
-    # stayed frozen through SFT and GRPO, and SFT trained the projector (which makes v°), so stage 1b ran again
-    # on the final model
+    # the stage-1 expert went into the model and was trained again there on the backbone's v° (stage 1b);
+    # it stayed frozen through SFT and GRPO, and SFT trained the projector (which makes v°), so stage 1b ran
+    # again on the final model
     stage1 = AnomalyExpert.from_pretrained(out / "expert" / "expert").state_dict()
     start = AnomalyAssistant.from_pretrained(str(out / "start")).model.model.expert.state_dict()
     sft = AnomalyAssistant.from_pretrained(str(out / "sft" / "final")).model.model.expert.state_dict()
