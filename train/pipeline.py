@@ -334,14 +334,9 @@ def run(config: PipelineConfig) -> Path:
         model, processor = _load_start(config.model, device)
         if not config.skip_expert:
             model, processor, transfer = install_expert(model, processor, expert_dir)
-            e = config.expert
-            epochs = e.epochs if e.adapt_epochs < 0 else e.adapt_epochs
-            if transfer["kept"] and epochs:
+            if transfer["kept"] and _adapt_epochs(config):
                 _log("stage 1b: the expert inside the model, on the backbone's v°")
-                transfer["adapted"] = adapt_in_model(
-                    model, processor, str(data), epochs, e.batch_size, e.learning_rate, e.weight_decay,
-                    e.mask_loss, e.seed, e.max_samples, e.progress,
-                )
+                transfer["adapted"] = _adapt(model, processor, data, config)
         model.save_pretrained(start_dir)
         processor.save_pretrained(start_dir)
         (start_dir / "expert_transfer.json").write_text(json.dumps(transfer, indent=1) + "\n")
@@ -361,11 +356,7 @@ def run(config: PipelineConfig) -> Path:
             started = time.perf_counter()
             _log("stage 1b again: the expert on the final model's v° (the projector trained since)")
             model, processor = _load_start(str(out), device)
-            e = config.expert
-            transfer["adapted_final"] = adapt_in_model(
-                model, processor, str(data), e.epochs if e.adapt_epochs < 0 else e.adapt_epochs,
-                e.batch_size, e.learning_rate, e.weight_decay, e.mask_loss, e.seed, e.max_samples, e.progress,
-            )
+            transfer["adapted_final"] = _adapt(model, processor, data, config)
             model.save_pretrained(out)
             (out / ADAPTATION_NAME).write_text(json.dumps(transfer["adapted_final"], indent=1) + "\n")
             timings["expert_final"] = time.perf_counter() - started
@@ -402,6 +393,18 @@ def _family(model: str) -> str:
     from transformers import AutoConfig
 
     return backbones.family_of(AutoConfig.from_pretrained(model))
+
+
+def _adapt_epochs(config: PipelineConfig) -> int:
+    e = config.expert
+    return e.epochs if e.adapt_epochs < 0 else e.adapt_epochs
+
+
+def _adapt(model: Any, processor: Any, data: Path, config: PipelineConfig) -> dict[str, Any]:
+    """Stage 1b with the expert section's settings: the expert trained again inside `model`."""
+    e = config.expert
+    return adapt_in_model(model, processor, str(data), _adapt_epochs(config), e.batch_size, e.learning_rate,
+                          e.weight_decay, e.mask_loss, e.seed, e.max_samples, e.progress)
 
 
 def _moves_v0(config: PipelineConfig) -> bool:
