@@ -90,24 +90,38 @@ def _pad_vocab(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def tiny_config(family: str, tokenizer: Any) -> Any:
-    """The family's tiny config (`backbones.<family>.tiny_config`) around a 2-layer, 64-wide LLM."""
+# The LLM's size: the smallest that still has the real architecture. `build_tiny(..., **llm)` overrides any
+# of these (e.g. a wider, deeper tiny LLM for research/pipeline_quality.py).
+TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
+
+
+def tiny_config(family: str, tokenizer: Any, **llm: int) -> Any:
+    """The family's tiny config (`backbones.<family>.tiny_config`) around a 2-layer, 64-wide LLM.
+
+    `llm` overrides sizes of `TINY_LLM`.
+    """
+    unknown = set(llm) - set(TINY_LLM)
+    if unknown:
+        raise ValueError(f"unknown tiny LLM sizes {sorted(unknown)}; known: {sorted(TINY_LLM)}")
     vocab_size = _pad_vocab(len(tokenizer))
     text = {
-        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "vocab_size": vocab_size, **TINY_LLM, **llm, "max_position_embeddings": 4096,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
         "tie_word_embeddings": False,
     }
     return get(family).tiny_config(tokenizer, text)
 
 
-def build_tiny(family: str, seed: int = 0) -> tuple[Any, Any]:
-    """(model, processor) of a tiny random backbone of `family`, in eval mode, float32, no downloads."""
+def build_tiny(family: str, seed: int = 0, **llm: int) -> tuple[Any, Any]:
+    """(model, processor) of a tiny random backbone of `family`, in eval mode, float32, no downloads.
+
+    `llm`: sizes of the language model other than `TINY_LLM` (hidden_size=128, num_hidden_layers=4, ...).
+    """
     module = get(family)
     tokenizer = build_tokenizer(family)
     processor = module.build_tiny_processor(tokenizer)
-    config = tiny_config(family, tokenizer)
+    config = tiny_config(family, tokenizer, **llm)
     model_cls = module.MODEL_CLASS
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -118,13 +132,15 @@ def build_tiny(family: str, seed: int = 0) -> tuple[Any, Any]:
     return model, processor
 
 
-def save_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
+def save_tiny(family: str, path: str | Path, seed: int = 0, **llm: int) -> Path:
     """Build a tiny backbone and save model + processor to `path` (`backbones.get(family).load` reads it)."""
     path = Path(path)
-    model, processor = build_tiny(family, seed=seed)
+    model, processor = build_tiny(family, seed=seed, **llm)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
 
-__all__ = ["ANOMALY_TOKENS", "LEVEL_WORDS", "build_tiny", "build_tokenizer", "save_tiny", "tiny_config"]
+__all__ = [
+    "ANOMALY_TOKENS", "LEVEL_WORDS", "TINY_LLM", "build_tiny", "build_tokenizer", "save_tiny", "tiny_config"
+]

@@ -165,3 +165,18 @@ def test_family_lookup():
         backbones.family_of({"model_type": "bert"})
     with pytest.raises(ValueError):
         backbones.get("qwen2_vl")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_wider_deeper_tiny_llm_builds_and_learns_one_step(family):
+    """`build_tiny(..., **llm)` sizes the LLM (and the projector into it); unknown sizes are refused."""
+    model, processor = tiny.build_tiny(family, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                       num_attention_heads=8, num_key_value_heads=4)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers) == (128, 3)
+    inputs = batch(processor, sizes=((112, 112),))
+    loss = model.train()(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown tiny LLM sizes.*hidden"):
+        tiny.build_tiny(family, hiden_size=128)
