@@ -36,8 +36,46 @@ def anomaly_block(num_tokens: int) -> str:
 
 def insert_anomaly_blocks(text: str, placeholder: str, num_tokens: int) -> str:
     """Append the block after each `placeholder` not already followed by one."""
+    return _with_blocks(text, placeholder, num_tokens)[0]
+
+
+def _with_blocks(text: str, placeholder: str, num_tokens: int) -> tuple[str, list[int]]:
+    """(`insert_anomaly_blocks(text, ...)`, where each inserted block starts in that new text)."""
+    block = anomaly_block(num_tokens)
     pattern = re.escape(placeholder) + "(?!" + re.escape(ANOMALY_START) + ")"
-    return re.sub(pattern, lambda m: m.group(0) + anomaly_block(num_tokens), text)
+    pieces, starts, last = [], [], 0
+    for m in re.finditer(pattern, text):
+        pieces.append(text[last : m.end()])
+        starts.append(m.end() + len(block) * len(starts))
+        pieces.append(block)
+        last = m.end()
+    pieces.append(text[last:])
+    return "".join(pieces), starts
+
+
+def _offsets_through_blocks(replacements: list[dict], block_starts: list[int], block: str) -> list[dict]:
+    """Expansion offsets the processor reports for the text with blocks -> offsets of the text as given.
+
+    `apply_chat_template(..., return_assistant_tokens_mask=True)` (TRL's assistant-only loss) finds the
+    assistant's characters in the rendered template and shifts them past every placeholder the processor
+    expanded before them, by these offsets. The blocks inserted here are such an expansion too: without
+    them in the offsets every assistant mask would sit a block's length too early (on prompt tokens).
+    """
+    n = len(block)
+
+    def to_given(x: int) -> int:  # a position of the text with blocks (outside them) -> the text as given
+        return x - n * sum(1 for b in block_starts if b + n <= x)
+
+    def to_final(x: int) -> int:  # a position of the text with blocks -> the expanded text
+        return x + sum((r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0])
+                       for r in replacements if r["span"][1] <= x)
+
+    out = [dict(r, span=(to_given(r["span"][0]), to_given(r["span"][1]))) for r in replacements]
+    for b in block_starts:
+        at, start = to_given(b), to_final(b)
+        out.append({"type": "anomaly_block", "span": (at, at), "new_span": (start, start + n), "text": "",
+                    "replacement": block})
+    return sorted(out, key=lambda r: (r["span"][1], r["new_span"][1]))
 
 
 def _flatten_images(images: Any) -> list[Image.Image]:
@@ -85,12 +123,20 @@ class AnomalyBlockMixin:
     expert_image_size: int | None
 
     def __call__(self, images=None, text=None, *args, **kwargs):
+        block_starts = None
         if text is not None:
             single = isinstance(text, str)
-            texts = [text] if single else list(text)
-            texts = [insert_anomaly_blocks(t, self.placeholder, self.num_anomaly_tokens) for t in texts]
+            inserted = [_with_blocks(t, self.placeholder, self.num_anomaly_tokens)
+                        for t in ([text] if single else list(text))]
+            texts, block_starts = [t for t, _ in inserted], [s for _, s in inserted]
             text = texts[0] if single else texts
         out = super().__call__(images, text, *args, **kwargs)
+        if block_starts is not None and out.get("text_replacement_offsets") is not None:
+            block = anomaly_block(self.num_anomaly_tokens)
+            out["text_replacement_offsets"] = [
+                _offsets_through_blocks(list(r), starts, block)
+                for r, starts in zip(out["text_replacement_offsets"], block_starts)
+            ]
         if images is not None and self.expert_image_size:
             flat = _flatten_images(images)
             if flat:

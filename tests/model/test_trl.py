@@ -54,3 +54,45 @@ def test_sft_step_with_lora_injects_expert_tokens(family, tmp_path):
     k = model.expert.config.num_tokens
     assert calls and all(c == 2 * k for c in calls)
     assert np.isfinite(trainer.state.log_history[0]["loss"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava"])
+def test_assistant_only_loss_falls_on_the_assistant_turns_exactly(family, tmp_path):
+    """The labels TRL builds for `assistant_only_loss` are the assistant turns' tokens, behind the anomaly block.
+
+    The processor inserts the block after each image placeholder; the assistant mask is computed from
+    character offsets in the rendered template, so the block must be among the expansions the processor
+    reports, or every label would sit a block's length early, on prompt tokens.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    model, processor = tiny_anomaly_model(family)
+    rng = np.random.default_rng(1)
+    answers = [render_answer("a dark spot", "anomalous", "stain", [[10, 10, 40, 40]], "r"),
+               "A scratch from handling.", render_answer("fine", "normal", None, [], "ok")]
+    rows = [
+        {"images": [Image.fromarray((rng.random((96, 128, 3)) * 255).astype("uint8"))], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answers[0]}]},
+            {"role": "user", "content": [{"type": "text", "text": "What caused it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answers[1]}]},
+        ]},
+        {"images": [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8"))], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answers[2]}]},
+        ]},
+    ]
+    args = SFTConfig(output_dir=str(tmp_path), max_length=None, use_cpu=True, report_to=[],
+                     assistant_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=processor)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    tokenizer = processor.tokenizer
+    learned = [tokenizer.decode(ids[labels != -100], skip_special_tokens=True)
+               for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    def squeeze(text):  # the templates differ in the whitespace between turns
+        return "".join(text.split())
+
+    assert [squeeze(t) for t in learned] == [squeeze(answers[0] + answers[1]), squeeze(answers[2])]
+    pads = batch["input_ids"] == model.config.anomaly_pad_token_id
+    assert not (pads & (batch["labels"] != -100)).any()  # no prompt token (the anomaly block) is learned
