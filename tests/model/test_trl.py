@@ -58,7 +58,7 @@ def test_sft_step_with_lora_injects_expert_tokens(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava"])
 def test_assistant_only_loss_falls_on_the_assistant_turns_exactly(family, tmp_path):
-    """The labels TRL builds for `assistant_only_loss` are the assistant turns' tokens, behind the anomaly block.
+    """The labels TRL builds for `assistant_only_loss` are exactly the assistant turns' tokens.
 
     The processor inserts the block after each image placeholder; the assistant mask is computed from
     character offsets in the rendered template, so the block must be among the expansions the processor
