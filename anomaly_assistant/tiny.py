@@ -91,7 +91,8 @@ def _pad_vocab(n: int, multiple: int = 64) -> int:
 
 
 # The LLM's size: the smallest that still has the real architecture. `build_tiny(..., **llm)` overrides any
-# of these (e.g. a wider, deeper tiny LLM for research/pipeline_quality.py).
+# of these (e.g. `save_tiny(..., hidden_size=128, num_attention_heads=8, ...)` for a wider tiny backbone that
+# `train pipeline --model DIR` starts from).
 TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2}
 
