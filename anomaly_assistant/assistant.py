@@ -30,11 +30,12 @@ import torch
 from PIL import Image
 
 from .expert.reference import reference_warning
-from .finding import Finding, boxes_in_frame
+from .finding import Box, Finding, boxes_in_frame, location_words, size_words
 from .grammar import parse_answer
 from .images import ImageLike, load_image
 from .localize import DEFAULT_THRESHOLD, boxes_from_map, check_threshold, is_anomalous
 from .prompts import INSPECTION_PROMPT
+from .scoring import concluded_verdict
 
 NO_MAP_NOTE = "no anomaly map: the expert is untrained and no reference images were given"
 # Answer fields a checkpoint may have the expert write (`config.expert_answer_fields`), and where the
@@ -113,6 +114,32 @@ class GenerationSettings:
         if self.do_sample:
             out |= {"temperature": self.temperature, "top_p": self.top_p}
         return out | overrides
+
+
+def _rationale_agreeing(rest: str, verdict: str, score: float, boxes: Sequence[Box],
+                        size: tuple[int, int], threshold: float) -> str:
+    """`rest` (the rationale, its closing quote, what follows) with a rationale agreeing with `verdict`.
+
+    The LLM writes the rationale after the expert's verdict and boxes, but when its own reading of the image
+    was the opposite it can still conclude so ("No defect is visible" under ANOMALOUS). An inspector must
+    never read a verdict and a rationale that disagree, so such a rationale is replaced by what the expert
+    measured, in words without a verdict word of their own (`scoring.concluded_verdict` reads "good" as one).
+    """
+    quoted = re.match(r'((?:[^"\\]|\\.)*)"(.*)', rest, flags=re.DOTALL)
+    if quoted is None:  # the rationale never closed: left as generated (the parser reports it)
+        return rest
+    said = concluded_verdict(quoted.group(1))
+    if said is None or said == verdict:
+        return rest
+    if verdict == "anomalous" and boxes:
+        box = boxes[0].as_list()
+        sentence = (f"The {size_words(box, size)} region at the {location_words(box, size)} stands out "
+                    f"(expert score {score:.2f}, at or above the threshold {threshold:.2f}).")
+    elif verdict == "anomalous":
+        sentence = f"Something stands out (expert score {score:.2f}, threshold {threshold:.2f})."
+    else:
+        sentence = f"Nothing stands out (expert score {score:.2f}, below the threshold {threshold:.2f})."
+    return json.dumps(sentence)[1:-1] + '"' + quoted.group(2)
 
 
 def _path_of(source: Any) -> str | None:
@@ -388,6 +415,7 @@ class AnomalyAssistant:
         from .backbones import family_of, get
 
         prefixes: dict[int, str] = {}
+        decided: dict[int, tuple[str, float, list[Box], tuple[int, int]]] = {}  # the expert's verdicts
         for i, (im, text, out, match) in enumerate(zip(images, texts, outputs, matches)):
             amap, score = _expert_view(im, out, match, self._map_fusion)  # exactly what the Finding shows
             head, type_at = text.find("<answer>"), text.find(TYPE_KEY)
@@ -415,6 +443,8 @@ class AnomalyAssistant:
                 frame = get(family_of(self.model.config)).input_frame(self.processor, im.size)
                 written = boxes_in_frame([b.as_list() for b in boxes], frame)
                 prefix += f" {json.dumps(written)}, " + '"rationale": "'
+                if "verdict" in self.expert_fields:
+                    decided[i] = (verdict, score, boxes, im.size)
             prefixes[i] = prefix
         if not prefixes:
             return texts
@@ -440,6 +470,8 @@ class AnomalyAssistant:
                                             skip_special_tokens=True)
         out = list(texts)
         for i, rest in zip(rows, rests):
+            if i in decided:
+                rest = _rationale_agreeing(rest, *decided[i], threshold)
             out[i] = prefixes[i] + rest.rstrip()
         return out
 

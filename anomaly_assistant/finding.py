@@ -265,6 +265,25 @@ class Finding:
         return cls.from_json(json.loads(text))
 
 
+def location_words(box: Sequence[float], size: tuple[int, int]) -> str:
+    """Where a box sits, in words (e.g. "upper left", "centre", "right edge")."""
+    w, h = size
+    cx, cy = (box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h
+    vert = "upper" if cy < 1 / 3 else ("lower" if cy > 2 / 3 else "")
+    horiz = "left" if cx < 1 / 3 else ("right" if cx > 2 / 3 else "")
+    if not vert and not horiz:
+        return "centre"
+    if vert and horiz:
+        return f"{vert} {horiz}"
+    return f"{vert or 'middle'} part" if vert else f"{horiz} side"
+
+
+def size_words(box: Sequence[float], size: tuple[int, int]) -> str:
+    """A size word from a box's share of the image, so texts say "small scratch" rather than pixel counts."""
+    frac = (box[2] - box[0]) * (box[3] - box[1]) / max(1, size[0] * size[1])
+    return "tiny" if frac < 0.002 else "small" if frac < 0.02 else "medium-sized" if frac < 0.1 else "large"
+
+
 def boxes_in_frame(boxes: Sequence[Sequence[float]], frame: Frame) -> list[list[int]]:
     """Original-pixel boxes -> integer boxes in the model-input frame (outward rounding; empty ones dropped).
 

@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=FitConfig.steps)
     p.add_argument("--views", type=int, default=FitConfig.views)
     p.add_argument("--no-mask-loss", action="store_true")
+    p.add_argument("--init", default="", help="start each fit from this saved expert (e.g. a stage-1 one)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/fit/study")
     a = p.parse_args()
@@ -95,6 +96,7 @@ def main() -> None:
             steps=a.steps,
             views=a.views,
             mask_loss=not a.no_mask_loss,
+            init=a.init,
             seed=seed,
             progress=False,
         )

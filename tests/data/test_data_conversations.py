@@ -18,11 +18,10 @@ from anomaly_assistant.data_builders.conversations import (
     boxes_in_frame,
     build_samples,
     inspection_answer,
-    location_words,
 )
 from anomaly_assistant.data_builders.records import Record
 from anomaly_assistant.data_builders.teacher import Teacher
-from anomaly_assistant.finding import Box
+from anomaly_assistant.finding import Box, location_words
 from anomaly_assistant.grammar import parse_answer
 from anomaly_assistant.scoring import DEFECT_FAMILIES, canonical_defect, type_similarity
 

@@ -229,6 +229,30 @@ def test_expert_answer_fields_write_the_calibrated_verdict_and_boxes(references,
         assert finding.think == "It looks regular." and finding.boxes == []
 
 
+@pytest.mark.parametrize("threshold", [0.05, 0.99])
+def test_a_rationale_that_contradicts_the_expert_verdict_is_replaced(references, threshold):
+    """The LLM's rationale concluding the opposite of the expert's verdict ("No defect is visible" under
+    ANOMALOUS) is replaced by what the expert measured, so verdict and rationale never disagree."""
+    from anomaly_assistant.scoring import concluded_verdict
+
+    assistant = AnomalyAssistant.from_pretrained("tiny")
+    assistant.model.config.expert_answer_fields = ["verdict", "boxes"]
+    image = _texture(9, defect=True)
+    (screened,) = assistant.screen([image], references=references, threshold=threshold)
+    contrary = {"anomalous": "No defect is visible, the part is normal.",
+                "normal": "A scratch crosses it, so the part is anomalous."}[screened.verdict]
+    said = '<think>Hard to say.</think>\n<answer>{"verdict": "normal", "defect_type": null, "boxes":'
+    forcer = _forced_calls(assistant.processor.tokenizer, [said, contrary + '"}</answer>'])
+    finding = assistant.chat(references=references, threshold=threshold).inspect(
+        image, prefix_allowed_tokens_fn=forcer, max_new_tokens=120)
+    assert finding.parse_error is None and finding.verdict == screened.verdict, finding.raw_text
+    assert concluded_verdict(finding.rationale) in (None, finding.verdict), finding.rationale
+    assert f"expert score {finding.score:.2f}" in finding.rationale
+    assert f"threshold {threshold:.2f}" in finding.rationale
+    if finding.verdict == "anomalous":
+        assert finding.boxes and "region at the" in finding.rationale
+
+
 def test_expert_answer_fields_repair_a_malformed_answer_head(references):
     """Badly quoted or unfinished text before the boxes never reaches the parser: the head is rewritten."""
     assistant = AnomalyAssistant.from_pretrained("tiny")
