@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import lookup
 from .expert.reference import reference_warning
 from .finding import Box, Finding, boxes_in_frame, location_words, size_words
 from .grammar import parse_answer
@@ -142,6 +144,24 @@ def _rationale_agreeing(rest: str, verdict: str, score: float, boxes: Sequence[B
     return json.dumps(sentence)[1:-1] + '"' + quoted.group(2)
 
 
+def _eos_id(generation_config: Any) -> int | None:
+    """The generation config's (first) end-of-sequence token id."""
+    eos = generation_config.eos_token_id
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
+def _drafting(model: Any, batch_size: int, kwargs: dict, streamer: Any = None) -> dict:
+    """`kwargs` asking for corpus drafting (`lookup`) where it applies, else unchanged.
+
+    transformers drafts for one sequence at a time, greedily, and a reused cache would not line up with the
+    drafted tokens, so batches, sampling, streaming and continued caches decode one token per forward.
+    """
+    if (getattr(model, "lookup_corpus", None) is None or batch_size != 1 or kwargs.get("do_sample")
+            or streamer is not None or kwargs.get("past_key_values") is not None):
+        return kwargs
+    return {"prompt_lookup_num_tokens": lookup.DRAFT_TOKENS} | kwargs
+
+
 def _path_of(source: Any) -> str | None:
     return str(source) if isinstance(source, (str, os.PathLike)) else None
 
@@ -191,6 +211,7 @@ class AnomalyAssistant:
         self._screeners_lock = threading.Lock()  # guards the cache and the source, never a fit
         # a FittedExpert (`expert fit`): screens images that come without references
         self.fitted_expert = None
+        self._lookup_dir: str | None = None  # the folder of the model's `lookup` corpus, if it has one
         self._suppress_tokens: list[int] = []  # placeholders a generated answer must never hold
         if processor is not None:
             from .processing import placeholder_token_ids
@@ -223,9 +244,14 @@ class AnomalyAssistant:
         if config.model_type.startswith("anomaly_"):
             model = AutoModelForImageTextToText.from_pretrained(path_or_id, **model_kwargs)
             processor = AutoProcessor.from_pretrained(path_or_id)
+            if os.path.isdir(path_or_id):  # its training answers, to draft from (`lookup`)
+                model.lookup_corpus = lookup.load_corpus(path_or_id, processor.tokenizer,
+                                                         _eos_id(model.generation_config))
         else:
             model, processor = modeling.load_backbone_as_anomaly(path_or_id, feature_source, **model_kwargs)
-        return cls(model, processor, device=device, threshold=threshold)
+        assistant = cls(model, processor, device=device, threshold=threshold)
+        assistant._lookup_dir = path_or_id if model.lookup_corpus is not None else None
+        return assistant
 
     @classmethod
     def expert_only(cls, feature_source: str = "efficientnet_lite0", screener_config: Any = None,
@@ -254,6 +280,8 @@ class AnomalyAssistant:
             raise ValueError("an expert-only assistant has no model to save")
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+        if self._lookup_dir is not None:  # keep drafting from the same training answers
+            shutil.copy2(os.path.join(self._lookup_dir, lookup.CORPUS_FILE), directory)
 
     # -- references ------------------------------------------------------------------------------------------
     def reference_screener(self, references: Sequence[ImageLike], cache_size: int = 8):
@@ -384,7 +412,7 @@ class AnomalyAssistant:
         reference = matches if screener is not None else None
         grounded = threshold is not None and bool(self.expert_fields) and streamer is None
         inputs = self._encode(images, conversations)
-        kwargs = self.generation.kwargs(**generate_kwargs)
+        kwargs = _drafting(self.model, len(images), self.generation.kwargs(**generate_kwargs), streamer)
         if grounded:  # stop each answer where the expert's fields begin
             prompt_length = inputs["input_ids"].shape[1]
             kwargs["stopping_criteria"] = [_StopAtBoxes(self.processor.tokenizer, prompt_length)]
@@ -463,6 +491,7 @@ class AnomalyAssistant:
             kwargs["past_key_values"] = prompt.reusable_for(batch["input_ids"][0])
             if kwargs["past_key_values"] is not None:  # the image is in the cache: not encoded again
                 batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "expert_pixel_values")}
+        kwargs = _drafting(self.model, len(rows), kwargs)
         rest_reference = [reference[i] for i in rows] if reference is not None else None
         with self.model.anomaly_context(reference=rest_reference):
             sequences = self.model.generate(**batch, **kwargs, suppress_tokens=self._suppress_tokens or None)

@@ -251,6 +251,21 @@ class AnomalyOuterMixin:
         """(vision features, level grids per image): what the expert reads for a processor batch."""
         return self.model.expert_inputs(inputs)
 
+    lookup_corpus: torch.Tensor | None = None  # training answers to draft from (`lookup`), set at load
+
+    def _get_candidate_generator(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
+        """Draft from `lookup_corpus` when a call asks for prompt lookup (`lookup` module docstring)."""
+        if generation_config.prompt_lookup_num_tokens is not None and self.lookup_corpus is not None:
+            from .lookup import CorpusLookupCandidateGenerator
+
+            return CorpusLookupCandidateGenerator(
+                self.lookup_corpus, int(generation_config._eos_token_tensor.flatten()[0]),
+                forbidden=generation_config.suppress_tokens or (),
+                num_output_tokens=generation_config.prompt_lookup_num_tokens,
+                max_length=generation_config.max_length,
+            )
+        return super()._get_candidate_generator(generation_config, *args, **kwargs)
+
     def _supports_mm_encoder_outputs(self) -> bool:
         """Keep `generate` from pre-encoding images.
 

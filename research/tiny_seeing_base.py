@@ -34,12 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly_assistant import backbones
     from anomaly_assistant.backbones.llava import CHAT_TEMPLATE, IMAGE_TOKEN
     from anomaly_assistant.efficientnet_tower import EfficientNetLiteVisionConfig
-    from anomaly_assistant.tiny import TINY_LLM, _pad_vocab, build_tokenizer
+    from anomaly_assistant.tiny import build_tokenizer, tiny_config
 
     tokenizer = build_tokenizer("llava")
-    text = {"model_type": "llama", "vocab_size": _pad_vocab(len(tokenizer)), **TINY_LLM,
-            "max_position_embeddings": 4096, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "tie_word_embeddings": False}
+    text = tiny_config("llava", tokenizer).text_config.to_dict()  # the tiny LLM of the llava test models
     vision = EfficientNetLiteVisionConfig(image_size=args.image_size, patch_size=args.patch_size)
     config = LlavaConfig(text_config=text, vision_config=vision.to_dict(),
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,15 +418,18 @@ class JsonlMetricsCallback(TrainerCallback):
 
 
 def save_final(model: Any, loaded: LoadedModel, config: StageConfig,
-               directory: str | Path | None = None) -> Path:
+               directory: str | Path | None = None, answers: Sequence[str] | None = None) -> Path:
     """`save_pretrained` of the trained model + processor to `directory` (default `<output_dir>/final`).
 
     LoRA is merged into the weights (`merge_lora`), or kept: the adapter files (`adapter_config.json`,
     `adapter_model.safetensors`) sit beside the full base checkpoint, which transformers loads as a model with
     an embedded adapter. A QLoRA adapter is applied to the full-precision base: the saved model is never
-    4-bit. Also writes `training_config.json` (the stage settings).
+    4-bit. Also writes `training_config.json` (the stage settings) and the answers to draft from at decoding
+    (`anomaly_assistant.lookup`): `answers` (SFT's assistant turns), else the starting model folder's.
     """
     from peft import PeftModel
+
+    from anomaly_assistant import lookup
 
     out = Path(directory) if directory else Path(config.output_dir) / "final"
     if not _is_main_process():  # under `accelerate launch` rank 0 writes; the others wait for it
@@ -443,6 +447,11 @@ def save_final(model: Any, loaded: LoadedModel, config: StageConfig,
     model.save_pretrained(out)
     loaded.processor.save_pretrained(out)
     (out / "training_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    start_corpus = Path(config.model) / lookup.CORPUS_FILE
+    if answers:
+        lookup.write_corpus(answers, out)
+    elif start_corpus.is_file():
+        shutil.copy2(start_corpus, out / lookup.CORPUS_FILE)
     _wait_for_everyone()
     return out
 

@@ -11,10 +11,11 @@ config, so the assembled model answers with the expert's calibrated verdict and 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomaly_assistant import default_model
+from anomaly_assistant import default_model, lookup
 from anomaly_assistant.commands.runtime import InputError, note
 
 
@@ -41,6 +42,9 @@ def run(config: ExportConfig) -> Path:
     if unknown:
         raise InputError(f"--expert-answer-fields: unknown field(s) {sorted(unknown)}; choose verdict, boxes")
     report = default_model.export_parts(run_dir, out)
+    corpus = run_dir / lookup.CORPUS_FILE
+    if corpus.is_file():  # the training answers the assistant drafts from (`anomaly_assistant.lookup`)
+        shutil.copy2(corpus, out / lookup.CORPUS_FILE)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["expert_answer_fields"] = list(config.expert_answer_fields) or None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anomaly_assistant.commands.config import resolve_device
+from anomaly_assistant.lookup import assistant_texts
 from anomaly_assistant.train.common import (
     JsonlMetricsCallback,
     StageConfig,
@@ -62,4 +63,5 @@ def run(config: SftStageConfig) -> Path:
         float32_whole_modules(trainer.model)
     quiet_console(trainer)
     trainer.train(resume_from_checkpoint=resume)
-    return save_final(trainer.model, loaded, config)
+    turns = dataset["messages"] if config.format == "messages" else dataset["completion"]
+    return save_final(trainer.model, loaded, config, answers=assistant_texts(turns))

@@ -95,6 +95,11 @@ def test_merged_and_adapter_saves_reload_and_inspect(interrupted_run):
         assistant = AnomalyAssistant.from_pretrained(str(folder))
         finding = assistant.chat().inspect(_image(), max_new_tokens=8)
         assert isinstance(finding, Finding) and finding.image_size == (64, 64)
+        # the training answers to draft from at decoding travel with the checkpoint (anomaly_assistant.lookup)
+        answers = json.loads((folder / "lookup_corpus.json").read_text())["answers"]
+        assert answers == sorted(set(answers)) and any(a.startswith("<think>") and "</answer>" in a
+                                                          for a in answers), answers[:1]
+        assert assistant.model.lookup_corpus is not None and len(assistant.model.lookup_corpus) > len(answers)
     assert getattr(assistant.model, "peft_config", None), "the kept adapter was not loaded"
 
 
@@ -215,7 +220,10 @@ def test_prompt_completion_export_trains_on_the_completion(data_build, tmp_path)
                          remove_columns=["messages"])
     split.save_to_disk(str(tmp_path / "sft"))
     out = tmp_path / "run"
-    assert run(_config(tmp_path, out, format="prompt_completion", max_steps=2)).is_dir()
+    final = run(_config(tmp_path, out, format="prompt_completion", max_steps=2))
+    completions = {m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
+                   for row in split["train"].select(range(4))["completion"] for m in row}
+    assert set(json.loads((final / "lookup_corpus.json").read_text())["answers"]) == completions
     losses = _losses(out)
     assert list(losses) == [1, 2] and all(0 < loss < 20 for loss in losses.values())
 
