@@ -28,9 +28,13 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 logger = logging.getLogger(__name__)
 
 CORPUS_FILE = "lookup_corpus.json"
-DRAFT_TOKENS = 10  # tokens guessed per forward: the answers' template phrases are about this long
+DRAFT_TOKENS = 16  # most tokens guessed per forward (a template sentence; guesses stop earlier when unsure)
 MAX_NGRAM = 4  # the longest ending matched in the corpus (longer endings choose their continuation better)
 MIN_NGRAM = 2  # one matching token is too weak a cue to be worth a wider forward
+# A guess goes on only while its next token follows at least this share of the matching positions: where the
+# answers split (a defect's size word, its position) a wrong guess costs a wider forward and gains nothing.
+# (16 tokens with this stop against 10 without, default model, 9 held-out images x 3: 2.39 / 2.49 s median.)
+MIN_SHARE = 0.5
 
 
 def assistant_texts(conversations: Iterable[Any]) -> list[str]:
@@ -81,11 +85,12 @@ class CorpusLookupCandidateGenerator(PromptLookupCandidateGenerator):
     """Guesses the next tokens as the corpus's most common continuation of the sequence's last n-gram.
 
     The longest ending (MAX_NGRAM down to MIN_NGRAM tokens) that occurs in the corpus selects the matching
-    positions; each guessed token is the most common next token among them, and only the positions that agree
-    go on, so the guess follows the answers' most frequent path. It stops at an end of answer (the model's end
-    of sequence, kept as the last guess) and before any `forbidden` token (the image and anomaly placeholders
-    a generated answer must never hold: a forward over them would count them as images). Without a match
-    nothing is guessed: transformers' own prompt lookup would copy from the prompt, placeholders included.
+    positions; each guessed token is the most common next token among them, and only the positions that
+    agree go on, so the guess follows the answers' most frequent path. It stops where the answers split
+    (`MIN_SHARE`), at an end of answer (the model's end of sequence, kept as the last guess) and before any
+    `forbidden` token (the image and anomaly placeholders a generated answer must never hold: a forward over
+    them would count them as images). Without a match nothing is guessed: transformers' own prompt lookup
+    would copy from the prompt, placeholders included.
     """
 
     def __init__(self, corpus: torch.Tensor, eos_token_id: int, forbidden: Iterable[int] = (), **kwargs: Any):
@@ -107,7 +112,8 @@ class CorpusLookupCandidateGenerator(PromptLookupCandidateGenerator):
             while len(at) and len(guess) < room:
                 following = self.corpus[at]
                 token = int(torch.mode(following).values)
-                if token in self.forbidden:
+                share = float((following == token).float().mean())
+                if token in self.forbidden or (guess and share < MIN_SHARE):
                     break
                 guess.append(token)
                 if token == self.corpus_eos:

@@ -30,6 +30,10 @@ def test_the_guess_follows_the_most_common_continuation_and_stops_at_an_answer_e
     assert no_room.get_candidates(torch.tensor([[3, 3, 5, 6]]))[0].tolist() == [[3, 3, 5, 6]]
     # an ending the corpus never shows: nothing guessed, not even a copy from the prompt itself
     assert guesser.get_candidates(torch.tensor([[11, 12, 11, 12]]))[0].tolist() == [[11, 12, 11, 12]]
+    # where the answers split three ways the guess stops after the first token
+    split = torch.tensor([5, 6, 7, 8, eos, 5, 6, 7, 9, eos, 5, 6, 7, 10, eos])
+    unsure = lookup.CorpusLookupCandidateGenerator(split, eos, num_output_tokens=10, max_length=100)
+    assert unsure.get_candidates(torch.tensor([[3, 5, 6]]))[0].tolist() == [[3, 5, 6, 7]]
     # never a placeholder: a forward over one would count it as an image
     careful = lookup.CorpusLookupCandidateGenerator(corpus, eos, forbidden=[8], num_output_tokens=10,
                                                     max_length=100)
