@@ -150,14 +150,15 @@ def _eos_id(generation_config: Any) -> int | None:
     return eos[0] if isinstance(eos, list) and eos else eos
 
 
-def _drafting(model: Any, batch_size: int, kwargs: dict, streamer: Any = None) -> dict:
+def _drafting(model: Any, batch_size: int, kwargs: dict) -> dict:
     """`kwargs` asking for corpus drafting (`lookup`) where it applies, else unchanged.
 
     transformers drafts for one sequence at a time, greedily, and a reused cache would not line up with the
-    drafted tokens, so batches, sampling, streaming and continued caches decode one token per forward.
+    drafted tokens, so batches, sampling and continued caches decode one token per forward. (A streamer
+    gets the accepted tokens of each forward at once.)
     """
     if (getattr(model, "lookup_corpus", None) is None or batch_size != 1 or kwargs.get("do_sample")
-            or streamer is not None or kwargs.get("past_key_values") is not None):
+            or kwargs.get("past_key_values") is not None):
         return kwargs
     return {"prompt_lookup_num_tokens": lookup.DRAFT_TOKENS} | kwargs
 
@@ -412,7 +413,7 @@ class AnomalyAssistant:
         reference = matches if screener is not None else None
         grounded = threshold is not None and bool(self.expert_fields) and streamer is None
         inputs = self._encode(images, conversations)
-        kwargs = _drafting(self.model, len(images), self.generation.kwargs(**generate_kwargs), streamer)
+        kwargs = _drafting(self.model, len(images), self.generation.kwargs(**generate_kwargs))
         if grounded:  # stop each answer where the expert's fields begin
             prompt_length = inputs["input_ids"].shape[1]
             kwargs["stopping_criteria"] = [_StopAtBoxes(self.processor.tokenizer, prompt_length)]

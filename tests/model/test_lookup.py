@@ -84,6 +84,13 @@ def test_drafting_writes_the_same_answer_in_fewer_forwards(saved_tiny, monkeypat
     assert drafting.chat().inspect(_image(), max_new_tokens=40).raw_text == expected
     assert len(drafted_forwards) <= len(plain_forwards) // 2, (drafted_forwards, len(plain_forwards))
     assert max(drafted_forwards[1:]) > 1  # forwards that check several guessed tokens at once
+    # a streamed follow-up gets each forward's accepted tokens at once: the same reply as without drafting
+    session = drafting.chat()
+    session.inspect(_image(), max_new_tokens=40)
+    streamed = list(session.stream("Why?", max_new_tokens=30))
+    plain_session = plain.chat()
+    plain_session.inspect(_image(), max_new_tokens=40)
+    assert "".join(streamed) == plain_session.ask("Why?", max_new_tokens=30)
     # a corpus that misleads (another answer) costs forwards, never the text
     drafting.model.lookup_corpus = torch.tensor([*reversed(answer_ids), *answer_ids[::2]])
     assert drafting.chat().inspect(_image(), max_new_tokens=40).raw_text == expected
