@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 CORPUS_FILE = "lookup_corpus.json"
 DRAFT_TOKENS = 16  # most tokens guessed per forward (a template sentence; guesses stop earlier when unsure)
+MAX_CORPUS_CHARS = 1_000_000  # about 250 k tokens: a guess's scan of the corpus stays a few ms
 MAX_NGRAM = 4  # the longest ending matched in the corpus (longer endings choose their continuation better)
 MIN_NGRAM = 2  # one matching token is too weak a cue to be worth a wider forward
 # A guess goes on only while its next token follows at least this share of the matching positions: where the
@@ -52,13 +54,23 @@ def assistant_texts(conversations: Iterable[Any]) -> list[str]:
     return texts
 
 
-def write_corpus(texts: Iterable[str], folder: str | Path) -> Path | None:
-    """Write the distinct answers (sorted, so the file is deterministic) into `folder`; None when empty."""
-    answers = sorted(set(texts))
-    if not answers:
+def write_corpus(texts: Iterable[str], folder: str | Path, max_chars: int = MAX_CORPUS_CHARS) -> Path | None:
+    """Write the distinct answers (sorted, so the file is deterministic) into `folder`; None when empty.
+
+    Past `max_chars` the most frequent answers are kept: every guess scans the whole corpus, and the frequent
+    phrasings are the ones worth guessing.
+    """
+    counts = Counter(texts)
+    kept, used = [], 0
+    for text, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if used + len(text) > max_chars:
+            break
+        kept.append(text)
+        used += len(text)
+    if not kept:
         return None
     path = Path(folder) / CORPUS_FILE
-    path.write_text(json.dumps({"answers": answers}, ensure_ascii=False, indent=0) + "\n")
+    path.write_text(json.dumps({"answers": sorted(kept)}, ensure_ascii=False, indent=0) + "\n")
     return path
 
 

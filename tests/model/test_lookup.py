@@ -99,6 +99,14 @@ def test_drafting_writes_the_same_answer_in_fewer_forwards(saved_tiny, monkeypat
     assert [f.raw_text for f in batch] == [expected, expected]
 
 
+def test_a_large_corpus_keeps_its_most_frequent_answers(tmp_path):
+    texts = ["rare one"] + ["common answer"] * 3 + ["middle answer"] * 2 + ["another rare"]
+    lookup.write_corpus(texts, tmp_path, max_chars=len("common answer") + len("middle answer"))
+    kept = json.loads((tmp_path / lookup.CORPUS_FILE).read_text())["answers"]
+    assert kept == ["common answer", "middle answer"]
+    assert lookup.write_corpus([], tmp_path / "none") is None
+
+
 def test_a_saved_assistant_keeps_its_corpus_and_a_broken_one_is_skipped(saved_tiny, tmp_path, caplog):
     lookup.write_corpus(["<think>fine</think>", "<think>fine</think>", "a reply"], saved_tiny)
     assert json.loads((saved_tiny / lookup.CORPUS_FILE).read_text()) == {"answers": ["<think>fine</think>",
