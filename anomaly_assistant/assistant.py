@@ -144,12 +144,6 @@ def _rationale_agreeing(rest: str, verdict: str, score: float, boxes: Sequence[B
     return json.dumps(sentence)[1:-1] + '"' + quoted.group(2)
 
 
-def _eos_id(generation_config: Any) -> int | None:
-    """The generation config's (first) end-of-sequence token id."""
-    eos = generation_config.eos_token_id
-    return eos[0] if isinstance(eos, list) and eos else eos
-
-
 def _drafting(model: Any, batch_size: int, kwargs: dict) -> dict:
     """`kwargs` asking for corpus drafting (`lookup`) where it applies, else unchanged.
 
@@ -212,7 +206,6 @@ class AnomalyAssistant:
         self._screeners_lock = threading.Lock()  # guards the cache and the source, never a fit
         # a FittedExpert (`expert fit`): screens images that come without references
         self.fitted_expert = None
-        self._lookup_dir: str | None = None  # the folder of the model's `lookup` corpus, if it has one
         self._suppress_tokens: list[int] = []  # placeholders a generated answer must never hold
         if processor is not None:
             from .processing import placeholder_token_ids
@@ -246,13 +239,10 @@ class AnomalyAssistant:
             model = AutoModelForImageTextToText.from_pretrained(path_or_id, **model_kwargs)
             processor = AutoProcessor.from_pretrained(path_or_id)
             if os.path.isdir(path_or_id):  # its training answers, to draft from (`lookup`)
-                model.lookup_corpus = lookup.load_corpus(path_or_id, processor.tokenizer,
-                                                         _eos_id(model.generation_config))
+                model.lookup_corpus = lookup.load_corpus(path_or_id, processor.tokenizer)
         else:
             model, processor = modeling.load_backbone_as_anomaly(path_or_id, feature_source, **model_kwargs)
-        assistant = cls(model, processor, device=device, threshold=threshold)
-        assistant._lookup_dir = path_or_id if model.lookup_corpus is not None else None
-        return assistant
+        return cls(model, processor, device=device, threshold=threshold)
 
     @classmethod
     def expert_only(cls, feature_source: str = "efficientnet_lite0", screener_config: Any = None,
@@ -281,8 +271,10 @@ class AnomalyAssistant:
             raise ValueError("an expert-only assistant has no model to save")
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
-        if self._lookup_dir is not None:  # keep drafting from the same training answers
-            shutil.copy2(os.path.join(self._lookup_dir, lookup.CORPUS_FILE), directory)
+        # keep drafting from the same answers: the corpus of the folder the model was loaded from
+        corpus = os.path.join(str(self.model.name_or_path), lookup.CORPUS_FILE)
+        if self.model.lookup_corpus is not None and os.path.isfile(corpus):
+            shutil.copy2(corpus, directory)
 
     # -- references ------------------------------------------------------------------------------------------
     def reference_screener(self, references: Sequence[ImageLike], cache_size: int = 8):

@@ -37,6 +37,8 @@ MIN_NGRAM = 2  # one matching token is too weak a cue to be worth a wider forwar
 # answers split (a defect's size word, its position) a wrong guess costs a wider forward and gains nothing.
 # (16 tokens with this stop against 10 without, default model, 9 held-out images x 3: 2.39 / 2.49 s median.)
 MIN_SHARE = 0.5
+# Between answers in a loaded corpus: no n-gram spans it, and it is guessed as the call's end of sequence.
+ANSWER_END = -1
 
 
 def assistant_texts(conversations: Iterable[Any]) -> list[str]:
@@ -74,8 +76,8 @@ def write_corpus(texts: Iterable[str], folder: str | Path, max_chars: int = MAX_
     return path
 
 
-def load_corpus(folder: str | Path | None, tokenizer: Any, eos_token_id: int) -> torch.Tensor | None:
-    """The folder's corpus as one token sequence, each answer followed by `eos_token_id` (the model's end).
+def load_corpus(folder: str | Path | None, tokenizer: Any) -> torch.Tensor | None:
+    """The folder's corpus as one token sequence, each answer followed by `ANSWER_END`.
 
     None when the folder has none; a corpus that cannot be read is skipped with a warning (it only speeds
     decoding up, the answers do not depend on it).
@@ -86,7 +88,7 @@ def load_corpus(folder: str | Path | None, tokenizer: Any, eos_token_id: int) ->
         answers = json.loads((Path(folder) / CORPUS_FILE).read_text())["answers"]
         ids: list[int] = []
         for row in tokenizer(list(answers), add_special_tokens=False)["input_ids"]:
-            ids += [*row, int(eos_token_id)]
+            ids += [*row, ANSWER_END]
     except (OSError, ValueError, KeyError, TypeError) as err:
         logger.warning("ignoring %s in %s (%s): decoding one token per step", CORPUS_FILE, folder, err)
         return None
@@ -99,7 +101,7 @@ class CorpusLookupCandidateGenerator(PromptLookupCandidateGenerator):
     The longest ending (MAX_NGRAM down to MIN_NGRAM tokens) that occurs in the corpus selects the matching
     positions; each guessed token is the most common next token among them, and only the positions that
     agree go on, so the guess follows the answers' most frequent path. It stops where the answers split
-    (`MIN_SHARE`), at an end of answer (the model's end of sequence, kept as the last guess) and before any
+    (`MIN_SHARE`), at an end of answer (guessed as the call's end of sequence `eos_token_id`) and before any
     `forbidden` token (the image and anomaly placeholders a generated answer must never hold: a forward over
     them would count them as images). Without a match nothing is guessed: transformers' own prompt lookup
     would copy from the prompt, placeholders included.
@@ -108,7 +110,7 @@ class CorpusLookupCandidateGenerator(PromptLookupCandidateGenerator):
     def __init__(self, corpus: torch.Tensor, eos_token_id: int, forbidden: Iterable[int] = (), **kwargs: Any):
         super().__init__(**kwargs)
         self.corpus = corpus
-        self.corpus_eos = int(eos_token_id)
+        self.eos = int(eos_token_id)
         self.forbidden = {int(t) for t in forbidden}
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any):
@@ -127,9 +129,10 @@ class CorpusLookupCandidateGenerator(PromptLookupCandidateGenerator):
                 share = float((following == token).float().mean())
                 if token in self.forbidden or (guess and share < MIN_SHARE):
                     break
-                guess.append(token)
-                if token == self.corpus_eos:
+                if token == ANSWER_END:
+                    guess.append(self.eos)
                     break
+                guess.append(token)
                 at = at[following == token] + 1
                 at = at[at < len(self.corpus)]
             if guess:

@@ -19,8 +19,8 @@ def _image() -> Image.Image:
 
 
 def test_the_guess_follows_the_most_common_continuation_and_stops_at_an_answer_end():
-    eos = 2
-    corpus = torch.tensor([1, 5, 6, 7, 8, eos, 5, 6, 7, 9, eos, 4, 5, 6, 7, 8, eos])
+    eos, end = 2, lookup.ANSWER_END  # the call's end of sequence; the corpus's end of an answer
+    corpus = torch.tensor([1, 5, 6, 7, 8, end, 5, 6, 7, 9, end, 4, 5, 6, 7, 8, end])
     guesser = lookup.CorpusLookupCandidateGenerator(corpus, eos, num_output_tokens=10, max_length=100)
     drafted, logits = guesser.get_candidates(torch.tensor([[3, 3, 5, 6]]))
     assert drafted.tolist() == [[3, 3, 5, 6, 7, 8, eos]] and logits is None
@@ -31,7 +31,7 @@ def test_the_guess_follows_the_most_common_continuation_and_stops_at_an_answer_e
     # an ending the corpus never shows: nothing guessed, not even a copy from the prompt itself
     assert guesser.get_candidates(torch.tensor([[11, 12, 11, 12]]))[0].tolist() == [[11, 12, 11, 12]]
     # where the answers split three ways the guess stops after the first token
-    split = torch.tensor([5, 6, 7, 8, eos, 5, 6, 7, 9, eos, 5, 6, 7, 10, eos])
+    split = torch.tensor([5, 6, 7, 8, end, 5, 6, 7, 9, end, 5, 6, 7, 10, end])
     unsure = lookup.CorpusLookupCandidateGenerator(split, eos, num_output_tokens=10, max_length=100)
     assert unsure.get_candidates(torch.tensor([[3, 5, 6]]))[0].tolist() == [[3, 5, 6, 7]]
     # never a placeholder: a forward over one would count it as an image
@@ -78,8 +78,7 @@ def test_drafting_writes_the_same_answer_in_fewer_forwards(saved_tiny, monkeypat
     assert len(plain_forwards) == len(answer_ids) >= 30, plain_forwards  # prefill, then one per token
 
     drafting = AnomalyAssistant.from_pretrained(str(saved_tiny))
-    eos = drafting.model.generation_config.eos_token_id
-    drafting.model.lookup_corpus = torch.tensor([*answer_ids, eos if isinstance(eos, int) else eos[0]])
+    drafting.model.lookup_corpus = torch.tensor([*answer_ids, lookup.ANSWER_END])
     drafted_forwards = _forwards(drafting)
     assert drafting.chat().inspect(_image(), max_new_tokens=40).raw_text == expected
     assert len(drafted_forwards) <= len(plain_forwards) // 2, (drafted_forwards, len(plain_forwards))
