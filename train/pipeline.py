@@ -6,6 +6,7 @@ the stages (model, data and output folders), so those keys are not options of th
 
 ```
 DIR/data/      the `data build` output (skipped when `data.export` names an existing one)
+DIR/expert_data/  a larger build for stage 1 and 1b only, when `data.expert_synth` asks for one
 DIR/expert/    stage 1: checkpoints, metrics.jsonl, expert/ (the trained expert)
 DIR/start/     the starting model with the stage-1 expert put inside it (what SFT trains)
 DIR/sft/       stage 2 (its final/ is where GRPO starts)
@@ -69,6 +70,11 @@ class DataSection:
         metadata={"help": "train / validation / test fractions (the test split is the card's held-out set)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the build"})
+    expert_synth: int = field(default=0, metadata={
+        "help": "SynthInspect images of a second build that stage 1 and 1b train on instead (0: the same "
+                "data as SFT). The expert learns from every image in a few seconds per epoch, SFT from a "
+                "fixed number of steps; built with seed + 1, so none of its images is in the SFT splits"})
+    expert_textures: int = field(default=0, metadata={"help": "texture crops in that second build"})
 
 
 # The stage sections: a stage's own options, without the ones the pipeline sets (init=False: no flag, no key).
@@ -312,13 +318,22 @@ def run(config: PipelineConfig) -> Path:
         timings["data"] = time.perf_counter() - started
     else:
         _log(f"data: {data} is complete, skipped")
+    expert_data = data
+    if config.data.expert_synth and not config.skip_expert:
+        expert_data = out / "expert_data"
+        if not _done(expert_data / "summary.json"):
+            started = time.perf_counter()
+            _build_data(config, expert_data, out, family, expert=True)
+            timings["expert_data"] = time.perf_counter() - started
+        else:
+            _log(f"data: {expert_data} is complete, skipped")
 
     # stage 1
     expert_dir = out / "expert" / "expert"
     if not config.skip_expert:
         if not _done(expert_dir / "expert.safetensors"):
             stage = copy.copy(config.expert)
-            stage.data, stage.output_dir, stage.resume = str(data), str(out / "expert"), True
+            stage.data, stage.output_dir, stage.resume = str(expert_data), str(out / "expert"), True
             started = time.perf_counter()
             _log("stage 1: expert")
             expert_stage.run(stage)
@@ -336,7 +351,7 @@ def run(config: PipelineConfig) -> Path:
             model, processor, transfer = install_expert(model, processor, expert_dir)
             if transfer["kept"] and _adapt_epochs(config):
                 _log("stage 1b: the expert inside the model, on the backbone's v°")
-                transfer["adapted"] = _adapt(model, processor, data, config)
+                transfer["adapted"] = _adapt(model, processor, expert_data, config)
         model.save_pretrained(start_dir)
         processor.save_pretrained(start_dir)
         (start_dir / "expert_transfer.json").write_text(json.dumps(transfer, indent=1) + "\n")
@@ -356,7 +371,7 @@ def run(config: PipelineConfig) -> Path:
             started = time.perf_counter()
             _log("stage 1b again: the expert on the final model's v° (the projector trained since)")
             model, processor = _load_start(str(out), device)
-            transfer["adapted_final"] = _adapt(model, processor, data, config)
+            transfer["adapted_final"] = _adapt(model, processor, expert_data, config)
             model.save_pretrained(out)
             (out / ADAPTATION_NAME).write_text(json.dumps(transfer["adapted_final"], indent=1) + "\n")
             timings["expert_final"] = time.perf_counter() - started
@@ -430,8 +445,11 @@ def _load_start(source: str, device: str) -> tuple[Any, Any]:
     return modeling.load_backbone_as_anomaly(source, dtype=dtype)
 
 
-def _build_data(config: PipelineConfig, data: Path, out: Path, family: str) -> None:
-    """`data build` into `data`, boxes in the starting model's own input frame (its processor saved first)."""
+def _build_data(config: PipelineConfig, data: Path, out: Path, family: str, expert: bool = False) -> None:
+    """`data build` into `data`, boxes in the starting model's own input frame (its processor saved first).
+
+    expert: the expert stages' own build (`data.expert_synth`): inspection rows only, seed + 1.
+    """
     import datasets
 
     from anomaly_assistant.data_builders.build import BuildConfig, build
@@ -439,24 +457,28 @@ def _build_data(config: PipelineConfig, data: Path, out: Path, family: str) -> N
 
     processor = config.model
     if is_tiny(config.model):  # save the tiny processor: the export's box frame is then exact
-        _, tiny_processor = _load_start(config.model, "cpu")
         processor = str(out / "start-processor")
-        tiny_processor.save_pretrained(processor)
+        if not Path(processor).is_dir():
+            _load_start(config.model, "cpu")[1].save_pretrained(processor)
     section = config.data
     extra = {"kinds": list(section.kinds)} if section.kinds else {}
+    sources, synth, textures, seed = list(section.sources), section.synth, section.textures, section.seed
+    if expert:  # synthetic only: a source's images would land in other splits than in the SFT build
+        sources, synth, textures = [], section.expert_synth, section.expert_textures
+        seed, extra = seed + 1, {"kinds": ["inspect"]}
     datasets.disable_progress_bars()
     _log(f"data: building into {data}")
     build(
         BuildConfig(
             out=str(data),
-            sources=list(section.sources),
-            synth=section.synth,
+            sources=sources,
+            synth=synth,
             synth_size=section.synth_size,
-            textures=section.textures,
+            textures=textures,
             backbone=family,
             processor=processor,
             fractions=list(section.fractions),
-            seed=section.seed,
+            seed=seed,
             progress=False,
             **extra,
         )
@@ -499,6 +521,9 @@ def model_card(
             f"- built here: sources {d.sources or 'none'}, SynthInspect {d.synth} images of {d.synth_size}"
             f" px, textures {d.textures}, seed {d.seed}, fractions {d.fractions}"
         )
+        if d.expert_synth and not config.skip_expert:
+            lines.append(f"- the expert (stage 1 and 1b) on a second build, `expert_data/`: SynthInspect "
+                         f"{d.expert_synth} images, textures {d.expert_textures}, seed {d.seed + 1}")
     if summary:
         lines.append(f"- summary: `{json.dumps(summary.get('splits', summary))[:600]}`")
     lines += ["", "## Stages and settings", ""]

@@ -71,14 +71,21 @@ def check_folder(out: Path, family: str) -> None:
 
 def test_qwen_pipeline_runs_in_budget_resumes_and_answers(capsys, tmp_path):
     out = tmp_path / "qwen"
-    printed, seconds = run_pipeline(capsys, out)
+    printed, seconds = run_pipeline(capsys, out, "--data-expert-synth", "40")
     assert seconds <= BUDGET_S, f"{seconds:.0f} s"
     assert f"saved {out}" in printed
     check_folder(out, "qwen2_5_vl")
+    # the expert trained on its own, larger build (seed + 1, inspection rows only), SFT on the first
+    expert_build = json.loads((out / "expert_data" / "summary.json").read_text())["config"]
+    assert expert_build["synth"] == 40 and expert_build["seed"] == 1 and expert_build["kinds"] == ["inspect"]
+    rows = len((out / "expert_data" / "records" / "train.jsonl").read_text().splitlines())
+    first_epoch = json.loads((out / "expert" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first_epoch["step"] == -(-rows // 8) and rows > 20  # batch_size 8 in pipeline_tiny.yaml
+    assert "expert_data/" in (out / "README.md").read_text()
     # a rerun skips every finished stage and leaves the final model alone
     weights = (out / "model.safetensors").stat().st_mtime_ns
-    printed, seconds = run_pipeline(capsys, out)
-    assert printed.count("skipped") == 5 and "stage 2: SFT is complete" in printed
+    printed, seconds = run_pipeline(capsys, out, "--data-expert-synth", "40")
+    assert printed.count("skipped") == 6 and "stage 2: SFT is complete" in printed
     assert (out / "model.safetensors").stat().st_mtime_ns == weights
     # the product's command answers with the trained folder and reference images
     normals, image = normal_and_anomalous(out)
