@@ -302,6 +302,21 @@ def test_reference_alone_when_untrained_and_fused_when_trained():
     )
 
 
+def test_a_trained_expert_selects_on_its_own_map_whatever_the_reference():
+    """No training stage shows the expert a reference, so its selector and score head never read one."""
+    levels, v0 = _inputs([(8, 8), (4, 4)], (4, 4, 32))
+    ref_map = torch.zeros(8, 8)
+    ref_map[6:8, 0:2] = 1.0  # a corner the LTFM map does not single out
+    expert = _expert().mark_trained()
+    alone = expert(levels, v0).detach()
+    with_ref = expert(levels, v0, reference=ReferenceMatch(ref_map, 0.9)).detach()
+    torch.testing.assert_close(with_ref.tokens, alone.tokens)
+    torch.testing.assert_close(with_ref.score_logit, alone.score_logit)
+    torch.testing.assert_close(with_ref.significance, alone.significance)
+    assert not torch.allclose(with_ref.anomaly_map, alone.anomaly_map)  # the published map is fused
+    assert float(with_ref.score) != pytest.approx(float(alone.score))  # and so is the score
+
+
 def test_memory_bank_reference_finds_the_planted_patch(toy_backbone):
     """A real `reference.MemoryBank` fitted on normal images makes an untrained expert localise the defect."""
     from anomaly_assistant.expert.reference import BankConfig, MemoryBank
