@@ -199,7 +199,11 @@ class AnomalyAssistant:
         self.processor = processor
         self.device = torch.device(device)
         self.generation = generation or GenerationSettings()
-        self._screener_config = screener_config
+        if screener_config is None and getattr(getattr(model, "config", None), "reference_matching", None):
+            from .expert.reference import ScreenerConfig
+
+            screener_config = ScreenerConfig.from_dict(model.config.reference_matching)
+        self._screener_config = screener_config  # None: the screener's defaults
         self.threshold = check_threshold(threshold)  # decides unless a session or a call gives its own
         self._source = None  # EfficientNet-Lite0, shared by every reference screener of this assistant
         self._screeners: OrderedDict[str, Future] = OrderedDict()  # screeners by reference content (LRU)

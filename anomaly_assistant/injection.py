@@ -61,6 +61,9 @@ class AnomalyConfigFields:
     # Answer fields the assistant writes from the expert's calibrated decision instead of letting the LLM
     # generate them ("verdict", "boxes"); the LLM writes the rest conditioned on them (AnomalyAssistant).
     expert_answer_fields: list | None = None
+    # How the assistant matches this checkpoint's images against references (`ScreenerConfig.from_dict`;
+    # None: the screener's defaults), like the expert's fusion weights a property of the trained model.
+    reference_matching: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------

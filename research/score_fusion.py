@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+WEIGHTS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,9 @@ def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
     p["final_no_flip"] = (src, replace(scr, bank=bank, augment=()))
     p["final_no_relative"] = (src, replace(scr, bank=replace(bank, relative=False)))
     p["final_no_pad"] = (replace(src, pad=0), replace(scr, bank=bank))
+    sharp = replace(bank, patch_size=1, blur_sigma=0.0)  # the default model's reference matching
+    p["final_sharp"] = (src, replace(scr, bank=sharp))
+    p["final_no_flip_sharp"] = (src, replace(scr, bank=sharp, augment=()))
     return p
 
 

@@ -31,6 +31,20 @@ class ExportConfig:
         "help": "weight of the reference score in the expert's fused image score (None: the run's). 0.7: "
                 "on held-out SynthInspect (seed 4242, never trained or tested on) detection F1 at 0.5 went "
                 "0.808 -> 0.873 against 0.5, the LTFM score being overconfident on unseen parts"})
+    map_fusion: float | None = field(default=0.9, metadata={
+        "help": "weight of the reference map in the map the expert shows and boxes (None: the run's). 0.9: "
+                "with the sharper reference matching below, the expert's 14 x 14 map blurs the reference "
+                "map; on validation SynthInspect (seed 4242, 216 images) the median best-box IoU went 0.47 "
+                "-> 0.58 against 0.5"})
+    reference_image_size: int | None = field(default=None, metadata={
+        "help": "the side reference matching resizes parts to (None: the screener's default)"})
+    reference_patch_size: int | None = field(default=1, metadata={
+        "help": "reference matching's neighbourhood aggregation in feature cells (None: the default, 3). 1 "
+                "(with --reference-blur-sigma 0): on validation SynthInspect (seed 4242, 216 images) the "
+                "median best-box IoU went 0.37 -> 0.47 and the fused score's image AUROC 0.967 -> 0.987, at "
+                "no extra cost"})
+    reference_blur_sigma: float | None = field(default=0.0, metadata={
+        "help": "smoothing of reference matching's cell map, in cells (None: the default, 1)"})
 
 
 def run(config: ExportConfig) -> Path:
@@ -52,8 +66,31 @@ def run(config: ExportConfig) -> Path:
         if not 0.0 <= config.score_fusion <= 1.0:
             raise InputError(f"--score-fusion must be in [0, 1], got {config.score_fusion}")
         cfg["expert"]["score_fusion"] = float(config.score_fusion)
+    if config.map_fusion is not None:
+        if not 0.0 <= config.map_fusion <= 1.0:
+            raise InputError(f"--map-fusion must be in [0, 1], got {config.map_fusion}")
+        cfg["expert"]["map_fusion"] = float(config.map_fusion)
+    cfg["reference_matching"] = _reference_matching(config)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     note(f"{len(report['lowrank'])} low-rank updates, {len(report['full'])} full tensors, "
          f"{len(report['rows'])} row updates; {report['mb']:.1f} MB; largest relative error of a low-rank "
          f"update {report['max_rel_error']:.1e}")
     return out
+
+
+def _reference_matching(config: ExportConfig) -> dict | None:
+    """The checkpoint's reference-matching settings (`ScreenerConfig.from_dict`), or None for the defaults."""
+    checks = (("--reference-image-size", config.reference_image_size, 1),
+              ("--reference-patch-size", config.reference_patch_size, 1),
+              ("--reference-blur-sigma", config.reference_blur_sigma, 0))
+    for flag, value, least in checks:
+        if value is not None and not value >= least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+    settings: dict = {}
+    if config.reference_image_size is not None:
+        settings["image_size"] = int(config.reference_image_size)
+    bank = {k: v for k, v in (("patch_size", config.reference_patch_size),
+                              ("blur_sigma", config.reference_blur_sigma)) if v is not None}
+    if bank:
+        settings["bank"] = bank
+    return settings or None

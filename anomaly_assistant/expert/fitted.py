@@ -39,7 +39,6 @@ from PIL import Image
 from anomaly_assistant.expert.config import ExpertConfig
 from anomaly_assistant.expert.model import AnomalyExpert, ExpertOutput
 from anomaly_assistant.expert.reference import (
-    BankConfig,
     ReferenceScreener,
     ScreenerConfig,
     ScreenResult,
@@ -217,15 +216,7 @@ class FittedExpert:
         expert = AnomalyExpert.from_pretrained(d)
         source = source or build_source(expert.config)
         refs = [Image.open(d / p).copy() for p in info["references"]]
-        screener = ReferenceScreener(source, screener_config_from_dict(info["screener"])).fit(refs)
+        screener = ReferenceScreener(source, ScreenerConfig.from_dict(info["screener"])).fit(refs)
         calibration = Calibration(**info["calibration"])
         rest = {k: v for k, v in info.items() if k not in ("calibration", "screener", "references")}
         return cls(expert, screener, calibration, rest, refs)
-
-
-def screener_config_from_dict(data: dict[str, Any]) -> ScreenerConfig:
-    """Inverse of `dataclasses.asdict(ScreenerConfig)`: JSON lists back to tuples, the bank rebuilt."""
-    data = dict(data)
-    bank = BankConfig(**data.pop("bank", {}))
-    data["augment"] = tuple(data.get("augment", ()))
-    return ScreenerConfig(**data, bank=bank)

@@ -436,6 +436,24 @@ class ScreenerConfig:
     zoom_window: float = 0.35
     bank: BankConfig = field(default_factory=BankConfig)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ScreenerConfig:
+        """Inverse of `dataclasses.asdict`; a partial dict keeps the defaults of what it leaves out.
+
+        Saved with fitted experts and carried by checkpoints (`reference_matching` in their config). An
+        unknown setting is a ValueError that names it, not a silent default.
+        """
+        data = dict(data)
+        bank = data.pop("bank", {}) or {}
+        for kind, known, given in (("screener", cls.__dataclass_fields__, data),
+                                   ("bank", BankConfig.__dataclass_fields__, bank)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise ValueError(f"unknown {kind} setting(s) {unknown}; known: {sorted(known)}")
+        if "augment" in data:  # JSON gives a list
+            data["augment"] = tuple(data["augment"])
+        return cls(**data, bank=BankConfig(**bank))
+
 
 @dataclass
 class ScreenResult:

@@ -161,6 +161,26 @@ def test_save_and_reload_the_assistant(assistant, references, tmp_path):
     assert a.raw_text == b.raw_text and a.score == pytest.approx(b.score, abs=1e-6)
 
 
+def test_a_checkpoints_reference_matching_settings_drive_its_screener(references, tmp_path):
+    """The settings travel with the checkpoint (save -> load) and change the reference map it shows."""
+    from anomaly_assistant.expert.reference import ScreenerConfig
+
+    tiny = AnomalyAssistant.from_pretrained("tiny")
+    tiny.model.config.reference_matching = {"image_size": 128, "bank": {"patch_size": 1, "blur_sigma": 0.0}}
+    tiny.save_pretrained(tmp_path)
+    loaded = AnomalyAssistant.from_pretrained(str(tmp_path))
+    config = loaded.reference_screener(references).config
+    assert config.image_size == 128 and config.bank.patch_size == 1 and config.bank.blur_sigma == 0.0
+    assert config.augment == ScreenerConfig().augment  # what the checkpoint leaves out keeps its default
+    image = _texture(31, defect=True)
+    plain = AnomalyAssistant.from_pretrained("tiny").reference_screener(references).predict([image])[0]
+    ours = loaded.reference_screener(references).predict([image])[0]
+    assert ours.anomaly_map.shape == plain.anomaly_map.shape == (image.height, image.width)
+    assert not np.allclose(ours.anomaly_map, plain.anomaly_map, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown bank setting"):
+        ScreenerConfig.from_dict({"bank": {"patch": 1}})
+
+
 def test_generation_never_emits_image_or_anomaly_placeholders(assistant, references, monkeypatch):
     """Placeholders in an answer would be counted as images by any later forward over it (GRPO re-scores
     completions with their images) and vanish silently from the decoded text."""
