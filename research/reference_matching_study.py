@@ -1,0 +1,116 @@
+"""How should a checkpoint match references? Box IoU and detection of the default model's expert per setting.
+
+    python research/reference_matching_study.py ~/.cache/anomaly-assistant/default-model-* --seed 4242 \
+        --per-category 24 --settings default,cell,cell_384,cell2_384,384
+
+For the SynthInspect items of `default_model_quality.py` (4 references each), the model's expert runs once
+per image (its LTFM map and score do not depend on the references); reference matching is then re-run with
+each `ScreenerConfig` setting, and for each reference weight w of the map shown the boxes are recomputed the
+product's way (`boxes_from_map` at the 0.5 threshold, else at 0.75 x the map's peak; only where the fused
+score flags the image). Printed per setting: the median best-box IoU over anomalous images (a missed image
+counts 0) per w, detection F1 at 0.5 and image AUROC of the fused score (the model's `score_fusion`),
+seconds. Without the language model the figures equal the card's (which go through the answer) to about
+0.01. Chosen on seed 4242; `docs/experiments.md`, "Sharper reference maps".
+"""
+
+from __future__ import annotations
+
+import anomaly_assistant  # noqa: F401 - first: it sets torch's OpenMP spin count before torch loads
+
+# isort: split
+import argparse
+import sys
+import time
+from pathlib import Path
+
+WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def settings() -> dict:
+    """Named reference-matching settings (`ScreenerConfig.from_dict` dicts; {} = the screener's defaults)."""
+    cell = {"patch_size": 1, "blur_sigma": 0.0}
+    return {
+        "default": {},
+        "cell": {"bank": cell},  # what the default model ships
+        "cell_384": {"image_size": 384, "bank": {"patch_size": 1}},
+        "cell2_384": {"image_size": 384, "bank": {"patch_size": 2}},
+        "384": {"image_size": 384},
+        "cell2": {"bank": {"patch_size": 2, "blur_sigma": 0.0}},
+        "zoom2": {"zoom": 2.0},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path, help="an assembled default-model folder")
+    parser.add_argument("--seed", type=int, default=4242, help="SynthInspect seed (4242: validation)")
+    parser.add_argument("--per-category", type=int, default=24, help="images per category")
+    parser.add_argument("--settings", default="default,cell", help=f"comma list of {', '.join(settings())}")
+    args = parser.parse_args(argv)
+    known = settings()
+    chosen = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(known)}")
+
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from anomaly_assistant import AnomalyAssistant, scoring
+    from anomaly_assistant.assistant import _upsample
+    from anomaly_assistant.expert.reference import ReferenceScreener, ScreenerConfig
+    from anomaly_assistant.expert.sources import EfficientNetLite0Source
+    from anomaly_assistant.localize import boxes_from_map
+    from anomaly_assistant.prompts import INSPECTION_PROMPT
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from default_model_quality import synth_items
+
+    assistant = AnomalyAssistant.from_pretrained(str(args.model_dir))
+    fusion = float(assistant.model.expert.config.score_fusion)
+    items = synth_items(args.seed, 128, args.per_category)
+    ltfm_maps, ltfm_scores = [], []
+    for it in items:  # the expert's own map and score: the same whatever the references
+        inputs = assistant._encode([it["image"]], [[{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]])
+        with torch.no_grad():
+            _, (out,) = assistant.model.run_expert(inputs)
+        ltfm_maps.append(_upsample(out.ltfm_map, it["image"].size))
+        ltfm_scores.append(float(torch.sigmoid(out.score_logit)))
+    labels = [int(it["label"]) for it in items]
+    print(f"seed {args.seed}: {len(items)} images ({sum(labels)} anomalous), score fusion {fusion}")
+    print("setting      " + "  ".join(f"IoU w{w}" for w in WEIGHTS) + "   F1     AUROC  seconds")
+    source = EfficientNetLite0Source()
+    for name in chosen:
+        start = time.perf_counter()
+        screeners: dict[int, ReferenceScreener] = {}
+        best = {w: [] for w in WEIGHTS}
+        scores = []
+        for it, ltfm_map, ltfm_score in zip(items, ltfm_maps, ltfm_scores):
+            key = id(it["refs"])  # one reference set per category
+            if key not in screeners:
+                config = ScreenerConfig.from_dict(known[name])
+                screeners[key] = ReferenceScreener(source, config).fit(it["refs"])
+            match = screeners[key].predict([it["image"]])[0]
+            score = (1 - fusion) * ltfm_score + fusion * match.score
+            scores.append(score)
+            if not it["label"]:
+                continue
+            for w in WEIGHTS:
+                amap = (1 - w) * ltfm_map + w * np.clip(match.anomaly_map, 0, 1)
+                boxes = []
+                if score >= 0.5:
+                    boxes = boxes_from_map(amap, 0.5) or boxes_from_map(amap, 0.75 * float(amap.max()))
+                gt = it["gt_boxes"]
+                found = [b.as_list() for b in boxes]
+                best[w].append(float(scoring.iou_matrix(found, gt).max()) if found and gt else 0.0)
+        f1 = scoring.binary_metrics(labels, [int(s >= 0.5) for s in scores])["f1"]
+        ious = "  ".join(f"{np.median(best[w]):7.3f}" for w in WEIGHTS)
+        print(f"{name:12s} {ious}  {f1:.3f}  {roc_auc_score(labels, scores):.3f}  "
+              f"{time.perf_counter() - start:5.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
