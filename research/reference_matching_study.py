@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
     from anomaly_assistant import AnomalyAssistant, scoring
-    from anomaly_assistant.assistant import _upsample
-    from anomaly_assistant.expert.reference import ReferenceScreener, ScreenerConfig
+    from anomaly_assistant.expert.reference import ReferenceScreener, ScreenerConfig, upsample_map
     from anomaly_assistant.expert.sources import EfficientNetLite0Source
     from anomaly_assistant.localize import boxes_from_map
     from anomaly_assistant.prompts import INSPECTION_PROMPT
@@ -76,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             {"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]])
         with torch.no_grad():
             _, (out,) = assistant.model.run_expert(inputs)
-        ltfm_maps.append(_upsample(out.ltfm_map, it["image"].size))
+        size_hw = (it["image"].height, it["image"].width)  # as the assistant shows it
+        ltfm_maps.append(upsample_map(out.ltfm_map.float(), size_hw).clamp(0, 1).numpy())
         ltfm_scores.append(float(torch.sigmoid(out.score_logit)))
     labels = [int(it["label"]) for it in items]
     print(f"seed {args.seed}: {len(items)} images ({sum(labels)} anomalous), score fusion {fusion}")
