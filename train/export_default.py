@@ -17,6 +17,7 @@ from pathlib import Path
 
 from anomaly_assistant import default_model, lookup
 from anomaly_assistant.commands.runtime import InputError, note
+from anomaly_assistant.expert import ExpertConfig
 
 
 @dataclass
@@ -55,6 +56,14 @@ def run(config: ExportConfig) -> Path:
     unknown = set(config.expert_answer_fields) - {"verdict", "boxes"}
     if unknown:
         raise InputError(f"--expert-answer-fields: unknown field(s) {sorted(unknown)}; choose verdict, boxes")
+    expert = json.loads((run_dir / "config.json").read_text()).get("expert") or {}
+    given = {"score_fusion": config.score_fusion, "map_fusion": config.map_fusion}
+    weights = {name: float(value) for name, value in given.items() if value is not None}
+    try:  # the expert's own checks (weights in [0, 1]), before anything is written
+        ExpertConfig.from_dict({**expert, **weights})
+    except ValueError as err:
+        raise InputError(f"--score-fusion / --map-fusion: {err}") from None
+    matching = _reference_matching(config)
     report = default_model.export_parts(run_dir, out)
     corpus = run_dir / lookup.CORPUS_FILE
     if corpus.is_file():  # the training answers the assistant drafts from (`anomaly_assistant.lookup`)
@@ -62,15 +71,8 @@ def run(config: ExportConfig) -> Path:
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["expert_answer_fields"] = list(config.expert_answer_fields) or None
-    if config.score_fusion is not None:
-        if not 0.0 <= config.score_fusion <= 1.0:
-            raise InputError(f"--score-fusion must be in [0, 1], got {config.score_fusion}")
-        cfg["expert"]["score_fusion"] = float(config.score_fusion)
-    if config.map_fusion is not None:
-        if not 0.0 <= config.map_fusion <= 1.0:
-            raise InputError(f"--map-fusion must be in [0, 1], got {config.map_fusion}")
-        cfg["expert"]["map_fusion"] = float(config.map_fusion)
-    cfg["reference_matching"] = _reference_matching(config)
+    cfg["expert"].update(weights)
+    cfg["reference_matching"] = matching
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     note(f"{len(report['lowrank'])} low-rank updates, {len(report['full'])} full tensors, "
          f"{len(report['rows'])} row updates; {report['mb']:.1f} MB; largest relative error of a low-rank "
