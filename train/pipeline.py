@@ -213,7 +213,7 @@ def measure(
     device: str = "cpu",
     rewards: Any = None,
 ) -> dict[str, Any]:
-    """Parse rate, verdict precision / recall / F1 and mean reward of a model's answers on a held-out split.
+    """Parse rate, verdict precision / recall / F1 and rewards (mean, per term, per answer) on a split.
 
     Answers come from `AnomalyAssistant.inspect_batch` (the product path, no references). `answer_f1` reads
     the verdict from the answer text only (an answer that does not parse counts as wrong); `product_f1` is the
@@ -252,7 +252,8 @@ def measure(
         "answer_f1": a["f1"],
         "product_f1": p["f1"],
         "reward": report["reward"],
-        "rewards": {k: v for k, v in report.items() if k not in ("n", "reward")},
+        "rewards": {k: v for k, v in report.items() if k not in ("n", "reward", "totals")},
+        "reward_totals": report["totals"],
         "seconds": round(seconds, 1),
     }
 
@@ -595,6 +596,19 @@ def model_card(
         "",
         "answer F1: the verdict in the answer text (unparsed = wrong); product F1: the verdict shown "
         "(an unparsed answer falls back to the expert).",
+    ]
+    sft, final = quality.get("sft", {}).get("reward_totals"), quality.get("final", {}).get("reward_totals")
+    if sft and final and len(sft) == len(final) >= 2:
+        from anomaly_assistant.train.rewards import paired_gain
+
+        g = paired_gain(sft, final)
+        lines += [
+            "",
+            f"GRPO's gain in mean reward over SFT on these {g['n']} answers: {g['gain']:+.3f} (95 % "
+            f"bootstrap interval {g['low']:+.3f} .. {g['high']:+.3f}; one that straddles 0 is no measured "
+            "gain).",
+        ]
+    lines += [
         "",
         "## Use",
         "",

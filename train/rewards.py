@@ -78,9 +78,10 @@ def reward_functions(config: RewardConfig) -> tuple[list[Reward], list[float]]:
 def reward_report(completions: Sequence[Any], config: RewardConfig, **columns: Any) -> dict[str, Any]:
     """The figures that compare checkpoints on held-out prompts, scored as GRPO scores a batch.
 
-    `reward`: the mean total (weights × terms, a None term counting 0); per term, its mean over the
-    completions it applies to (over a whole set, the verdict term's mean is the balanced accuracy); and the
-    verdict rates of `verdict_metrics`.
+    `reward`: the mean total (weights × terms, a None term counting 0), and `totals`, each completion's total
+    (for paired comparisons of two checkpoints on the same prompts, `paired_gain`); per term, its mean over
+    the completions it applies to (over a whole set, the verdict term's mean is the balanced accuracy); and
+    the verdict rates of `verdict_metrics`.
     """
     report: dict[str, Any] = {"n": len(completions)}
     totals = [0.0] * len(completions)
@@ -90,7 +91,28 @@ def reward_report(completions: Sequence[Any], config: RewardConfig, **columns: A
         applied = [v for v in values if v is not None]
         report[name] = sum(applied) / len(applied) if applied else None
     report["reward"] = sum(totals) / len(totals) if totals else None
+    report["totals"] = totals
     return report | {f"verdict/{k}": v for k, v in verdict_metrics(completions, columns["gt_label"]).items()}
+
+
+def paired_gain(before: Sequence[float], after: Sequence[float], confidence: float = 0.95,
+                resamples: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Mean of `after - before` over the same prompts and its bootstrap confidence interval.
+
+    Two checkpoints answer the same held-out prompts, so their per-prompt totals (`reward_report`'s
+    `totals`) pair up; a gain whose interval stays above 0 is one the held-out set can tell from noise.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    if diff.ndim != 1 or len(before) != len(after) or diff.size < 2:
+        raise ValueError(f"need two equally long lists of >= 2 totals, got {len(before)} and {len(after)}")
+    if np.all(diff == diff[0]):  # no spread: the interval is the point
+        return {"gain": float(diff[0]), "low": float(diff[0]), "high": float(diff[0]), "n": int(diff.size)}
+    ci = bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                   method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
+    return {"gain": float(diff.mean()), "low": float(ci.low), "high": float(ci.high), "n": int(diff.size)}
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -65,6 +65,8 @@ def check_folder(out: Path, family: str) -> None:
     assert all(q["n"] > 0 and 0.0 <= q["parse_rate"] <= 1.0 for q in quality.values())
     for name, q in quality.items():
         assert f"| {name} | {q['n']} | {q['parse_rate']:.3f} |" in card
+        assert len(q["reward_totals"]) == q["n"]
+    assert f"GRPO's gain in mean reward over SFT on these {quality['sft']['n']} answers" in card
     assert "## Data" in card and "SynthInspect" in card and "sft:" in card and "grpo:" in card
     assert "stage 1b" in card and "stage 1b again" in card
 

@@ -244,5 +244,22 @@ def test_reward_report_sums_the_terms_as_grpo_does(grpo_train):
     assert report["reward"] == pytest.approx(weights - config.defect_type * share_normal)
     assert report["verdict"] == report["defect_type"] == 1.0 and report["n"] == len(grpo_train)
     assert report["verdict/accuracy"] == 1.0 and report["verdict/miss_rate"] == 0.0
+    assert len(report["totals"]) == len(grpo_train)
+    assert sum(report["totals"]) / len(grpo_train) == pytest.approx(report["reward"])
     worse = rewards.reward_report(["<think>hm</think>"] * len(grpo_train), config, **cols)
     assert worse["reward"] < report["reward"] and worse["verdict/miss_rate"] == 1.0
+    gain = rewards.paired_gain(worse["totals"], report["totals"])
+    assert gain["gain"] == pytest.approx(report["reward"] - worse["reward"])
+    assert 0 < gain["low"] <= gain["gain"] <= gain["high"]
+
+
+def test_paired_gain_tells_a_real_gain_from_noise():
+    rng = __import__("numpy").random.default_rng(0)
+    before = rng.normal(1.0, 0.5, 400)
+    noise = rewards.paired_gain(before, before + rng.normal(0.0, 0.5, 400))
+    assert noise["low"] < 0 < noise["high"]  # no gain: the interval straddles 0
+    real = rewards.paired_gain(before, before + 0.2 + rng.normal(0.0, 0.5, 400))
+    assert real["low"] > 0 and real["gain"] == pytest.approx(0.2, abs=0.06)
+    assert rewards.paired_gain([1.0, 2.0], [1.5, 2.5]) == {"gain": 0.5, "low": 0.5, "high": 0.5, "n": 2}
+    with pytest.raises(ValueError, match="equally long"):
+        rewards.paired_gain([1.0, 2.0], [1.0])
