@@ -96,19 +96,45 @@ class LTFM(nn.Module):
         u = F.normalize(self.adapters[i](_norm(level, self.config.input_norm)), dim=-1)  # [B, H, W, E]
         return self.config.logit_scale * torch.einsum("bhwe,bke->bhwk", u, d)  # [B, H, W, 2]
 
+    def stacked_logits(self, levels: torch.Tensor, class_code: torch.Tensor) -> torch.Tensor:
+        """`level_logits` of all levels at once, (L, B, H, W, C) -> (L, B, H, W, 2), their weights stacked.
+
+        A ViT tower's equally shaped levels then cost one pass of a few ops instead of L passes: on a small
+        backbone the expert's share of a training step is mostly per-op overhead.
+        """
+        n, b, h, w, _ = levels.shape
+        adapter_w = torch.stack([a.weight for a in self.adapters]).transpose(1, 2)  # [L, C, E]
+        adapter_b = torch.stack([a.bias for a in self.adapters])[:, None]  # [L, 1, E]
+        generator_w = torch.stack([g.weight for g in self.generators]).transpose(1, 2)  # [L, E + Cc, E]
+        generator_b = torch.stack([g.bias for g in self.generators])[:, None]  # [L, 1, E]
+        e = self.descriptors[None].expand(b, -1, -1)  # [B, 2, E]
+        c = class_code[:, None].expand(-1, 2, -1)  # [B, 2, Cc]
+        code = torch.cat([e, c], dim=-1).reshape(1, b * 2, -1).expand(n, -1, -1)  # [L, B*2, E + Cc]
+        d = F.normalize(torch.baddbmm(generator_b, code, generator_w), dim=-1)  # [L, B*2, E]
+        x = _norm(levels, self.config.input_norm).reshape(n, b * h * w, -1)  # [L, B*H*W, C]
+        u = F.normalize(torch.baddbmm(adapter_b, x, adapter_w), dim=-1)  # [L, B*H*W, E]
+        d = d.reshape(n * b, 2, -1).transpose(1, 2)  # [L*B, E, 2]
+        logits = torch.bmm(u.reshape(n * b, h * w, -1), d)  # [L*B, H*W, 2]
+        return self.config.logit_scale * logits.reshape(n, b, h, w, 2)
+
     def forward(self, levels: list[torch.Tensor], v0: torch.Tensor) -> LTFMOutput:
         if len(levels) != self.config.num_levels:
             raise ValueError(f"expected {self.config.num_levels} levels, got {len(levels)}")
-        grid = tuple(v0.shape[1:3])
-        class_code = self.lookback(v0)  # [B, Cc]
-        maps = []
         for i, level in enumerate(levels):
             if level.shape[-1] != self.config.level_dims[i]:
                 raise ValueError(
                     f"level {i} has {level.shape[-1]} channels, config says {self.config.level_dims[i]}"
                 )
-            prob = self.level_logits(level, i, class_code).softmax(-1)[..., 1]  # [B, H, W]
-            maps.append(resize_map(prob[:, None], grid)[:, 0])  # [B, h, w]
-        level_maps = torch.stack(maps, dim=1)  # [B, L, h, w]
+        grid = tuple(v0.shape[1:3])
+        class_code = self.lookback(v0)  # [B, Cc]
+        if all(level.shape == levels[0].shape for level in levels):  # a ViT tower: one stacked pass
+            prob = self.stacked_logits(torch.stack(levels), class_code).softmax(-1)[..., 1]  # [L, B, H, W]
+            level_maps = resize_map(prob.transpose(0, 1), grid)  # [B, L, h, w]
+        else:  # a CNN's levels differ in size and channels
+            maps = []
+            for i, level in enumerate(levels):
+                prob = self.level_logits(level, i, class_code).softmax(-1)[..., 1]  # [B, H, W]
+                maps.append(resize_map(prob[:, None], grid)[:, 0])  # [B, h, w]
+            level_maps = torch.stack(maps, dim=1)  # [B, L, h, w]
         m = level_maps.mean(1)  # [B, h, w]
         return LTFMOutput(level_maps, m, m.flatten(1).mean(1), class_code)
