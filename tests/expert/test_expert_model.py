@@ -166,6 +166,20 @@ def test_ltfm_is_anomaly_ov_algebra():
     torch.testing.assert_close(out.anomaly_map, torch.stack(maps).mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_equally_shaped_levels_in_one_stacked_pass_match_the_per_level_algebra():
+    """The stacked pass (a ViT tower's levels) gives each level's own `level_logits`, input norm included."""
+    expert = _expert(input_norm=True).mark_trained()
+    g = torch.Generator().manual_seed(3)
+    levels = [torch.randn(2, 6, 6, 16, generator=g) for _ in range(2)]
+    v0 = torch.randn(2, 3, 3, 32, generator=g)
+    lt = expert.ltfm
+    out = lt(levels, v0)
+    loop = [lt.level_logits(lv, i, out.class_code).softmax(-1)[..., 1] for i, lv in enumerate(levels)]
+    expected = torch.stack([F.adaptive_avg_pool2d(m[:, None], (3, 3))[:, 0] for m in loop], dim=1)
+    torch.testing.assert_close(out.level_maps, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected[:, 0], expected[:, 1])  # each level used its own weights
+
+
 def test_reset_parameters_restores_identity_projector_after_a_generic_init():
     expert = _expert().mark_trained()
     for mod in expert.modules():  # what a host model's generic init does to every Linear
