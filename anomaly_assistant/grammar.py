@@ -264,6 +264,7 @@ def _parse_into(out: ParsedAnswer, text: Any, frame: Frame | None) -> None:
             if mapped.area > 0:
                 converted.append(mapped)
             else:
-                out.problems.append(f"box {box.as_list()} lies outside the image"[:200])
+                where = "has zero width or height" if box.area <= 0 else "lies outside the image"
+                out.problems.append(f"box {box.as_list()} {where}"[:200])
         boxes = converted
     out.boxes = boxes

@@ -115,6 +115,9 @@ def test_frame_converts_boxes_to_original_pixels_and_drops_outside():
     parsed = parse_answer(text, frame=frame)
     assert [b.as_list() for b in parsed.boxes] == [[20.0, 40.0, 60.0, 80.0]]
     assert any("outside" in p for p in parsed.problems)
+    flat = parse_answer(render_answer("t", "anomalous", "hole", [[10, 10, 10, 70]], "r"), frame=frame)
+    assert flat.boxes == [] and any("[10.0, 10.0, 10.0, 70.0] has zero width or height" in p
+                                    for p in flat.problems)
 
 
 def test_render_rejects_unknown_verdict():
