@@ -339,15 +339,29 @@ class AnomalyAssistant:
                     for im, r, src in zip(pils, screener.predict(pils, threshold), images)]
         if not self.has_llm or not self.model.expert.is_trained:
             raise ValueError(f"cannot screen: {NO_MAP_NOTE}; pass references=[...] or load a trained expert")
-        findings = []
-        for im, src in zip(pils, images):
+        return [self._finding_from_map(im, _upsample(out.anomaly_map, im.size), float(out.score), src,
+                                       out.map_source, threshold)
+                for im, src, out in zip(pils, images, self.expert_outputs(pils))]
+
+    def expert_outputs(self, images: Sequence[ImageLike],
+                       references: Sequence[ImageLike] | None = None) -> list[Any]:
+        """The checkpoint's expert on each image, one image per pass: what `screen` and answers are made of.
+
+        Each an `ExpertOutput` (LTFM map and score logit, the selected tokens; with references also the
+        reference map and the fused score), for studying the expert inside a checkpoint.
+        """
+        if not self.has_llm:
+            raise ValueError("an expert-only assistant has no model expert; use screen()")
+        pils = [load_image(im) for im in images]
+        screener = self.reference_screener(references) if references else None
+        outputs = []
+        for im, match in zip(pils, self._reference_matches(pils, screener)):
             inputs = self._encode([im], [[{"role": "user", "content": [{"type": "image"}]}]],
                                   generation=False)
             with torch.no_grad():
-                _, (out,) = self.model.run_expert(inputs)
-            findings.append(self._finding_from_map(im, _upsample(out.anomaly_map, im.size), float(out.score),
-                                                   src, out.map_source, threshold))
-        return findings
+                _, (out,) = self.model.run_expert(inputs, reference=None if match is None else [match])
+            outputs.append(out)
+        return outputs
 
     def inspect_batch(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
                       threshold: float | None = None, **generate_kwargs: Any) -> list[Finding]:

@@ -10,7 +10,7 @@ reference images):
 - the untrained chat model (`DIR/start`: the tiny backbone with the stage-1 expert, before SFT),
   after SFT (`DIR/sft/final`) and after GRPO (`DIR`): parse rate and verdict F1 (`train.pipeline.measure`);
 - the mean total GRPO reward of SFT and of GRPO (the rewards and weights of the pipeline's GRPO stage, on
-  the answers above, as `train.grpo.held_out_reward` scores them), and GRPO's gain over SFT on the same
+  the answers above, as `train.pipeline.measure` scores them), and GRPO's gain over SFT on the same
   images with its 95 % bootstrap interval (`train.rewards.paired_gain`): a gain is measured when the
   interval stays above 0.
 

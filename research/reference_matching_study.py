@@ -33,6 +33,7 @@ def settings() -> dict:
         "default": {},
         "cell": {"bank": cell},  # what the default model ships
         "cell_384": {"image_size": 384, "bank": {"patch_size": 1}},
+        "cell_384_sharp": {"image_size": 384, "bank": cell},
         "cell2_384": {"image_size": 384, "bank": {"patch_size": 2}},
         "384": {"image_size": 384},
         "cell2": {"bank": {"patch_size": 2, "blur_sigma": 0.0}},
@@ -61,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly_assistant.expert.reference import ReferenceScreener, ScreenerConfig, upsample_map
     from anomaly_assistant.expert.sources import EfficientNetLite0Source
     from anomaly_assistant.localize import boxes_from_map
-    from anomaly_assistant.prompts import INSPECTION_PROMPT
 
     sys.path.insert(0, str(Path(__file__).parent))
     from default_model_quality import synth_items
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     items = synth_items(args.seed, 128, args.per_category)
     ltfm_maps, ltfm_scores = [], []
     for it in items:  # the expert's own map and score: the same whatever the references
-        inputs = assistant._encode([it["image"]], [[{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]])
-        with torch.no_grad():
-            _, (out,) = assistant.model.run_expert(inputs)
+        (out,) = assistant.expert_outputs([it["image"]])
         size_hw = (it["image"].height, it["image"].width)  # as the assistant shows it
         ltfm_maps.append(upsample_map(out.ltfm_map.float(), size_hw).clamp(0, 1).numpy())
         ltfm_scores.append(float(torch.sigmoid(out.score_logit)))

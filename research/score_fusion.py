@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
     from anomaly_assistant import AnomalyAssistant, scoring
-    from anomaly_assistant.prompts import INSPECTION_PROMPT
 
     sys.path.insert(0, str(Path(__file__).parent))
     from default_model_quality import synth_items
@@ -41,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     labels, ltfm, reference = [], [], []
     for item in synth_items(args.seed, args.size, args.per_category):
         image = item["image"]
-        matches = assistant._reference_matches([image], assistant.reference_screener(item["refs"]))
-        inputs = assistant._encode([image], [[{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": INSPECTION_PROMPT}]}]])
-        with torch.no_grad():
-            _, (out,) = assistant.model.run_expert(inputs, reference=matches)
+        (out,) = assistant.expert_outputs([image], references=item["refs"])
         labels.append(item["label"])
         ltfm.append(float(torch.sigmoid(out.score_logit)))
         reference.append(float(out.reference_score))

@@ -45,7 +45,7 @@ from anomaly_assistant.train.common import (
     trainer_arguments,
 )
 from anomaly_assistant.train.distributed import WeightsDigestCallback
-from anomaly_assistant.train.rewards import Reward, RewardConfig, reward_functions, reward_report
+from anomaly_assistant.train.rewards import Reward, RewardConfig, reward_functions
 
 
 @dataclass(kw_only=True)
@@ -136,30 +136,6 @@ def run(config: GrpoStageConfig) -> Path:
     )
     trainer.train(resume_from_checkpoint=resume)
     return save_final(trainer.model, loaded, config)
-
-
-def held_out_reward(
-    model: str, data: str, rewards: RewardConfig | None = None, split: str = "validation", limit: int = 0,
-    max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto",
-) -> dict[str, Any]:
-    """`reward_report` of a checkpoint's answers to the inspection prompt on a split of the GRPO export.
-
-    Answers come from `AnomalyAssistant.inspect_batch`, the product's own path with the checkpoint's
-    generation config, so SFT and GRPO checkpoints compare on what users would get.
-    """
-    from anomaly_assistant.assistant import AnomalyAssistant
-
-    rewards = rewards or RewardConfig()
-    funcs, _ = reward_functions(rewards)
-    rows = load_export(data, "grpo", split, ("image", *reward_columns(funcs)), limit)
-    assistant = AnomalyAssistant.from_pretrained(model, device=resolve_device(device))
-    completions: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        images = rows[start:start + batch_size]["image"]
-        findings = assistant.inspect_batch(images, max_new_tokens=max_new_tokens)
-        completions += [f.raw_text for f in findings]
-    columns = {c: rows[c] for c in reward_columns(funcs)}
-    return reward_report(completions, rewards, **columns)
 
 
 class GroupFilteringGRPOTrainer(GRPOTrainer):

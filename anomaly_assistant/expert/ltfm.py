@@ -11,6 +11,7 @@ All tensors here are batched over images of one shape; `AnomalyExpert` groups im
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -87,26 +88,21 @@ class LTFM(nn.Module):
         )  # Gᵢ
         self.adapters = nn.ModuleList(nn.Linear(c, e) for c in config.level_dims)  # Aᵢ
 
-    def level_logits(self, level: torch.Tensor, i: int, class_code: torch.Tensor) -> torch.Tensor:
-        """One level (B, H, W, C) -> (B, H, W, 2) scaled cosine logits against [d⁺, d⁻]."""
-        b = level.shape[0]
-        e = self.descriptors[None].expand(b, -1, -1)  # [B, 2, E]
-        c = class_code[:, None].expand(-1, 2, -1)  # [B, 2, Cc]
-        d = F.normalize(self.generators[i](torch.cat([e, c], dim=-1)), dim=-1)  # [B, 2, E]
-        u = F.normalize(self.adapters[i](_norm(level, self.config.input_norm)), dim=-1)  # [B, H, W, E]
-        return self.config.logit_scale * torch.einsum("bhwe,bke->bhwk", u, d)  # [B, H, W, 2]
+    def level_logits(self, levels: torch.Tensor, which: Sequence[int],
+                     class_code: torch.Tensor) -> torch.Tensor:
+        """Levels `which` stacked (L, B, H, W, C) -> (L, B, H, W, 2): scaled cosine logits against [d⁺, d⁻].
 
-    def stacked_logits(self, levels: torch.Tensor, class_code: torch.Tensor) -> torch.Tensor:
-        """`level_logits` of all levels at once, (L, B, H, W, C) -> (L, B, H, W, 2), their weights stacked.
-
-        A ViT tower's equally shaped levels then cost one pass of a few ops instead of L passes: on a small
-        backbone the expert's share of a training step is mostly per-op overhead.
+        Each level uses its own generator Gᵢ and adapter Aᵢ; their weights are stacked so that a ViT tower's
+        equally shaped levels cost one pass of a few ops instead of L passes (on a small backbone the expert's
+        share of a training step is mostly per-op overhead). A CNN's levels differ in shape: one call each.
         """
         n, b, h, w, _ = levels.shape
-        adapter_w = torch.stack([a.weight for a in self.adapters]).transpose(1, 2)  # [L, C, E]
-        adapter_b = torch.stack([a.bias for a in self.adapters])[:, None]  # [L, 1, E]
-        generator_w = torch.stack([g.weight for g in self.generators]).transpose(1, 2)  # [L, E + Cc, E]
-        generator_b = torch.stack([g.bias for g in self.generators])[:, None]  # [L, 1, E]
+        adapters = [self.adapters[i] for i in which]
+        generators = [self.generators[i] for i in which]
+        adapter_w = torch.stack([a.weight for a in adapters]).transpose(1, 2)  # [L, C, E]
+        adapter_b = torch.stack([a.bias for a in adapters])[:, None]  # [L, 1, E]
+        generator_w = torch.stack([g.weight for g in generators]).transpose(1, 2)  # [L, E + Cc, E]
+        generator_b = torch.stack([g.bias for g in generators])[:, None]  # [L, 1, E]
         e = self.descriptors[None].expand(b, -1, -1)  # [B, 2, E]
         c = class_code[:, None].expand(-1, 2, -1)  # [B, 2, Cc]
         code = torch.cat([e, c], dim=-1).reshape(1, b * 2, -1).expand(n, -1, -1)  # [L, B*2, E + Cc]
@@ -128,12 +124,13 @@ class LTFM(nn.Module):
         grid = tuple(v0.shape[1:3])
         class_code = self.lookback(v0)  # [B, Cc]
         if all(level.shape == levels[0].shape for level in levels):  # a ViT tower: one stacked pass
-            prob = self.stacked_logits(torch.stack(levels), class_code).softmax(-1)[..., 1]  # [L, B, H, W]
+            logits = self.level_logits(torch.stack(levels), range(len(levels)), class_code)
+            prob = logits.softmax(-1)[..., 1]  # [L, B, H, W]
             level_maps = resize_map(prob.transpose(0, 1), grid)  # [B, L, h, w]
         else:  # a CNN's levels differ in size and channels
             maps = []
             for i, level in enumerate(levels):
-                prob = self.level_logits(level, i, class_code).softmax(-1)[..., 1]  # [B, H, W]
+                prob = self.level_logits(level[None], [i], class_code)[0].softmax(-1)[..., 1]  # [B, H, W]
                 maps.append(resize_map(prob[:, None], grid)[:, 0])  # [B, h, w]
             level_maps = torch.stack(maps, dim=1)  # [B, L, h, w]
         m = level_maps.mean(1)  # [B, h, w]

@@ -187,6 +187,22 @@ def calibrate(z: torch.Tensor | float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # Memory bank
 # ------------------------------------------------------------------------------------------------------------
+def _check_settings(kind: str, settings: object, positive: Sequence[str] = (),
+                    non_negative: Sequence[str] = (),
+                    choices: dict[str, Sequence[str]] | None = None) -> None:
+    """A ValueError naming the first setting whose value is out of range or not among its choices."""
+    for name in (*positive, *non_negative):
+        value = getattr(settings, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (value > 0 if name in positive else value >= 0):
+            bound = "> 0" if name in positive else ">= 0"
+            raise ValueError(f"{kind} setting {name} must be a number {bound}, got {value!r}")
+    for name, allowed in (choices or {}).items():
+        if getattr(settings, name) not in allowed:
+            given = getattr(settings, name)
+            raise ValueError(f"{kind} setting {name} must be one of {list(allowed)}, got {given!r}")
+
+
 @dataclass
 class BankConfig:
     """Memory-bank settings.
@@ -219,6 +235,14 @@ class BankConfig:
     relative: bool = True
     position_norm: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value when the settings are made (config.json, a CLI flag), not at the first image."""
+        _check_settings("bank", self, positive=("patch_size", "knn"),
+                        non_negative=("max_bank", "blur_sigma", "self_radius", "position_norm"),
+                        choices={"score": ("max", "topk")})
+        if not 0.0 < self.topk <= 1.0:
+            raise ValueError(f"bank setting topk must lie in (0, 1], got {self.topk!r}")
 
 
 class MemoryBank:
@@ -435,6 +459,15 @@ class ScreenerConfig:
     zoom_regions: int = 2
     zoom_window: float = 0.35
     bank: BankConfig = field(default_factory=BankConfig)
+
+    def __post_init__(self) -> None:
+        _check_settings("screener", self, positive=("image_size", "zoom_regions"), non_negative=("zoom",),
+                        choices={"scale": ("source", "reference"),
+                                 "illumination": ("none", "flatfield", "standardize")})
+        if isinstance(self.augment, str) or any(a not in ("hflip", "vflip") for a in self.augment):
+            raise ValueError(f"screener setting augment must list 'hflip' / 'vflip', got {self.augment!r}")
+        if not 0.0 < self.zoom_window <= 1.0:
+            raise ValueError(f"screener setting zoom_window must lie in (0, 1], got {self.zoom_window!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> ScreenerConfig:

@@ -166,18 +166,28 @@ def test_ltfm_is_anomaly_ov_algebra():
     torch.testing.assert_close(out.anomaly_map, torch.stack(maps).mean(0), rtol=1e-5, atol=1e-6)
 
 
-def test_equally_shaped_levels_in_one_stacked_pass_match_the_per_level_algebra():
-    """The stacked pass (a ViT tower's levels) gives each level's own `level_logits`, input norm included."""
+def test_the_ltfm_gives_each_level_its_own_cosine_logits_stacked_or_one_by_one():
+    """Both paths (a ViT's equally shaped levels in one stacked pass, a CNN's one by one) equal Eq. 1 per
+    level: logit_scale * cos(Aᵢ(norm(level)), Gᵢ([d, class code])), with each level's own weights."""
     expert = _expert(input_norm=True).mark_trained()
     g = torch.Generator().manual_seed(3)
-    levels = [torch.randn(2, 6, 6, 16, generator=g) for _ in range(2)]
-    v0 = torch.randn(2, 3, 3, 32, generator=g)
     lt = expert.ltfm
-    out = lt(levels, v0)
-    loop = [lt.level_logits(lv, i, out.class_code).softmax(-1)[..., 1] for i, lv in enumerate(levels)]
-    expected = torch.stack([F.adaptive_avg_pool2d(m[:, None], (3, 3))[:, 0] for m in loop], dim=1)
-    torch.testing.assert_close(out.level_maps, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(expected[:, 0], expected[:, 1])  # each level used its own weights
+    for shapes in ([(6, 6), (6, 6)], [(6, 6), (3, 3)]):  # stacked, then one by one
+        levels = [torch.randn(2, h, w, 16, generator=g) for h, w in shapes]
+        v0 = torch.randn(2, 3, 3, 32, generator=g)
+        out = lt(levels, v0)
+        expected = []
+        for i, level in enumerate(levels):
+            x = F.layer_norm(level, level.shape[-1:])
+            u = F.normalize(lt.adapters[i](x), dim=-1)
+            code = torch.cat([lt.descriptors[None].expand(2, -1, -1),
+                              out.class_code[:, None].expand(-1, 2, -1)], dim=-1)
+            d = F.normalize(lt.generators[i](code), dim=-1)
+            prob = (lt.config.logit_scale * torch.einsum("bhwe,bke->bhwk", u, d)).softmax(-1)[..., 1]
+            expected.append(F.adaptive_avg_pool2d(prob[:, None], (3, 3))[:, 0])
+        expected = torch.stack(expected, dim=1)
+        torch.testing.assert_close(out.level_maps, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(expected[:, 0], expected[:, 1])  # each level used its own weights
 
 
 def test_reset_parameters_restores_identity_projector_after_a_generic_init():

@@ -4,6 +4,7 @@ screening."""
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from anomaly_assistant import AnomalyAssistant, Box, Finding
@@ -179,6 +180,30 @@ def test_a_checkpoints_reference_matching_settings_drive_its_screener(references
     assert not np.allclose(ours.anomaly_map, plain.anomaly_map, atol=1e-3)
     with pytest.raises(ValueError, match="unknown bank setting"):
         ScreenerConfig.from_dict({"bank": {"patch": 1}})
+    for bad, named in (({"image_size": 0}, "image_size"), ({"bank": {"score": "mean"}}, "score"),
+                       ({"augment": ["rot90"]}, "augment"), ({"bank": {"blur_sigma": -1}}, "blur_sigma"),
+                       ({"illumination": "auto"}, "illumination"),
+                       ({"bank": {"patch_size": "3"}}, "patch_size")):
+        with pytest.raises(ValueError, match=named):
+            ScreenerConfig.from_dict(bad)
+    tiny.model.config.reference_matching = {"bank": {"knn": 0}}  # a hand-edited config.json: refused at load
+    tiny.save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match="knn"):
+        AnomalyAssistant.from_pretrained(str(tmp_path / "bad"))
+
+
+def test_expert_outputs_carry_the_reference_cue_only_when_given_references(assistant, references):
+    """The public view of a checkpoint's expert (what research scripts study) matches the screener's cue."""
+    image = _texture(41, defect=True)
+    (alone,) = assistant.expert_outputs([image])
+    (matched,) = assistant.expert_outputs([image], references=references)
+    assert alone.reference_score is None and alone.reference_map is None
+    screened = assistant.reference_screener(references).predict([image])[0]
+    assert matched.reference_score == pytest.approx(screened.score, abs=1e-6)
+    assert matched.reference_map.shape == alone.ltfm_map.shape
+    torch.testing.assert_close(matched.ltfm_map, alone.ltfm_map)  # the LTFM does not see the references
+    with pytest.raises(ValueError, match="no model expert"):
+        AnomalyAssistant.expert_only().expert_outputs([image])
 
 
 def test_generation_never_emits_image_or_anomaly_placeholders(assistant, references, monkeypatch):

@@ -16,7 +16,6 @@ from anomaly_assistant.train.common import InputError
 from anomaly_assistant.train.distributed import read_digests, trainable_digest
 from anomaly_assistant.train.grpo import (
     GrpoStageConfig,
-    held_out_reward,
     reward_columns,
     run,
 )
@@ -235,11 +234,14 @@ def test_the_weights_digest_sees_one_trainable_bit_and_ignores_frozen_weights():
     assert trainable_digest(model)[0] != before
 
 
-def test_held_out_reward_scores_a_checkpoint_on_the_product_path(tiny_run, data_build):
+def test_measure_scores_a_checkpoint_on_the_product_path(tiny_run, data_build):
+    from anomaly_assistant.train.pipeline import measure
+
     _, _, final = tiny_run
-    report = held_out_reward(str(final), str(data_build), split="train", limit=3, max_new_tokens=8)
-    assert report["n"] == 3 and math.isfinite(report["reward"])
-    assert {"format", "verdict", "localization", "verdict/accuracy"} <= set(report)
+    report = measure(str(final), str(data_build), split="train", limit=3, max_new_tokens=8)
+    assert report["n"] == 3 and math.isfinite(report["reward"]) and len(report["reward_totals"]) == 3
+    assert {"format", "verdict", "localization", "verdict/accuracy"} <= set(report["rewards"])
+    assert 0.0 <= report["parse_rate"] <= 1.0
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_onevision"])
