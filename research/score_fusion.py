@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     assistant = AnomalyAssistant.from_pretrained(str(args.model_dir))
     labels, ltfm, reference = [], [], []
-    for item in synth_items(args.seed, args.size, args.per_category):
+    items = sorted(synth_items(args.seed, args.size, args.per_category), key=lambda it: it["category"])
+    for item in items:  # by category: the assistant keeps a few fitted screeners, not one per category
         image = item["image"]
         (out,) = assistant.expert_outputs([image], references=item["refs"])
         labels.append(item["label"])

@@ -50,6 +50,17 @@ def test_only_specks_still_give_the_strongest_one():
     assert _coords(boxes_from_map(mask)) == [[20.0, 20.0, 21.0, 22.0]]
 
 
+def test_a_speck_inside_a_stronger_maps_box_is_dropped_but_a_masks_inner_region_stays():
+    amap = np.zeros((60, 60), np.float32)
+    amap[10:40, 10:12] = amap[10:40, 38:40] = amap[10:12, 10:40] = amap[38:40, 10:40] = 0.9  # a ring
+    amap[24:27, 24:27] = 0.6  # a speck inside the ring's box, not connected to it
+    amap[50:53, 50:53] = 0.6  # a speck outside it
+    assert _coords(boxes_from_map(amap, 0.5)) == [[10.0, 10.0, 40.0, 40.0], [50.0, 50.0, 53.0, 53.0]]
+    assert len(boxes_from_map(amap, 0.5, max_boxes=2)) == 2  # the dropped speck does not use up a place
+    assert boxes_from_map(amap, 0.5, max_boxes=0) == []
+    assert len(boxes_from_map(amap >= 0.5)) == 3  # a mask's regions are the truth: all stay
+
+
 def test_regions_touching_at_a_corner_are_one_region_a_one_pixel_gap_is_not():
     mask = np.zeros((30, 30), bool)
     mask[2:6, 2:6] = mask[6:10, 6:10] = True  # corner to corner
