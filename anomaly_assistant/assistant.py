@@ -354,14 +354,36 @@ class AnomalyAssistant:
             raise ValueError("an expert-only assistant has no model expert; use screen()")
         pils = [load_image(im) for im in images]
         screener = self.reference_screener(references) if references else None
+        views = self._view_scores(pils) or [None] * len(pils)
         outputs = []
-        for im, match in zip(pils, self._reference_matches(pils, screener)):
+        for im, match, view in zip(pils, self._reference_matches(pils, screener), views):
             inputs = self._encode([im], [[{"role": "user", "content": [{"type": "image"}]}]],
                                   generation=False)
             with torch.no_grad():
-                _, (out,) = self.model.run_expert(inputs, reference=None if match is None else [match])
+                _, (out,) = self.model.run_expert(inputs, reference=None if match is None else [match],
+                                                  view_scores=[view])
             outputs.append(out)
         return outputs
+
+    def _view_scores(self, images: list[Image.Image]) -> list[list[float]] | None:
+        """Per image, the LTFM scores of the flipped views the checkpoint names (`ExpertConfig.score_views`).
+
+        Each view goes through the processor and the vision tower like the image itself, so any family works;
+        the scores travel with the call (`anomaly_context`), never on the shared model.
+        """
+        names = self.model.expert.config.score_views if self.has_llm else ()
+        if not names or not self.model.expert.is_trained:
+            return None
+        flips = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM}
+        scores = []
+        for im in images:
+            views = [im.transpose(flips[name]) for name in names]
+            inputs = self._encode(views, [[{"role": "user", "content": [{"type": "image"}]}]] * len(views),
+                                  generation=False)
+            with torch.no_grad():
+                _, outs = self.model.run_expert(inputs)
+            scores.append([float(torch.sigmoid(o.score_logit)) for o in outs])
+        return scores
 
     def inspect_batch(self, images: Sequence[ImageLike], references: Sequence[ImageLike] | None = None,
                       threshold: float | None = None, **generate_kwargs: Any) -> list[Finding]:
@@ -421,13 +443,14 @@ class AnomalyAssistant:
         """
         matches = self._reference_matches(images, screener)
         reference = matches if screener is not None else None
+        views = self._view_scores(images)
         grounded = threshold is not None and bool(self.expert_fields) and streamer is None
         inputs = self._encode(images, conversations)
         kwargs = _drafting(self.model, len(images), self.generation.kwargs(**generate_kwargs))
         if grounded:  # stop each answer where the expert's fields begin
             prompt_length = inputs["input_ids"].shape[1]
             kwargs["stopping_criteria"] = [_StopAtBoxes(self.processor.tokenizer, prompt_length)]
-        with self.model.anomaly_context(reference=reference) as ctx:
+        with self.model.anomaly_context(reference=reference, view_scores=views) as ctx:
             generated = self.model.generate(**inputs, **kwargs, suppress_tokens=self._suppress_tokens or None,
                                             streamer=streamer, return_dict_in_generate=grounded)
         sequences = generated.sequences if grounded else generated
@@ -437,13 +460,13 @@ class AnomalyAssistant:
         if grounded:
             prompt = _CachedPrompt(inputs["input_ids"], getattr(generated, "past_key_values", None))
             texts = self._expert_written(images, conversations, texts, outputs, matches, reference, threshold,
-                                         new_tokens.shape[1], generate_kwargs, prompt)
+                                         new_tokens.shape[1], generate_kwargs, prompt, views)
         return texts, outputs, matches
 
     def _expert_written(self, images: list[Image.Image], conversations: list[list[dict]], texts: list[str],
                         outputs: list[Any], matches: list[Any], reference: Any, threshold: float,
                         used_tokens: int, generate_kwargs: dict,
-                        prompt: _CachedPrompt | None = None) -> list[str]:
+                        prompt: _CachedPrompt | None = None, views: list | None = None) -> list[str]:
         """Answers whose `expert_fields` are the expert's decision; the LLM writes the rest around them.
 
         The first pass stopped each answer at `"boxes":`. Here the verdict in that prefix is replaced by the
@@ -504,7 +527,8 @@ class AnomalyAssistant:
                 batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "expert_pixel_values")}
         kwargs = _drafting(self.model, len(rows), kwargs)
         rest_reference = [reference[i] for i in rows] if reference is not None else None
-        with self.model.anomaly_context(reference=rest_reference):
+        rest_views = [views[i] for i in rows] if views is not None else None
+        with self.model.anomaly_context(reference=rest_reference, view_scores=rest_views):
             sequences = self.model.generate(**batch, **kwargs, suppress_tokens=self._suppress_tokens or None)
         rests = self.processor.batch_decode(sequences[:, batch["input_ids"].shape[1]:],
                                             skip_special_tokens=True)

@@ -76,6 +76,7 @@ class AnomalyContext:
     """Per-call state: the reference to match against and the expert outputs of the last image forward."""
 
     reference: Any = None  # a fitted expert.reference.MemoryBank, or one ReferenceMatch (or None) per image
+    view_scores: list | None = None  # per image, its flipped views' LTFM scores (`ExpertConfig.score_views`)
     outputs: list[ExpertOutput] | None = None
 
 
@@ -159,11 +160,12 @@ class AnomalyInnerMixin:
         features = module.vision_features(view, inputs, levels=self.config.expert_levels)
         return features, self.expert_levels_from(features, inputs.get("expert_pixel_values"))
 
-    def run_expert(self, inputs: dict,
-                   reference: Any = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
+    def run_expert(self, inputs: dict, reference: Any = None,
+                   view_scores: list | None = None) -> tuple[backbones.VisionFeatures, list[ExpertOutput]]:
         """Vision features and expert outputs for a processor batch (no LLM): one vision-tower pass."""
         features, levels = self.expert_inputs(inputs)
-        return features, self.expert.forward_batch(levels, features.v0, reference=reference)
+        return features, self.expert.forward_batch(levels, features.v0, reference=reference,
+                                                   view_scores=view_scores)
 
     def _level_embedding(self, output: ExpertOutput, table: nn.Embedding) -> torch.Tensor | None:
         if output.level_word is None or not self.config.level_word_token_ids:
@@ -178,7 +180,8 @@ class AnomalyInnerMixin:
         The reference comes from, and the expert outputs go to, this call's `anomaly_context` (if any).
         """
         call = _ACTIVE_CALLS.get({}).get(self)
-        features, outputs = self.run_expert(inputs, reference=call.reference if call else None)
+        features, outputs = self.run_expert(inputs, reference=call.reference if call else None,
+                                            view_scores=call.view_scores if call else None)
         if call is not None:
             call.outputs = outputs
         embeds = backbones.embed_inputs(self, input_ids, features.image_embeds)  # [B, T, D]
@@ -246,9 +249,9 @@ class AnomalyOuterMixin:
     def expert(self) -> AnomalyExpert:
         return self.model.expert
 
-    def run_expert(self, inputs: dict, reference: Any = None):
+    def run_expert(self, inputs: dict, reference: Any = None, view_scores: list | None = None):
         """Vision features and expert outputs for a processor batch, without the LLM (screening)."""
-        return self.model.run_expert(inputs, reference=reference)
+        return self.model.run_expert(inputs, reference=reference, view_scores=view_scores)
 
     def expert_inputs(self, inputs: dict):
         """(vision features, level grids per image): what the expert reads for a processor batch."""
@@ -278,13 +281,14 @@ class AnomalyOuterMixin:
         return False
 
     @contextlib.contextmanager
-    def anomaly_context(self, reference: Any = None) -> Iterator[AnomalyContext]:
-        """Match against `reference` during the calls inside; the expert outputs land in the yielded context.
+    def anomaly_context(self, reference: Any = None,
+                        view_scores: list | None = None) -> Iterator[AnomalyContext]:
+        """Match against `reference`, average in `view_scores`; expert outputs land in the yielded context.
 
         The context belongs to the calling thread (or asyncio task) only: enter it in the thread that runs the
         forward or `generate` (a worker thread does not inherit it).
         """
-        call = AnomalyContext(reference=reference)
+        call = AnomalyContext(reference=reference, view_scores=view_scores)
         token = _ACTIVE_CALLS.set({**_ACTIVE_CALLS.get({}), self.model: call})
         try:
             yield call

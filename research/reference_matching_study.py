@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(known)}")
 
     import numpy as np
-    import torch
     from sklearn.metrics import roc_auc_score
 
     from anomaly_assistant import AnomalyAssistant, scoring
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         (out,) = assistant.expert_outputs([it["image"]])
         size_hw = (it["image"].height, it["image"].width)  # as the assistant shows it
         ltfm_maps.append(upsample_map(out.ltfm_map.float(), size_hw).clamp(0, 1).numpy())
-        ltfm_scores.append(float(torch.sigmoid(out.score_logit)))
+        ltfm_scores.append(float(out.ltfm_score))
     labels = [int(it["label"]) for it in items]
     print(f"seed {args.seed}: {len(items)} images ({sum(labels)} anomalous), score fusion {fusion}")
     print("setting      " + "  ".join(f"IoU w{w}" for w in WEIGHTS) + "   F1     AUROC  seconds")

@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="image side (the training size)")
     args = parser.parse_args(argv)
 
-    import torch
     from sklearn.metrics import roc_auc_score
 
     from anomaly_assistant import AnomalyAssistant, scoring
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         image = item["image"]
         (out,) = assistant.expert_outputs([image], references=item["refs"])
         labels.append(item["label"])
-        ltfm.append(float(torch.sigmoid(out.score_logit)))
+        ltfm.append(float(out.ltfm_score))
         reference.append(float(out.reference_score))
     print(f"seed {args.seed}, {len(labels)} images ({sum(labels)} anomalous); image AUROC: LTFM "
           f"{roc_auc_score(labels, ltfm):.3f}, reference {roc_auc_score(labels, reference):.3f}")

@@ -34,6 +34,11 @@ class ExportConfig:
                 "validation SynthInspect (seeds 4242 and 2024, 432 images, neither trained nor tested on), "
                 "detection F1 at 0.5 was 0.961 against 0.948 with 0.7 and 0.936 with 0.9 (the LTFM score "
                 "is overconfident on unseen parts; the reference score alone reaches 0.85)"})
+    score_views: list[str] = field(default_factory=lambda: ["hflip", "vflip"], metadata={
+        "help": "flipped views whose LTFM scores are averaged with the image's own before fusion (empty: the "
+                "image alone). Both flips: on validation SynthInspect (seeds 4242 and 2024, 432 images) the "
+                "fused score's image AUROC went 0.988 / 0.984 -> 0.991 / 0.994, for two more vision-tower "
+                "passes per inspection"})
     map_fusion: float | None = field(default=0.9, metadata={
         "help": "weight of the reference map in the map the expert shows and boxes (None: the run's). 0.9: "
                 "with the sharper reference matching below, the expert's 14 x 14 map blurs the reference "
@@ -62,11 +67,12 @@ def run(config: ExportConfig) -> Path:
         raise InputError(f"--expert-answer-fields: unknown field(s) {sorted(unknown)}; choose verdict, boxes")
     expert = json.loads((run_dir / "config.json").read_text()).get("expert") or {}
     given = {"score_fusion": config.score_fusion, "map_fusion": config.map_fusion}
-    weights = {name: float(value) for name, value in given.items() if value is not None}
-    try:  # the expert's own checks (weights in [0, 1]), before anything is written
-        ExpertConfig.from_dict({**expert, **weights})
+    decision = {name: float(value) for name, value in given.items() if value is not None}
+    decision["score_views"] = list(config.score_views)
+    try:  # the expert's own checks (weights in [0, 1], known views), before anything is written
+        ExpertConfig.from_dict({**expert, **decision})
     except ValueError as err:
-        raise InputError(f"--score-fusion / --map-fusion: {err}") from None
+        raise InputError(f"--score-fusion / --map-fusion / --score-views: {err}") from None
     matching = _reference_matching(config)
     report = default_model.export_parts(run_dir, out)
     corpus = run_dir / lookup.CORPUS_FILE
@@ -75,7 +81,7 @@ def run(config: ExportConfig) -> Path:
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["expert_answer_fields"] = list(config.expert_answer_fields) or None
-    cfg["expert"].update(weights)
+    cfg["expert"].update(decision)
     cfg["reference_matching"] = matching
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     note(f"{len(report['lowrank'])} low-rank updates, {len(report['full'])} full tensors, "

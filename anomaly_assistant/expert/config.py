@@ -14,6 +14,7 @@ from typing import Any
 # Same words (and order) as `backbones.LEVEL_WORDS`; a test pins the two together.
 LEVEL_WORDS: tuple[str, str, str] = ("slightly suspicious", "moderately suspicious", "highly suspicious")
 FEATURE_SOURCES: tuple[str, ...] = ("backbone", "efficientnet_lite0")
+SCORE_VIEWS: tuple[str, ...] = ("hflip", "vflip")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class ExpertConfig:
     map_fusion: weight of the reference-matching map when it is fused with a trained LTFM map
         (m = (1 - w) m_ltfm + w m_ref). An untrained LTFM is ignored and the reference map is used alone.
     score_fusion: the same weight for the image score.
+    score_views: flipped views of the image ("hflip", "vflip") whose LTFM scores the assistant averages with
+        the image's own before fusion (each view through the vision tower, so its features differ: less
+        variance from a score head that is confidently wrong on one view). Empty: the image alone.
     llm_dim: output width of the projector into the LLM; None means token_dim (exact identity projector).
     score_hidden: hidden width of the score MLP; None means embed_dim.
     """
@@ -63,6 +67,7 @@ class ExpertConfig:
     level_words: list[str] = field(default_factory=lambda: list(LEVEL_WORDS))
     map_fusion: float = 0.5
     score_fusion: float = 0.5
+    score_views: list[str] = field(default_factory=list)
     llm_dim: int | None = None
     score_hidden: int | None = None
 
@@ -87,6 +92,9 @@ class ExpertConfig:
         for name in ("map_fusion", "score_fusion"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
+        if isinstance(self.score_views, str) or any(v not in SCORE_VIEWS for v in self.score_views):
+            raise ValueError(f"score_views must list views among {SCORE_VIEWS}, got {self.score_views!r}")
+        self.score_views = list(dict.fromkeys(self.score_views))
 
     @property
     def num_levels(self) -> int:

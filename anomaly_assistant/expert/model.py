@@ -145,6 +145,7 @@ class ExpertOutput:
     significance: torch.Tensor
     reference_map: torch.Tensor | None = None
     reference_score: float | None = None
+    ltfm_score: torch.Tensor | None = None  # sigmoid(score_logit), averaged with its flipped views'
 
     def detach(self) -> ExpertOutput:
         """A copy with every tensor detached.
@@ -234,10 +235,12 @@ class AnomalyExpert(nn.Module):
         v0: Sequence[torch.Tensor | None] | None = None,
         reference: Reference | Sequence[Reference | None] | None = None,
         use_ltfm: bool | None = None,
+        view_scores: Sequence[Sequence[float] | None] | None = None,
     ) -> list[ExpertOutput]:
         """Several images of possibly different sizes; images with equal shapes share one batched pass.
 
-        `reference` is one reference for all images, or one (or None) per image.
+        `reference` is one reference for all images, or one (or None) per image. `view_scores`: per image,
+        the LTFM scores of its flipped views (`ExpertConfig.score_views`), averaged with its own, then fused.
         """
         n = len(levels)
         v0s = list(v0) if v0 is not None else [None] * n
@@ -245,8 +248,9 @@ class AnomalyExpert(nn.Module):
             refs = list(reference)
         else:
             refs = [reference] * n
-        if len(v0s) != n or len(refs) != n:
-            raise ValueError("levels, v0 and reference must have one entry per image")
+        views = list(view_scores) if view_scores is not None else [None] * n
+        if len(v0s) != n or len(refs) != n or len(views) != n:
+            raise ValueError("levels, v0, reference and view_scores must have one entry per image")
         dtype = self.projector.linear.weight.dtype
         device = self.projector.linear.weight.device
         lv = [[torch.as_tensor(g).to(device, dtype) for g in img] for img in levels]
@@ -269,15 +273,17 @@ class AnomalyExpert(nn.Module):
                 torch.stack([vv[i] for i in idx]),
                 [None if refs[i] is None else match_reference(refs[i], lv[i]) for i in idx],
                 self.is_trained if use_ltfm is None else bool(use_ltfm),
+                [views[i] for i in idx],
             )
             for i, r in zip(idx, res):
                 out[i] = r
         return out  # type: ignore[return-value]
 
     def _run(
-        self, levels: list[torch.Tensor], v0: torch.Tensor, refs: list[ReferenceMatch | None], use_ltfm: bool
+        self, levels: list[torch.Tensor], v0: torch.Tensor, refs: list[ReferenceMatch | None], use_ltfm: bool,
+        views: list[Sequence[float] | None],
     ) -> list[ExpertOutput]:
-        """Batched core: levels [B, H_l, W_l, C_l], v0 [B, h, w, D], an optional reference match per image."""
+        """Batched core: levels [B, H_l, W_l, C_l], v0 [B, h, w, D]; per image a reference match and views."""
         c = self.config
         h, w = v0.shape[1:3]
         lt = self.ltfm(levels, v0)  # level_maps [B, L, h, w], anomaly_map [B, h, w]
@@ -311,6 +317,8 @@ class AnomalyExpert(nn.Module):
         results = []
         for i, src in enumerate(sources):
             ltfm_score = torch.sigmoid(logit[i])
+            if views[i]:  # the image's own score and its flipped views', equally weighted
+                ltfm_score = (ltfm_score + float(sum(views[i]))) / (1 + len(views[i]))
             ref = refs[i]
             if src == "ltfm":
                 score = ltfm_score
@@ -336,6 +344,7 @@ class AnomalyExpert(nn.Module):
                     significance=sigma[i],
                     reference_map=ref_maps[i],
                     reference_score=None if ref is None else float(ref.score),
+                    ltfm_score=ltfm_score,
                 )
             )
         return results

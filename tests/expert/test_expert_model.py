@@ -326,6 +326,23 @@ def test_reference_alone_when_untrained_and_fused_when_trained():
     )
 
 
+def test_flipped_views_scores_are_averaged_into_the_ltfm_score_before_fusion():
+    levels, v0 = _inputs([(8, 8), (4, 4)], (4, 4, 32))
+    ref = ReferenceMatch(torch.zeros(8, 8), 0.6)
+    expert = _expert().mark_trained()
+    with torch.no_grad():
+        (plain,) = expert.forward_batch([levels], [v0], reference=[ref])
+        (viewed,) = expert.forward_batch([levels], [v0], reference=[ref], view_scores=[[0.9, 0.3]])
+    own = float(torch.sigmoid(plain.score_logit))
+    assert float(plain.ltfm_score) == pytest.approx(own, abs=1e-6)
+    assert float(viewed.ltfm_score) == pytest.approx((own + 0.9 + 0.3) / 3, abs=1e-6)
+    s = expert.config.score_fusion
+    assert float(viewed.score) == pytest.approx((1 - s) * float(viewed.ltfm_score) + s * 0.6, abs=1e-6)
+    torch.testing.assert_close(viewed.score_logit, plain.score_logit)  # what training reads is the image's
+    with pytest.raises(ValueError, match="one entry per image"):
+        expert.forward_batch([levels], [v0], view_scores=[[0.9], [0.3]])
+
+
 def test_a_trained_expert_selects_on_its_own_map_whatever_the_reference():
     """No training stage shows the expert a reference, so its selector and score head never read one."""
     levels, v0 = _inputs([(8, 8), (4, 4)], (4, 4, 32))
@@ -419,6 +436,10 @@ def test_config_json_round_trip_and_validation():
         ExpertConfig(level_thresholds=[0.7, 0.3])
     with pytest.raises(ValueError):
         ExpertConfig.from_dict({"no_such_field": 1})
+    assert ExpertConfig.from_dict({"score_views": ["vflip", "hflip"]}).score_views == ["vflip", "hflip"]
+    for bad in (["rot90"], "hflip"):
+        with pytest.raises(ValueError, match="score_views"):
+            ExpertConfig(score_views=bad)
 
 
 def test_default_size_matches_anomaly_ov():

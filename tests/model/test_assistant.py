@@ -206,6 +206,27 @@ def test_expert_outputs_carry_the_reference_cue_only_when_given_references(assis
         AnomalyAssistant.expert_only().expert_outputs([image])
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_a_checkpoints_score_views_average_the_flipped_images_ltfm_scores(references, family):
+    """Each flipped view goes through the processor and the tower like the image itself (any family)."""
+    viewed = AnomalyAssistant.from_pretrained(f"tiny:{family}")
+    viewed.model.model.expert.mark_trained()
+    plain = AnomalyAssistant(viewed.model.__class__(viewed.model.config), viewed.processor)
+    plain.model.load_state_dict(viewed.model.state_dict())
+    plain.model.model.expert.mark_trained()
+    viewed.model.model.expert.config.score_views = ["hflip", "vflip"]
+    image = _texture(43, size=(150, 110), defect=True)
+    flips = [image, *(image.transpose(t) for t in (Image.Transpose.FLIP_LEFT_RIGHT,
+                                                    Image.Transpose.FLIP_TOP_BOTTOM))]
+    own = [float(torch.sigmoid(o.score_logit)) for o in plain.expert_outputs(flips)]
+    assert max(own) - min(own) > 1e-4  # the views really differ
+    (out,) = viewed.expert_outputs([image], references=references)
+    assert float(out.ltfm_score) == pytest.approx(sum(own) / 3, abs=1e-5)
+    finding = viewed.chat(references=references).inspect(image, max_new_tokens=4)
+    w = viewed.model.model.expert.config.score_fusion
+    assert finding.score == pytest.approx((1 - w) * sum(own) / 3 + w * out.reference_score, abs=1e-4)
+
+
 def test_generation_never_emits_image_or_anomaly_placeholders(assistant, references, monkeypatch):
     """Placeholders in an answer would be counted as images by any later forward over it (GRPO re-scores
     completions with their images) and vanish silently from the decoded text."""

@@ -53,10 +53,15 @@ def _assert_same(got, want) -> None:
     np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["tiny", "expert_only"])
+@pytest.mark.parametrize("kind", ["tiny", "tiny_score_views", "expert_only"])
 def test_concurrent_inspections_equal_the_same_calls_alone(kind):
     def build():
-        return AnomalyAssistant.from_pretrained("tiny") if kind == "tiny" else AnomalyAssistant.expert_only()
+        if kind == "expert_only":
+            return AnomalyAssistant.expert_only()
+        assistant = AnomalyAssistant.from_pretrained("tiny")
+        if kind == "tiny_score_views":  # each call's flipped-view scores travel with that call
+            assistant.model.model.expert.mark_trained().config.score_views = ["hflip", "vflip"]
+        return assistant
 
     jobs = _jobs()
     solo = build()
