@@ -13,6 +13,9 @@ Which cue drives the map (`ExpertOutput.map_source`):
 | no                              | yes           | "reference"      | reference map and score alone         |
 | no                              | no            | "none"           | None (anomaly_map, score, level_word) |
 
+The LTFM score in rows 1-2 is the score head's probability, averaged with the flipped views' when the call
+passes them (`view_scores`; `ExpertConfig.score_views`); `score_logit` stays the image's own, for training.
+
 The selector, the score head and so the K tokens read the LTFM map whenever it drives (rows 1-2): every
 training stage (stage 1, stage 1b, `expert fit`, SFT, GRPO) runs without references, so selecting on the
 reference-weighted map handed the score head input it never saw. On SynthInspect seed 4242 (108 images, 4
