@@ -16,8 +16,9 @@ SCRIPTS = sorted((REPO / "research").glob("*.py"))
 def private_uses(source: str) -> list[str]:
     """Names of `anomaly_assistant` reached through an underscore.
 
-    That is a private module, a private imported name, or a private attribute of an imported module
-    (`from anomaly_assistant.eval import ad; ad._x`).
+    That is a private module, a private imported name, a private attribute of an imported module
+    (`from anomaly_assistant.eval import ad; ad._x`), or a private attribute of any object but `self` / `cls`
+    (`assistant._encode(...)`: scripts define no classes of their own, so such an object is the package's).
     """
     tree = ast.parse(source)
     found, modules = [], set()
@@ -32,9 +33,11 @@ def private_uses(source: str) -> list[str]:
                     found += [a.name for part in a.name.split(".") if part.startswith("_")]
                     modules.add(a.asname or a.name.split(".")[0])
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
-            if node.attr.startswith("_") and not node.attr.startswith("__"):
-                found.append(f"{node.value.id}.{node.attr}")
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        owner = node.value.id if isinstance(node.value, ast.Name) else ast.unparse(node.value)
+        if owner not in ("self", "cls"):
+            found.append(f"{owner}.{node.attr}")
     return found
 
 
@@ -44,9 +47,12 @@ def test_the_checker_sees_private_names():
         "from anomaly_assistant.eval import ad, _helper\n"
         "import anomaly_assistant.tiny as t\n"
         "ad._private(t._y, ad.public)\n"
+        "assistant = t.AnomalyAssistant()\n"
+        "assistant._encode([]); assistant.model._run(); assistant.chat().ask('x'); len.__name__\n"
     )
     assert sorted(private_uses(src)) == sorted(
-        ["anomaly_assistant.expert._x", "anomaly_assistant.eval._helper", "ad._private", "t._y"]
+        ["anomaly_assistant.expert._x", "anomaly_assistant.eval._helper", "ad._private", "t._y",
+         "assistant._encode", "assistant.model._run"]
     )
 
 
