@@ -34,7 +34,7 @@ from . import lookup
 from .expert.reference import reference_warning
 from .finding import Box, Finding, boxes_in_frame, location_words, size_words
 from .grammar import parse_answer
-from .images import ImageLike, load_image
+from .images import FLIPS, ImageLike, load_image
 from .localize import DEFAULT_THRESHOLD, boxes_from_map, check_threshold, is_anomalous
 from .prompts import INSPECTION_PROMPT
 from .scoring import concluded_verdict
@@ -374,10 +374,9 @@ class AnomalyAssistant:
         names = self.model.expert.config.score_views if self.has_llm else ()
         if not names or not self.model.expert.is_trained:
             return None
-        flips = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM}
         scores = []
         for im in images:
-            views = [im.transpose(flips[name]) for name in names]
+            views = [im.transpose(FLIPS[name]) for name in names]
             inputs = self._encode(views, [[{"role": "user", "content": [{"type": "image"}]}]] * len(views),
                                   generation=False)
             with torch.no_grad():

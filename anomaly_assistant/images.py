@@ -31,6 +31,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; larger frames should be tiled or downscaled by the caller
 MAX_PIXELS_ENV = "ANOMALY_ASSISTANT_MAX_PIXELS"
 _SENSOR_BITS = (8, 10, 12, 14, 16)
+# Mirror views by name: extra reference views (`ScreenerConfig.augment`) and the expert's score views
+# (`ExpertConfig.score_views`).
+FLIPS: dict[str, Image.Transpose] = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT,
+                                     "vflip": Image.Transpose.FLIP_TOP_BOTTOM}
 
 
 class ImageError(ValueError):

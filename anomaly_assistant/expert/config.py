@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..images import FLIPS
+
 # Same words (and order) as `backbones.LEVEL_WORDS`; a test pins the two together.
 LEVEL_WORDS: tuple[str, str, str] = ("slightly suspicious", "moderately suspicious", "highly suspicious")
 FEATURE_SOURCES: tuple[str, ...] = ("backbone", "efficientnet_lite0")
-SCORE_VIEWS: tuple[str, ...] = ("hflip", "vflip")
+SCORE_VIEWS: tuple[str, ...] = tuple(FLIPS)
 
 
 @dataclass

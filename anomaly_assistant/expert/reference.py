@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from anomaly_assistant.expert.sources import FeatureSource, LevelGrids
+from anomaly_assistant.images import FLIPS
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, is_anomalous
 
 
@@ -367,6 +368,9 @@ def self_distance(e: torch.Tensor, radius: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # Image-level helpers
 # ------------------------------------------------------------------------------------------------------------
+ILLUMINATIONS = ("none", "flatfield", "standardize")  # the modes of `normalize_illumination`
+
+
 def normalize_illumination(image: Image.Image, mode: str = "none", sigma_frac: float = 0.1) -> Image.Image:
     """Remove lighting differences before features are computed.
 
@@ -386,7 +390,7 @@ def normalize_illumination(image: Image.Image, mode: str = "none", sigma_frac: f
     elif mode == "standardize":
         y = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)
     else:
-        raise ValueError(f"illumination must be 'none', 'flatfield' or 'standardize', got {mode!r}")
+        raise ValueError(f"illumination must be one of {list(ILLUMINATIONS)}, got {mode!r}")
     y = np.clip(128.0 + 48.0 * y, 0, 255).astype(np.uint8)
     return Image.fromarray(y)
 
@@ -463,9 +467,10 @@ class ScreenerConfig:
     def __post_init__(self) -> None:
         _check_settings("screener", self, positive=("image_size", "zoom_regions"), non_negative=("zoom",),
                         choices={"scale": ("source", "reference"),
-                                 "illumination": ("none", "flatfield", "standardize")})
-        if isinstance(self.augment, str) or any(a not in ("hflip", "vflip") for a in self.augment):
-            raise ValueError(f"screener setting augment must list 'hflip' / 'vflip', got {self.augment!r}")
+                                 "illumination": ILLUMINATIONS})
+        if isinstance(self.augment, str) or any(a not in FLIPS for a in self.augment):
+            raise ValueError(f"screener setting augment must list views among {list(FLIPS)}, "
+                             f"got {self.augment!r}")
         if not 0.0 < self.zoom_window <= 1.0:
             raise ValueError(f"screener setting zoom_window must lie in (0, 1], got {self.zoom_window!r}")
 
@@ -541,12 +546,9 @@ class ReferenceScreener:
         return self
 
     def _augment(self, refs: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
-        ops = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM}
         views, groups = list(refs), list(range(len(refs)))
-        for a in self.config.augment:
-            if a not in ops:
-                raise ValueError(f"augment must be among {sorted(ops)}, got {a!r}")
-            views += [im.transpose(ops[a]) for im in refs]
+        for a in self.config.augment:  # names checked by ScreenerConfig
+            views += [im.transpose(FLIPS[a]) for im in refs]
             groups += list(range(len(refs)))
         return views, groups
 
