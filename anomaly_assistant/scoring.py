@@ -130,14 +130,15 @@ def concluded_verdict(text: str) -> str | None:
 
 # --------------------------------------------------------------------------------------- binary labels
 
-BINARY_KEYS = ("accuracy", "precision", "recall", "f1")
+BINARY_KEYS = ("accuracy", "precision", "recall", "f1", "false_alarm_rate")
 
 
 def binary_metrics(gt_labels: Sequence[int], pred_labels: Sequence[int]) -> dict[str, Any]:
     """Accuracy, precision, recall, F1 with anomalous = positive, plus the confusion counts.
 
     Precision (recall) is 0.0 when nothing is predicted (present) positive, as scikit-learn's
-    `zero_division=0`; F1 is 0.0 when precision + recall is 0.
+    `zero_division=0`; F1 is 0.0 when precision + recall is 0. The false-alarm rate (the share of normal
+    parts flagged, what an inspector pays for a threshold) is None without normal parts.
     """
     y = np.asarray(gt_labels, dtype=np.int64).ravel()
     p = np.asarray(pred_labels, dtype=np.int64).ravel()
@@ -156,6 +157,7 @@ def binary_metrics(gt_labels: Sequence[int], pred_labels: Sequence[int]) -> dict
         "precision": precision,
         "recall": recall,
         "f1": f1,
+        "false_alarm_rate": fp / (fp + tn) if fp + tn else None,
         "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n,
     }
 

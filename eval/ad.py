@@ -120,7 +120,7 @@ def compute(
     }
     at = scoring.binary_metrics(y, [p["pred_label"] for p in predictions])
     out["at_threshold"] = {
-        k: at[k] for k in ("accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn")
+        k: at[k] for k in (*scoring.BINARY_KEYS, "tp", "fp", "tn", "fn")
     }
     per_defect = {}
     normals = [p for p in predictions if p["gt_label"] == 0]

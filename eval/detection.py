@@ -128,13 +128,12 @@ def write_report(result: dict[str, Any], preds: Sequence[dict[str, Any]], out_js
     """Markdown + HTML report of a detection run: per-class tables, ROC if scores exist, example replies."""
     rep = R.Report(title, Path(out_json))
     rep.heading("Macro average over classes")
-    rep.table([{k: result.get(k) for k in ("accuracy", "precision", "recall", "f1", "n_images", "seconds")}])
+    rep.table([{k: result.get(k) for k in (*scoring.BINARY_KEYS, "n_images", "seconds")}])
     rep.text(f"Prompt: “{result.get('prompt')}”; a reply containing “yes” counts as anomalous. "
              f"{result.get('references', 0)} reference normal image(s) per class. "
              f"Mode: {result.get('mode', '')}.")
     rep.heading("Per class")
-    rep.table([{"class": c, **{k: v.get(k) for k in ("accuracy", "precision", "recall", "f1", "tp", "fp",
-                                                        "tn", "fn", "n")}}
+    rep.table([{"class": c, **{k: v.get(k) for k in (*scoring.BINARY_KEYS, "tp", "fp", "tn", "fn", "n")}}
                for c, v in result["per_class"].items()])
     rep.heading("Pooled over all images (micro)")
     rep.table([result["micro"]])

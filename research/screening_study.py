@@ -35,8 +35,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from anomaly_assistant import scoring
 from anomaly_assistant.expert.reference import BankConfig, ReferenceScreener, ScreenerConfig, record_timings
 from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
+from anomaly_assistant.localize import DEFAULT_THRESHOLD, boxes_from_map
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-dev"
 
@@ -90,6 +92,7 @@ def presets() -> dict[str, tuple[EfficientNetLite0Config, ScreenerConfig]]:
     sharp = replace(bank, patch_size=1, blur_sigma=0.0)  # the default model's reference matching
     p["final_sharp"] = (src, replace(scr, bank=sharp))
     p["final_no_flip_sharp"] = (src, replace(scr, bank=sharp, augment=()))
+    p["defaults"] = (EfficientNetLite0Config(), ScreenerConfig())  # what `eval ad` and `inspect` use
     return p
 
 
@@ -183,7 +186,7 @@ def speed(src_cfg, scr_cfg, refs, images, source_cache, repeats: int = 1):
 
 
 def load_deeppcb(root: Path, n: int):
-    """-> [(template PIL, test PIL, box mask)] for the first n pairs in the DeepPCB reader's order."""
+    """-> [(template PIL, test PIL, box mask, boxes)] for the first n pairs in the DeepPCB reader's order."""
     from anomaly_assistant.data_builders.sources import read_deeppcb
 
     pairs = []
@@ -192,15 +195,32 @@ def load_deeppcb(root: Path, n: int):
         mask = np.zeros((im.size[1], im.size[0]), bool)
         for x1, y1, x2, y2 in rec.gt_boxes:
             mask[int(y1) : int(y2), int(x1) : int(x2)] = True
-        pairs.append((Image.open(rec.reference_path).convert("RGB"), im, mask))
+        template = Image.open(rec.reference_path).convert("RGB")
+        pairs.append((template, im, mask, [list(b) for b in rec.gt_boxes]))
     return pairs
 
 
+def _box_recall(found: list[list[float]], truth: list[list[float]], iou: float) -> list[bool]:
+    """For each true box: does a found box overlap it at IoU >= iou?"""
+    if not truth:
+        return []
+    if not found:
+        return [False] * len(truth)
+    return list((scoring.iou_matrix(found, truth) >= iou).any(0))
+
+
 def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
-    """Template as the single reference, test image as query; normals = the template's own flipped copy."""
+    """Template as the single reference, test image as query; normals = the template's own flipped copy.
+
+    Box recall: the share of true boxes that a box of the product overlaps at IoU >= 0.1 / 0.5; "shown" boxes
+    exist only where the verdict is anomalous (as a Finding shows them), "map" boxes are the product's rule
+    applied to every board (at the threshold, else at 0.75 x the map's peak), the localisation alone.
+    """
     src = _source(src_cfg, source_cache)
     pm, pl, hits, s_def, s_norm, flagged = [], [], [], [], [], []
-    for temp, test, mask in pairs:
+    recall: dict[str, list[bool]] = {f"{kind}_box_recall@{t}": []
+                                     for kind in ("shown", "map") for t in (0.1, 0.5)}
+    for temp, test, mask, truth in pairs:
         scr = ReferenceScreener(src, scr_cfg).fit([temp])
         r_def, r_norm = scr.predict([test, temp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
         y, x = np.unravel_index(np.argmax(r_def.anomaly_map), r_def.anomaly_map.shape)
@@ -210,12 +230,19 @@ def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
         s_def.append(r_def.score)
         s_norm.append(r_norm.score)
         flagged.append(r_def.label)
+        amap = r_def.anomaly_map
+        mapped = boxes_from_map(amap, DEFAULT_THRESHOLD) or boxes_from_map(amap, 0.75 * float(amap.max()))
+        boxes = {"shown": boxes_from_map(amap, DEFAULT_THRESHOLD) if r_def.label else [], "map": mapped}
+        for kind, found in boxes.items():
+            for t in (0.1, 0.5):
+                recall[f"{kind}_box_recall@{t}"] += _box_recall([b.as_list() for b in found], truth, t)
     lab = np.r_[np.ones(len(s_def)), np.zeros(len(s_norm))]
     return {
         "pixel_auroc": roc_auc_score(np.concatenate(pl), np.concatenate(pm)),
         "argmax_in_box": float(np.mean(hits)),
         "image_auroc_vs_flipped_template": roc_auc_score(lab, np.r_[s_def, s_norm]),
         "defect_flagged": float(np.mean(flagged)),
+        **{name: float(np.mean(v)) for name, v in recall.items()},
     }
 
 
@@ -227,7 +254,7 @@ def deeppcb_quarter_control(src_cfg, scr_cfg, pairs, source_cache):
     """
     src = _source(src_cfg, source_cache)
     labels, scores, flags = [], [], []
-    for temp, test, mask in pairs:
+    for temp, test, mask, _ in pairs:
         W, H = test.size
         for x0, y0 in ((0, 0), (W // 2, 0), (0, H // 2), (W // 2, H // 2)):
             box = (x0, y0, x0 + W // 2, y0 + H // 2)

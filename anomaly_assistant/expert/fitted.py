@@ -216,7 +216,10 @@ class FittedExpert:
         expert = AnomalyExpert.from_pretrained(d)
         source = source or build_source(expert.config)
         refs = [Image.open(d / p).copy() for p in info["references"]]
-        screener = ReferenceScreener(source, ScreenerConfig.from_dict(info["screener"])).fit(refs)
+        settings = dict(info["screener"])
+        # saved before `held_out_profile` existed: its calibration was fitted to the in-sample bank scale
+        settings["bank"] = {"held_out_profile": False, **(settings.get("bank") or {})}
+        screener = ReferenceScreener(source, ScreenerConfig.from_dict(settings)).fit(refs)
         calibration = Calibration(**info["calibration"])
         rest = {k: v for k, v in info.items() if k not in ("calibration", "screener", "references")}
         return cls(expert, screener, calibration, rest, refs)

@@ -56,13 +56,15 @@ def test_binary_metrics_hand_computed_and_macro_average():
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 1)
     assert m["accuracy"] == pytest.approx(0.6)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["false_alarm_rate"] == pytest.approx(1 / 2)
+    assert scoring.binary_metrics([1, 1], [1, 0])["false_alarm_rate"] is None  # no normal part
     none = scoring.binary_metrics([1, 0], [0, 0])
     assert none["precision"] == 0.0 and none["f1"] == 0.0 and none["accuracy"] == 0.5
     per, macro = scoring.per_class_binary(["a", "a", "b", "b"], [1, 0, 1, 0], [1, 0, 1, 1])
     assert per["a"]["accuracy"] == 1.0 and per["b"]["accuracy"] == 0.5
     assert macro["accuracy"] == pytest.approx(0.75)
     assert macro["precision"] == pytest.approx((1.0 + 0.5) / 2)
+    assert macro["false_alarm_rate"] == pytest.approx((0.0 + 1.0) / 2)
     with pytest.raises(ValueError):
         scoring.binary_metrics([1, 0], [1])
 

@@ -69,6 +69,19 @@ def test_fitted_expert_saves_reloads_and_remembers(fitted, normals, source, tmp_
     assert AnomalyExpert.from_pretrained(tmp_path / "fit").config.feature_source == "efficientnet_lite0"
 
 
+def test_a_fit_saved_before_the_held_out_profile_keeps_the_bank_scale_it_was_calibrated_with(
+        fitted, source, tmp_path):
+    fitted.save(tmp_path / "fit")
+    path = tmp_path / "fit" / FIT_NAME
+    info = json.loads(path.read_text())
+    assert info["screener"]["bank"]["held_out_profile"] is True
+    del info["screener"]["bank"]["held_out_profile"]  # as written before the setting existed
+    path.write_text(json.dumps(info))
+    older = FittedExpert.load(tmp_path / "fit", source=source)
+    assert older.screener.config.bank.held_out_profile is False
+    assert older.screener.bank.tau < fitted.screener.bank.tau
+
+
 def test_fitted_expert_separates_defects_from_normals(fitted):
     clean, scratch, stain = (Image.open(p).convert("RGB") for p in sample_images())
     planted = Image.fromarray(synthesize(clean, kind="hole", rng=5).image)

@@ -116,6 +116,20 @@ def test_identical_image_scores_low_and_planted_defect_peaks(source, brick):
     assert 92 <= y <= 124 and 32 <= x <= 64
 
 
+def test_each_reference_is_calibrated_with_the_other_references_profile(source, brick):
+    """A position profile that contains the map it divides flattens that map's peaks and sets tau too low."""
+    cfg = ScreenerConfig(image_size=192, augment=())
+    held_out = ReferenceScreener(source, cfg).fit(brick[:3])
+    in_sample_cfg = ScreenerConfig(image_size=192, augment=(), bank=BankConfig(held_out_profile=False))
+    in_sample = ReferenceScreener(source, in_sample_cfg).fit(brick[:3])
+    assert torch.equal(held_out.bank.profile, in_sample.bank.profile)  # what queries are divided by
+    assert held_out.bank.tau > in_sample.bank.tau
+    (clean,), (clean_in_sample,) = held_out.predict([brick[4]]), in_sample.predict([brick[4]])
+    assert clean.score < clean_in_sample.score
+    distance = clean_in_sample.raw_score * in_sample.bank.tau  # the same match, only its scale differs
+    assert clean.raw_score * held_out.bank.tau == pytest.approx(distance)
+
+
 def test_single_reference_calibration(source, brick):
     scr = ReferenceScreener(source).fit(brick[:1])
     assert np.isfinite(scr.bank.tau) and scr.bank.tau > 0
