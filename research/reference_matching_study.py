@@ -9,8 +9,10 @@ each `ScreenerConfig` setting, and for each reference weight w of the map shown 
 product's way (`boxes_from_map` at the 0.5 threshold, else at 0.75 x the map's peak; only where the fused
 score flags the image). Printed per setting: the median best-box IoU over anomalous images (a missed image
 counts 0) per w, detection F1 at 0.5 and image AUROC of the fused score (the model's `score_fusion`),
-seconds. Without the language model the figures equal the card's (which go through the answer) to about
-0.01. Chosen on seed 4242; `docs/experiments.md`, "Sharper reference maps".
+seconds. Every setting keeps the checkpoint's own calibration profile (`held_out_profile` in its
+`reference_matching`), which its score fusion was chosen with. Without the language model the figures equal
+the card's (which go through the answer) to about 0.01. Chosen on seed 4242; `docs/experiments.md`, "Sharper
+reference maps".
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     assistant = AnomalyAssistant.from_pretrained(str(args.model_dir))
     fusion = float(assistant.model.expert.config.score_fusion)
+    own = (getattr(assistant.model.config, "reference_matching", None) or {}).get("bank") or {}
+    profile = {"held_out_profile": own["held_out_profile"]} if "held_out_profile" in own else {}
     items = synth_items(args.seed, 128, args.per_category)
     ltfm_maps, ltfm_scores = [], []
     for it in items:  # the expert's own map and score: the same whatever the references
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         for it, ltfm_map, ltfm_score in zip(items, ltfm_maps, ltfm_scores):
             key = id(it["refs"])  # one reference set per category
             if key not in screeners:
-                config = ScreenerConfig.from_dict(known[name])
+                setting = known[name]
+                config = ScreenerConfig.from_dict({**setting, "bank": {**setting.get("bank", {}), **profile}})
                 screeners[key] = ReferenceScreener(source, config).fit(it["refs"])
             match = screeners[key].predict([it["image"]])[0]
             score = (1 - fusion) * ltfm_score + fusion * match.score
