@@ -41,7 +41,9 @@ def _assert_agrees(finding, threshold, label=None):
         assert label == anomalous
     if anomalous:
         expected = boxes_from_map(finding.anomaly_map, threshold)
-        assert finding.boxes == expected and expected and all(b.score >= threshold for b in finding.boxes)
+        # a box's score is its peak rounded to 4 decimals: at threshold == score it may round below it
+        assert finding.boxes == expected and expected
+        assert all(b.score >= threshold - 5e-5 for b in finding.boxes)
     else:
         assert finding.boxes == []
 
