@@ -18,7 +18,8 @@ image's patches outside a spatial neighbourhood). A raw distance d becomes z = d
 others", the default decision threshold (`localize.DEFAULT_THRESHOLD`; `label = score >= threshold`, the
 threshold given per `predict` call). The same mapping is applied per pixel, so map values are comparable with
 the score. A good part and the k references are alike, so about 1 good part in k + 1 scores above the least
-typical reference: with 2 / 4 / 8 references 31 % / 18 % / 7 % of good SynthInspect parts were flagged.
+typical reference: with 2 / 4 / 8 / 16 references 31 % / 18 % / 7 % / 8 % of good SynthInspect parts were
+flagged.
 
 Screening options that matter on real parts (see research/screening_study.py for their measured effect):
 - `scale="reference"` resizes every image by ONE factor derived from the references (keeps aspect ratio and
