@@ -35,7 +35,7 @@ from .expert.reference import reference_warning
 from .finding import Box, Finding, boxes_in_frame, location_words, size_words
 from .grammar import parse_answer
 from .images import FLIPS, ImageLike, load_image
-from .localize import DEFAULT_THRESHOLD, boxes_from_map, check_threshold, is_anomalous
+from .localize import DEFAULT_THRESHOLD, boxes_for_verdict, check_threshold, is_anomalous
 from .prompts import INSPECTION_PROMPT
 from .scoring import concluded_verdict
 
@@ -499,8 +499,8 @@ class AnomalyAssistant:
             prefix = f"<think>{think}</think>\n<answer>{fields}, {BOXES_KEY}"
             if "boxes" in self.expert_fields:
                 boxes = []
-                if anomalous:  # the regions above the threshold, else the map's strongest region
-                    boxes = boxes_from_map(amap, threshold) or boxes_from_map(amap, 0.75 * float(amap.max()))
+                if anomalous:
+                    boxes = boxes_for_verdict(amap, threshold)
                 frame = get(family_of(self.model.config)).input_frame(self.processor, im.size)
                 written = boxes_in_frame([b.as_list() for b in boxes], frame)
                 prefix += f" {json.dumps(written)}, " + '"rationale": "'
@@ -544,7 +544,7 @@ class AnomalyAssistant:
         warning = reference_warning(unlikeness)
         return Finding(
             verdict="anomalous" if anomalous else "normal", score=float(score),
-            boxes=boxes_from_map(amap, threshold) if anomalous else [],
+            boxes=boxes_for_verdict(amap, threshold) if anomalous else [],
             anomaly_map=amap.astype(np.float32), source="expert", image_size=image.size,
             image_path=_path_of(source), map_source=map_source, notes=[warning] if warning else [],
         )
@@ -579,7 +579,7 @@ class AnomalyAssistant:
         anomalous = is_anomalous(score, threshold)
         return Finding(
             verdict="anomalous" if anomalous else "normal", score=score,
-            boxes=boxes_from_map(amap, threshold) if anomalous else [], anomaly_map=amap, raw_text=text,
+            boxes=boxes_for_verdict(amap, threshold) if anomalous else [], anomaly_map=amap, raw_text=text,
             parse_error=problem, source="expert", image_size=image.size, image_path=path, notes=notes,
             map_source=map_source,
         )

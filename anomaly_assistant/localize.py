@@ -25,6 +25,9 @@ The region->box rule (`boxes_from_map`), the same for an anomaly map (prediction
    a map's box that lies wholly inside a box before it is dropped (a speck within the defect's own box adds
    nothing; a mask's regions are the truth and all stay);
 7. at most `max_boxes` (the answer grammar never needs more; targets and predictions are capped alike).
+
+A Finding's boxes (`boxes_for_verdict`): an ANOMALOUS verdict shows the regions above the threshold, or, when
+a fused score passes it while no map pixel does, the map's strongest region; a NORMAL verdict shows none.
 """
 
 from __future__ import annotations
@@ -100,6 +103,24 @@ def boxes_from_map(
         if len(boxes) == max_boxes:
             break
     return boxes
+
+
+STRONGEST_REGION = 0.75  # fraction of the map's peak that outlines its strongest region (`boxes_for_verdict`)
+
+
+def boxes_for_verdict(anomaly_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list[Box]:
+    """The boxes an ANOMALOUS verdict shows: the regions above the threshold, else the map's strongest region.
+
+    A fused score (the trained expert's score blended with reference matching) can pass the threshold while
+    every map pixel stays below it; the inspector is then still shown where the map points, never an
+    anomalous verdict without a region.
+    """
+    values = np.asarray(anomaly_map)
+    boxes = boxes_from_map(values, threshold)
+    if boxes or values.ndim != 2 or values.size == 0 or values.dtype == bool or not np.isfinite(values).any():
+        return boxes
+    peak = float(np.nanmax(values))
+    return boxes_from_map(values, STRONGEST_REGION * peak) if peak > 0 else []
 
 
 def _inside(box: Box, other: Box) -> bool:

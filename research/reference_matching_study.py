@@ -6,8 +6,8 @@
 For the SynthInspect items of `default_model_quality.py` (4 references each), the model's expert runs once
 per image (its LTFM map and score do not depend on the references); reference matching is then re-run with
 each `ScreenerConfig` setting, and for each reference weight w of the map shown the boxes are recomputed the
-product's way (`boxes_from_map` at the 0.5 threshold, else at 0.75 x the map's peak; only where the fused
-score flags the image). Printed per setting: the median best-box IoU over anomalous images (a missed image
+product's way (`boxes_for_verdict` at the 0.5 threshold, only where the fused score flags the image).
+Printed per setting: the median best-box IoU over anomalous images (a missed image
 counts 0) per w, detection F1 at 0.5 and image AUROC of the fused score (the model's `score_fusion`),
 seconds. Every setting keeps the checkpoint's own calibration profile (`held_out_profile` in its
 `reference_matching`), which its score fusion was chosen with. Without the language model the figures equal
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly_assistant import AnomalyAssistant, scoring
     from anomaly_assistant.expert.reference import ReferenceScreener, ScreenerConfig, upsample_map
     from anomaly_assistant.expert.sources import EfficientNetLite0Source
-    from anomaly_assistant.localize import boxes_from_map
+    from anomaly_assistant.localize import boxes_for_verdict
 
     sys.path.insert(0, str(Path(__file__).parent))
     from default_model_quality import synth_items
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 amap = (1 - w) * ltfm_map + w * np.clip(match.anomaly_map, 0, 1)
                 boxes = []
                 if score >= 0.5:
-                    boxes = boxes_from_map(amap, 0.5) or boxes_from_map(amap, 0.75 * float(amap.max()))
+                    boxes = boxes_for_verdict(amap, 0.5)
                 gt = it["gt_boxes"]
                 found = [b.as_list() for b in boxes]
                 best[w].append(float(scoring.iou_matrix(found, gt).max()) if found and gt else 0.0)

@@ -9,6 +9,8 @@ inside its ground-truth mask, and throughput with the extraction / matching time
     python research/screening_study.py --presets baseline,final_no_flip --deeppcb 100 --limit 99  # DeepPCB
     python research/screening_study.py --presets final_no_flip --deeppcb-quarters 60 --limit 99  # control
     python research/screening_study.py --speed-only --presets baseline,final
+    python research/screening_study.py --presets defaults --deeppcb 200 --limit 99 \
+        --deeppcb-model ~/.cache/anomaly-assistant/default-model-*   # + a checkpoint's inspection verdict
 
 Data: ../shared/data/real-dev relative to the repo root (MVTec layout; 4 references = the first 4 of
 train/good in sorted order, or `--reference-seed N` for a seeded random draw, `--k` for another count; all
@@ -38,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 from anomaly_assistant import scoring
 from anomaly_assistant.expert.reference import BankConfig, ReferenceScreener, ScreenerConfig, record_timings
 from anomaly_assistant.expert.sources import EfficientNetLite0Config, EfficientNetLite0Source
-from anomaly_assistant.localize import DEFAULT_THRESHOLD, boxes_from_map
+from anomaly_assistant.localize import DEFAULT_THRESHOLD, boxes_for_verdict
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-dev"
 
@@ -214,7 +216,7 @@ def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
 
     Box recall: the share of true boxes that a box of the product overlaps at IoU >= 0.1 / 0.5; "shown" boxes
     exist only where the verdict is anomalous (as a Finding shows them), "map" boxes are the product's rule
-    applied to every board (at the threshold, else at 0.75 x the map's peak), the localisation alone.
+    applied to every board (`boxes_for_verdict`), the localisation alone.
     """
     src = _source(src_cfg, source_cache)
     pm, pl, hits, s_def, s_norm, flagged = [], [], [], [], [], []
@@ -231,8 +233,8 @@ def deeppcb_study(src_cfg, scr_cfg, pairs, source_cache):
         s_norm.append(r_norm.score)
         flagged.append(r_def.label)
         amap = r_def.anomaly_map
-        mapped = boxes_from_map(amap, DEFAULT_THRESHOLD) or boxes_from_map(amap, 0.75 * float(amap.max()))
-        boxes = {"shown": boxes_from_map(amap, DEFAULT_THRESHOLD) if r_def.label else [], "map": mapped}
+        shown = boxes_for_verdict(amap, DEFAULT_THRESHOLD) if r_def.label else []
+        boxes = {"shown": shown, "map": boxes_for_verdict(amap, DEFAULT_THRESHOLD)}
         for kind, found in boxes.items():
             for t in (0.1, 0.5):
                 recall[f"{kind}_box_recall@{t}"] += _box_recall([b.as_list() for b in found], truth, t)
@@ -255,9 +257,7 @@ def deeppcb_quarter_control(src_cfg, scr_cfg, pairs, source_cache):
     src = _source(src_cfg, source_cache)
     labels, scores, flags = [], [], []
     for temp, test, mask, _ in pairs:
-        W, H = test.size
-        for x0, y0 in ((0, 0), (W // 2, 0), (0, H // 2), (W // 2, H // 2)):
-            box = (x0, y0, x0 + W // 2, y0 + H // 2)
+        for box in _quarters(test):
             (r,) = ReferenceScreener(src, scr_cfg).fit([temp.crop(box)]).predict([test.crop(box)])
             labels.append(bool(mask[box[1] : box[3], box[0] : box[2]].any()))
             scores.append(r.score)
@@ -270,6 +270,47 @@ def deeppcb_quarter_control(src_cfg, scr_cfg, pairs, source_cache):
         "normal_flagged": float(flagged[~lab].mean()) if (~lab).any() else float("nan"),
         "defect_flagged": float(flagged[lab].mean()) if lab.any() else float("nan"),
     }
+
+
+def _quarters(image: Image.Image) -> list[tuple[int, int, int, int]]:
+    """The four quarter boxes (x0, y0, x1, y1) of an image."""
+    W, H = image.size
+    corners = ((0, 0), (W // 2, 0), (0, H // 2), (W // 2, H // 2))
+    return [(x0, y0, x0 + W // 2, y0 + H // 2) for x0, y0 in corners]
+
+
+def deeppcb_model_study(model_dir: Path, pairs) -> dict:
+    """A checkpoint's inspection verdict on DeepPCB: its expert's fused score (`expert_outputs`).
+
+    Each board against its template, each defect-free quarter against the template's quarter; the reference
+    half and the LTFM half alone for comparison. The verdict of a checkpoint with `expert_answer_fields` is
+    this score's. Box recall at IoU 0.1 / 0.5 comes from each board's inspection (`inspect_batch`, a short
+    answer: with `expert_answer_fields` the boxes are the expert's).
+    """
+    from anomaly_assistant import AnomalyAssistant
+
+    assistant = AnomalyAssistant.from_pretrained(str(model_dir))
+    boards: dict[str, list[float]] = {"fused": [], "reference": [], "ltfm": []}
+    clean: dict[str, list[float]] = {"fused": [], "reference": [], "ltfm": []}
+    recall: dict[str, list[bool]] = {"box_recall@0.1": [], "box_recall@0.5": []}
+    for temp, test, mask, truth in pairs:
+        (finding,) = assistant.inspect_batch([test], references=[temp], max_new_tokens=24)
+        for t in (0.1, 0.5):
+            recall[f"box_recall@{t}"] += _box_recall([b.as_list() for b in finding.boxes], truth, t)
+        jobs = [(boards, test, temp)] + [(clean, test.crop(b), temp.crop(b)) for b in _quarters(test)
+                                         if not mask[b[1] : b[3], b[0] : b[2]].any()]
+        for into, query, template in jobs:
+            (out,) = assistant.expert_outputs([query], references=[template])
+            into["fused"].append(float(out.score))
+            into["reference"].append(float(out.reference_score))
+            into["ltfm"].append(float(out.ltfm_score))
+    out = {"boards": len(boards["fused"]), "clean_quarters": len(clean["fused"])}
+    for name in boards:
+        b, c = np.array(boards[name]), np.array(clean[name])
+        out[f"{name}_boards_flagged"] = float((b >= DEFAULT_THRESHOLD).mean())
+        out[f"{name}_clean_flagged"] = float((c >= DEFAULT_THRESHOLD).mean())
+        out[f"{name}_auroc"] = roc_auc_score(np.r_[np.ones(len(b)), np.zeros(len(c))], np.r_[b, c])
+    return {**out, **{name: float(np.mean(v)) for name, v in recall.items()}}
 
 
 def main(argv=None):
@@ -291,6 +332,12 @@ def main(argv=None):
         type=int,
         default=0,
         help="also screen the quarters of this many DeepPCB pairs (defect-free quarters = normal control)",
+    )
+    ap.add_argument(
+        "--deeppcb-model",
+        type=Path,
+        default=None,
+        help="with --deeppcb N: also this checkpoint's inspection verdict (e.g. the default model's folder)",
     )
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
@@ -353,6 +400,10 @@ def main(argv=None):
                 + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()),
                 flush=True,
             )
+    if args.deeppcb and args.deeppcb_model:
+        m = deeppcb_model_study(args.deeppcb_model, load_deeppcb(args.data / "deeppcb", args.deeppcb))
+        print(f"\ndeeppcb, {args.deeppcb_model}: " + "  ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 
 if __name__ == "__main__":

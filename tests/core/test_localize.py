@@ -8,6 +8,7 @@ import pytest
 from anomaly_assistant.localize import (
     BOX_CORE,
     DEFAULT_THRESHOLD,
+    boxes_for_verdict,
     boxes_from_map,
     check_threshold,
     is_anomalous,
@@ -166,3 +167,18 @@ def test_threshold_is_checked_and_inclusive():
             check_threshold(bad)
     assert is_anomalous(0.5) and not is_anomalous(0.4999)
     assert is_anomalous(0.3, 0.3) and not is_anomalous(0.9, 0.95)
+
+
+def test_an_anomalous_verdict_shows_the_strongest_region_when_no_pixel_reaches_the_threshold():
+    """A fused score can pass the threshold while the whole map stays below it (DeepPCB with the default
+    model: score 0.598, map peaks about 0.4): the inspector is shown where the map points."""
+    amap = np.full((60, 80), 0.05, np.float32)
+    amap[10:14, 20:26] = 0.40  # the strongest region
+    amap[40:43, 60:63] = 0.20  # weaker than 0.75 x the peak: not boxed
+    assert boxes_from_map(amap, 0.5) == []
+    assert _coords(boxes_for_verdict(amap, 0.5)) == [[20.0, 10.0, 26.0, 14.0]]
+    above = amap.copy()
+    above[40:43, 60:63] = 0.9  # a region above the threshold wins, as boxes_from_map gives it
+    assert boxes_for_verdict(above, 0.5) == boxes_from_map(above, 0.5)
+    assert boxes_for_verdict(np.zeros((8, 8)), 0.5) == []  # a flat map points nowhere
+    assert boxes_for_verdict(np.full((8, 8), np.nan), 0.5) == []
