@@ -296,7 +296,7 @@ class MemoryBank:
             if c.held_out_profile:
                 held_out = [self._floored(torch.cat([pooled[:j], pooled[j + 1:]]).mean(0))
                             for j in range(len(loo))]
-        self.ref_median = None  # the median first, then the maps relative to it
+        self.ref_median = None  # the typical median first (with the profile queries meet), then the scores
         self.ref_median = float(np.mean([float(self._finish(m).median()) for m in loo]))
         finished = [self._finish(m, p) for m, p in zip(loo, held_out)]
         self.ref_scores = [self.score(m) for m in finished]
