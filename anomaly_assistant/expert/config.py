@@ -16,7 +16,6 @@ from ..images import FLIPS
 # Same words (and order) as `backbones.LEVEL_WORDS`; a test pins the two together.
 LEVEL_WORDS: tuple[str, str, str] = ("slightly suspicious", "moderately suspicious", "highly suspicious")
 FEATURE_SOURCES: tuple[str, ...] = ("backbone", "efficientnet_lite0")
-SCORE_VIEWS: tuple[str, ...] = tuple(FLIPS)
 
 
 @dataclass
@@ -94,8 +93,8 @@ class ExpertConfig:
         for name in ("map_fusion", "score_fusion"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
-        if isinstance(self.score_views, str) or any(v not in SCORE_VIEWS for v in self.score_views):
-            raise ValueError(f"score_views must list views among {SCORE_VIEWS}, got {self.score_views!r}")
+        if isinstance(self.score_views, str) or any(v not in FLIPS for v in self.score_views):
+            raise ValueError(f"score_views must list views among {list(FLIPS)}, got {self.score_views!r}")
         self.score_views = list(dict.fromkeys(self.score_views))
 
     @property

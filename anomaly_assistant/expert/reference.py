@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from anomaly_assistant.expert.sources import FeatureSource, LevelGrids
-from anomaly_assistant.images import FLIPS
 from anomaly_assistant.localize import DEFAULT_THRESHOLD, is_anomalous
+
+from ..images import FLIPS
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -262,6 +263,8 @@ class MemoryBank:
         self.origin: torch.Tensor | None = None  # [M] reference index of each bank row
         self.tau: float = 1.0
         self.ref_scores: list[float] = []
+        self.profile: torch.Tensor | None = None  # [P, P] position profile (`BankConfig.position_norm`)
+        self.ref_median: float | None = None  # the references' typical median distance
 
     def embed(self, levels: LevelGrids) -> torch.Tensor:
         return embed_levels(levels, self.config.patch_size, self.config.instance_norm)  # [H, W, D]
@@ -296,8 +299,7 @@ class MemoryBank:
             if c.held_out_profile:
                 held_out = [self._floored(torch.cat([pooled[:j], pooled[j + 1:]]).mean(0))
                             for j in range(len(loo))]
-        self.ref_median = None  # the typical median first (with the profile queries meet), then the scores
-        self.ref_median = float(np.mean([float(self._finish(m).median()) for m in loo]))
+        self.ref_median = float(np.mean([float(self._profiled(m).median()) for m in loo]))
         finished = [self._finish(m, p) for m, p in zip(loo, held_out)]
         self.ref_scores = [self.score(m) for m in finished]
         self.tau = max(max(self.ref_scores), 1e-6)
@@ -330,12 +332,12 @@ class MemoryBank:
     def _finish(self, d: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
         """Position profile (the bank's unless given) and median normalisation of a smoothed (H, W) map."""
         d = self._profiled(d, profile)
-        if self.config.relative and getattr(self, "ref_median", None) is not None:
+        if self.config.relative and self.ref_median is not None:
             d = d / max(float(d.median()), self.ref_median, 1e-6)  # discount only globally unusual queries
         return d
 
     def _profiled(self, d: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
-        profile = getattr(self, "profile", None) if profile is None else profile
+        profile = self.profile if profile is None else profile
         if profile is not None:
             prof = F.interpolate(profile[None, None], size=d.shape, mode="bilinear", align_corners=False)
             d = d / prof[0, 0]
@@ -355,7 +357,7 @@ class MemoryBank:
         if self.features is None:
             raise RuntimeError("MemoryBank.fit must be called first")
         raw = self._map(self.embed(levels), self.features, final=False)
-        ref_median = getattr(self, "ref_median", None)
+        ref_median = self.ref_median
         unlike = float(self._profiled(raw).median()) / max(ref_median, 1e-12) if ref_median else None
         return self._finish(raw), unlike
 
